@@ -1,0 +1,230 @@
+//! Normalisation, the train/validation/test split, shards and mini-batches.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::Dataset;
+use crate::{Error, Result};
+
+/// How values are normalised: divided by a fixed number, or by the dataset's largest magnitude.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scale {
+    /// Divide by this (the tutorial's 50).
+    Fixed(f32),
+    /// Divide by the largest absolute value in the dataset.
+    Auto,
+}
+
+impl Default for Scale {
+    fn default() -> Self {
+        Self::Fixed(50.0)
+    }
+}
+
+impl Scale {
+    /// The divisor for this dataset.
+    pub fn resolve(self, ds: &Dataset) -> Result<f32> {
+        let scale = match self {
+            Self::Fixed(s) => s,
+            Self::Auto => ds.stats().max_abs,
+        };
+        if scale.is_finite() && scale > 0.0 {
+            Ok(scale)
+        } else {
+            Err(Error::setting(
+                "scale",
+                format!("must be a positive finite number, got {scale}"),
+            ))
+        }
+    }
+}
+
+impl fmt::Display for Scale {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Fixed(s) => write!(f, "{s}"),
+            Self::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl FromStr for Scale {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        if s == "auto" {
+            return Ok(Self::Auto);
+        }
+        match s.parse::<f32>() {
+            Ok(v) if v.is_finite() && v > 0.0 => Ok(Self::Fixed(v)),
+            _ => Err(Error::setting(
+                "scale",
+                format!("`{s}` is neither `auto` nor a positive number"),
+            )),
+        }
+    }
+}
+
+/// Shares of the rows for training, validation and test, in percent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitFractions {
+    /// Percent for training.
+    pub train: u32,
+    /// Percent for validation.
+    pub validation: u32,
+}
+
+impl Default for SplitFractions {
+    /// The tutorial's 60/20/20.
+    fn default() -> Self {
+        Self {
+            train: 60,
+            validation: 20,
+        }
+    }
+}
+
+/// Row indices of the three parts, from a seeded permutation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Split {
+    /// Training rows.
+    pub train: Vec<usize>,
+    /// Validation rows.
+    pub validation: Vec<usize>,
+    /// Test rows.
+    pub test: Vec<usize>,
+}
+
+impl Split {
+    /// Shuffles `0..rows` with `seed` and cuts it: `rows * train / 100` rows for training (rounded
+    /// down), `rows * validation / 100` for validation, the rest for test.
+    pub fn new(rows: usize, seed: u64, fractions: SplitFractions) -> Result<Self> {
+        if fractions.train == 0 || fractions.train + fractions.validation > 100 {
+            return Err(Error::setting(
+                "split",
+                format!(
+                    "train {}% and validation {}% must leave a training part and sum to at most 100",
+                    fractions.train, fractions.validation
+                ),
+            ));
+        }
+        let mut perm: Vec<usize> = (0..rows).collect();
+        perm.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+        let n_train = rows * fractions.train as usize / 100;
+        let n_val = rows * fractions.validation as usize / 100;
+        if n_train == 0 {
+            return Err(Error::setting(
+                "split",
+                format!("{rows} rows leave no training rows"),
+            ));
+        }
+        let test = perm.split_off(n_train + n_val);
+        let validation = perm.split_off(n_train);
+        Ok(Self {
+            train: perm,
+            validation,
+            test,
+        })
+    }
+}
+
+/// Divides `rows` into `n` shards balanced by total steps (`steps(row)`), longest rows first, each
+/// to the shard with the fewest steps so far. Shard totals differ by at most the longest row.
+/// Each shard keeps its rows in ascending index order.
+pub fn shard_by_steps(rows: &[usize], n: usize, steps: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
+    let n = n.max(1);
+    let mut by_len: Vec<usize> = rows.to_vec();
+    by_len.sort_by_key(|&r| (std::cmp::Reverse(steps(r)), r));
+    let mut shards = vec![Vec::new(); n];
+    let mut totals = vec![0usize; n];
+    for r in by_len {
+        let (k, _) = totals
+            .iter()
+            .enumerate()
+            .min_by_key(|&(k, &t)| (t, k))
+            .unwrap_or((0, &0));
+        totals[k] += steps(r);
+        shards[k].push(r);
+    }
+    for shard in &mut shards {
+        shard.sort_unstable();
+    }
+    shards
+}
+
+/// The mini-batches of one epoch: `rows` shuffled with a generator seeded by `(seed, epoch)`,
+/// then cut into batches of `batch_size` (the last one may be smaller).
+pub fn epoch_batches(rows: &[usize], batch_size: usize, seed: u64, epoch: u64) -> Vec<Vec<usize>> {
+    let mut order = rows.to_vec();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    order.shuffle(&mut rng);
+    order
+        .chunks(batch_size.max(1))
+        .map(<[usize]>::to_vec)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn split_is_seeded_and_complete() {
+        let s = Split::new(10_000, 5, SplitFractions::default()).unwrap();
+        assert_eq!((s.train.len(), s.validation.len(), s.test.len()), (6000, 2000, 2000));
+        let mut all: Vec<_> = s.train.iter().chain(&s.validation).chain(&s.test).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..10_000).collect::<Vec<_>>());
+        assert_eq!(s, Split::new(10_000, 5, SplitFractions::default()).unwrap());
+        assert_ne!(s, Split::new(10_000, 6, SplitFractions::default()).unwrap());
+        assert!(Split::new(1, 5, SplitFractions::default()).is_err());
+    }
+
+    #[test]
+    fn scale_parses_and_resolves() {
+        let mut ds = Dataset::default();
+        ds.push_row(&[1.0, -8.0]);
+        assert_eq!("auto".parse::<Scale>().unwrap().resolve(&ds).unwrap(), 8.0);
+        assert_eq!("50".parse::<Scale>().unwrap().resolve(&ds).unwrap(), 50.0);
+        assert!("0".parse::<Scale>().is_err());
+        assert!("NaN".parse::<Scale>().is_err());
+    }
+
+    #[test]
+    fn batches_cover_every_row_once() {
+        let rows: Vec<usize> = (0..250).collect();
+        let b = epoch_batches(&rows, 100, 1, 0);
+        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), [100, 100, 50]);
+        let mut seen: Vec<_> = b.concat();
+        seen.sort_unstable();
+        assert_eq!(seen, rows);
+        assert_ne!(b, epoch_batches(&rows, 100, 1, 1));
+        assert_eq!(b, epoch_batches(&rows, 100, 1, 0));
+    }
+
+    proptest! {
+        #[test]
+        fn shards_are_balanced_by_steps(
+            lens in proptest::collection::vec(1usize..200, 0..300),
+            n in 1usize..9,
+        ) {
+            let rows: Vec<usize> = (0..lens.len()).collect();
+            let shards = shard_by_steps(&rows, n, |r| lens[r]);
+            prop_assert_eq!(shards.len(), n);
+            let mut all: Vec<usize> = shards.concat();
+            all.sort_unstable();
+            prop_assert_eq!(all, rows);
+            let totals: Vec<usize> = shards.iter().map(|s| s.iter().map(|&r| lens[r]).sum()).collect();
+            let longest = lens.iter().copied().max().unwrap_or(0);
+            let spread = totals.iter().max().unwrap() - totals.iter().min().unwrap();
+            prop_assert!(spread <= longest, "totals {:?}, longest {}", totals, longest);
+        }
+    }
+}

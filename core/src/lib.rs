@@ -1,0 +1,25 @@
+//! recur-core: the models, data pipeline, metrics, optimizers, checkpoints and single-process
+//! trainer that the recur cluster is built on. No servers live here.
+//!
+//! - [`model`]: RNN (tanh/relu), LSTM and GRU with PyTorch's math, names and initialisation,
+//!   exact on variable-length batches.
+//! - [`data`]: the CSV reader, the ball-data generator, normalisation, splits, shards, batches.
+//! - [`metrics`]: the tutorial's accuracy, MSE, MAE and exact-integer share.
+//! - [`optim`]: SGD, Adam, AdamW, Adadelta on flat vectors, and learning-rate schedules.
+//! - [`checkpoint`]: safetensors + JSON manifest, written atomically.
+//! - [`step`] and [`train`]: one batch's gradient, and the whole training loop.
+
+#![warn(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod checkpoint;
+pub mod convert;
+pub mod data;
+mod error;
+pub mod metrics;
+pub mod model;
+pub mod optim;
+pub mod step;
+pub mod train;
+
+pub use error::{Error, Result};

@@ -1,0 +1,282 @@
+//! The shape of a model and the layout of its parameters.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// The recurrent cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// `nn.RNN(nonlinearity="tanh")`.
+    RnnTanh,
+    /// `nn.RNN(nonlinearity="relu")`.
+    RnnRelu,
+    /// `nn.LSTM` (gates i, f, g, o).
+    Lstm,
+    /// `nn.GRU` (gates r, z, n).
+    Gru,
+}
+
+impl ModelKind {
+    /// Every kind, in the order the CLI lists them.
+    pub const ALL: [ModelKind; 4] = [Self::RnnTanh, Self::RnnRelu, Self::Lstm, Self::Gru];
+
+    /// Rows of `weight_ih` per hidden unit: 1 for RNNs, 4 for LSTM, 3 for GRU.
+    pub fn gates(self) -> usize {
+        match self {
+            Self::RnnTanh | Self::RnnRelu => 1,
+            Self::Lstm => 4,
+            Self::Gru => 3,
+        }
+    }
+
+    /// The name used on the command line, in manifests and in errors.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RnnTanh => "rnn_tanh",
+            Self::RnnRelu => "rnn_relu",
+            Self::Lstm => "lstm",
+            Self::Gru => "gru",
+        }
+    }
+}
+
+impl fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ModelKind {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| Error::InvalidConfig {
+                field: "kind",
+                problem: format!("`{s}` is not one of rnn_tanh, rnn_relu, lstm, gru"),
+            })
+    }
+}
+
+/// The shape of a model: recurrent layers plus a linear head on the last state of the top layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// The recurrent cell.
+    pub kind: ModelKind,
+    /// Features per time step (1 for a sequence of scalars).
+    pub input_size: usize,
+    /// Units per direction of each layer.
+    pub hidden_size: usize,
+    /// Stacked layers.
+    pub num_layers: usize,
+    /// Whether each layer also runs backwards over each sequence's real steps.
+    pub bidirectional: bool,
+    /// Values predicted per sequence.
+    pub output_size: usize,
+}
+
+impl ModelConfig {
+    /// The tutorial's model: one `rnn_tanh` layer of 8 units, one input and one output.
+    pub fn tutorial() -> Self {
+        Self {
+            kind: ModelKind::RnnTanh,
+            input_size: 1,
+            hidden_size: 8,
+            num_layers: 1,
+            bidirectional: false,
+            output_size: 1,
+        }
+    }
+
+    /// Upper bound on every size field, far above anything that trains on one machine.
+    pub const MAX_DIM: usize = 1 << 16;
+
+    /// Checks every field, naming the first that is out of range.
+    pub fn validate(&self) -> Result<()> {
+        let check = |field: &'static str, value: usize| {
+            if value == 0 {
+                Err(Error::InvalidConfig {
+                    field,
+                    problem: "must be at least 1".into(),
+                })
+            } else if value > Self::MAX_DIM {
+                Err(Error::InvalidConfig {
+                    field,
+                    problem: format!("is {value}, above the limit {}", Self::MAX_DIM),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        check("input_size", self.input_size)?;
+        check("hidden_size", self.hidden_size)?;
+        check("num_layers", self.num_layers)?;
+        check("output_size", self.output_size)?;
+        if self.num_layers > 64 {
+            return Err(Error::InvalidConfig {
+                field: "num_layers",
+                problem: format!("is {}, above the limit 64", self.num_layers),
+            });
+        }
+        Ok(())
+    }
+
+    /// 2 for a bidirectional model, else 1.
+    pub fn directions(&self) -> usize {
+        if self.bidirectional { 2 } else { 1 }
+    }
+
+    /// Width of the state the head reads: `directions * hidden_size`.
+    pub fn head_input(&self) -> usize {
+        self.directions() * self.hidden_size
+    }
+
+    /// Every parameter's name and shape, sorted by name: the flat-vector order.
+    pub fn layout(&self) -> ParamLayout {
+        let h = self.hidden_size;
+        let g = self.kind.gates() * h;
+        let mut shapes = BTreeMap::new();
+        for layer in 0..self.num_layers {
+            let layer_in = if layer == 0 {
+                self.input_size
+            } else {
+                self.head_input()
+            };
+            for suffix in ["", "_reverse"].iter().take(self.directions()) {
+                shapes.insert(format!("rnn.weight_ih_l{layer}{suffix}"), vec![g, layer_in]);
+                shapes.insert(format!("rnn.weight_hh_l{layer}{suffix}"), vec![g, h]);
+                shapes.insert(format!("rnn.bias_ih_l{layer}{suffix}"), vec![g]);
+                shapes.insert(format!("rnn.bias_hh_l{layer}{suffix}"), vec![g]);
+            }
+        }
+        shapes.insert(
+            "linear.weight".into(),
+            vec![self.output_size, self.head_input()],
+        );
+        shapes.insert("linear.bias".into(), vec![self.output_size]);
+        ParamLayout::new(shapes)
+    }
+}
+
+/// Parameter names and shapes in sorted-name order, with each one's offset in the flat vector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamLayout {
+    entries: Vec<ParamEntry>,
+    total: usize,
+}
+
+/// One parameter's place in the flat vector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamEntry {
+    /// PyTorch's state_dict name.
+    pub name: String,
+    /// Row-major shape.
+    pub shape: Vec<usize>,
+    /// Index of its first value in the flat vector.
+    pub offset: usize,
+    /// Number of values.
+    pub len: usize,
+}
+
+impl ParamLayout {
+    fn new(shapes: BTreeMap<String, Vec<usize>>) -> Self {
+        let mut offset = 0;
+        let entries = shapes
+            .into_iter()
+            .map(|(name, shape)| {
+                let len = shape.iter().product();
+                let entry = ParamEntry {
+                    name,
+                    shape,
+                    offset,
+                    len,
+                };
+                offset += len;
+                entry
+            })
+            .collect();
+        Self {
+            entries,
+            total: offset,
+        }
+    }
+
+    /// The parameters, sorted by name.
+    pub fn entries(&self) -> &[ParamEntry] {
+        &self.entries
+    }
+
+    /// Total number of values.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// The entry with this name.
+    pub fn get(&self, name: &str) -> Option<&ParamEntry> {
+        self.entries
+            .binary_search_by(|e| e.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.entries[i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tutorial_layout_matches_pytorch_state_dict() {
+        let layout = ModelConfig::tutorial().layout();
+        let names: Vec<_> = layout.entries().iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "linear.bias",
+                "linear.weight",
+                "rnn.bias_hh_l0",
+                "rnn.bias_ih_l0",
+                "rnn.weight_hh_l0",
+                "rnn.weight_ih_l0"
+            ]
+        );
+        // nn.RNN(1, 8) + nn.Linear(8, 1): 8 + 64 + 8 + 8 + 8 + 1 = 97.
+        assert_eq!(layout.total(), 97);
+        assert_eq!(layout.get("rnn.weight_hh_l0").unwrap().shape, [8, 8]);
+    }
+
+    #[test]
+    fn bidirectional_two_layer_lstm_shapes() {
+        let config = ModelConfig {
+            kind: ModelKind::Lstm,
+            input_size: 3,
+            hidden_size: 5,
+            num_layers: 2,
+            bidirectional: true,
+            output_size: 2,
+        };
+        let layout = config.layout();
+        assert_eq!(layout.get("rnn.weight_ih_l1_reverse").unwrap().shape, [20, 10]);
+        assert_eq!(layout.get("rnn.weight_ih_l0").unwrap().shape, [20, 3]);
+        assert_eq!(layout.get("linear.weight").unwrap().shape, [2, 10]);
+        // sum(p.numel() for p in nn.LSTM(3, 5, 2, bidirectional=True).parameters()) == 1080
+        assert_eq!(layout.total(), 1080 + 2 * 10 + 2);
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        let mut config = ModelConfig::tutorial();
+        config.hidden_size = 0;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("hidden_size"), "{err}");
+        assert!("gru".parse::<ModelKind>().is_ok());
+        assert!("transformer".parse::<ModelKind>().is_err());
+    }
+}

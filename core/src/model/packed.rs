@@ -1,0 +1,182 @@
+//! A batch of variable-length sequences laid out as PyTorch's `PackedSequence`.
+
+use candle_core::{Device, Tensor};
+
+use crate::{Error, Result};
+
+/// Sequences sorted by length (longest first, ties in input order) and stored time-major, so
+/// that step `t` is a contiguous block of the `batch_sizes[t]` sequences still running.
+///
+/// `data` is `(sum(batch_sizes), input_size + 1)`: the last column is all ones, which lets a cell
+/// fold its biases into its single matmul. Nothing here is tracked for gradients.
+#[derive(Debug, Clone)]
+pub struct PackedBatch {
+    data: Tensor,
+    ones: Tensor,
+    batch_sizes: Vec<usize>,
+    offsets: Vec<usize>,
+    order: Vec<usize>,
+    unsort: Tensor,
+    input_size: usize,
+}
+
+impl PackedBatch {
+    /// Packs `seqs`, where sequence `i` holds `steps_i * input_size` values, step by step.
+    /// Every sequence needs at least one step.
+    pub fn new(seqs: &[&[f32]], input_size: usize, device: &Device) -> Result<Self> {
+        if seqs.is_empty() {
+            return Err(Error::BadRow {
+                row: 0,
+                problem: "the batch has no sequences".into(),
+            });
+        }
+        if input_size == 0 {
+            return Err(Error::setting("input_size", "must be at least 1"));
+        }
+        let mut lengths = Vec::with_capacity(seqs.len());
+        for (row, seq) in seqs.iter().enumerate() {
+            if seq.is_empty() || seq.len() % input_size != 0 {
+                return Err(Error::BadRow {
+                    row,
+                    problem: format!(
+                        "has {} values; a sequence needs at least one step of {input_size}",
+                        seq.len()
+                    ),
+                });
+            }
+            lengths.push(seq.len() / input_size);
+        }
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+        let max_len = lengths[order[0]];
+        let mut batch_sizes = Vec::with_capacity(max_len);
+        let mut offsets = Vec::with_capacity(max_len);
+        let width = input_size + 1;
+        let total: usize = lengths.iter().sum();
+        let mut data = Vec::with_capacity(total * width);
+        for t in 0..max_len {
+            offsets.push(data.len() / width);
+            let running = order.iter().take_while(|&&i| lengths[i] > t).count();
+            for &i in &order[..running] {
+                data.extend_from_slice(&seqs[i][t * input_size..(t + 1) * input_size]);
+                data.push(1.0);
+            }
+            batch_sizes.push(running);
+        }
+        let mut unsort = vec![0u32; order.len()];
+        for (sorted_pos, &i) in order.iter().enumerate() {
+            unsort[i] = sorted_pos as u32;
+        }
+        let b_sz = seqs.len();
+        Ok(Self {
+            data: Tensor::from_vec(data, (total, width), device)?,
+            ones: Tensor::ones((b_sz, 1), candle_core::DType::F32, device)?,
+            batch_sizes,
+            offsets,
+            unsort: Tensor::from_vec(unsort, b_sz, device)?,
+            order,
+            input_size,
+        })
+    }
+
+    /// Packs a padded batch `xs` of shape `(b_sz, seq_len, input_size)` (row-major) where
+    /// sequence `i` has `lengths[i]` real steps; what lies beyond them is never read.
+    pub fn from_padded(
+        xs: &[f32],
+        (b_sz, seq_len, input_size): (usize, usize, usize),
+        lengths: &[usize],
+        device: &Device,
+    ) -> Result<Self> {
+        crate::model::check_len("padded batch", xs.len(), b_sz * seq_len * input_size)?;
+        crate::model::check_len("lengths", lengths.len(), b_sz)?;
+        let mut seqs = Vec::with_capacity(b_sz);
+        for (row, &len) in lengths.iter().enumerate() {
+            if len == 0 || len > seq_len {
+                return Err(Error::BadRow {
+                    row,
+                    problem: format!("length {len} is not in 1..={seq_len}"),
+                });
+            }
+            let start = row * seq_len * input_size;
+            seqs.push(&xs[start..start + len * input_size]);
+        }
+        Self::new(&seqs, input_size, device)
+    }
+
+    /// Number of sequences.
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// Always false: a batch holds at least one sequence.
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// Features per step.
+    pub fn input_size(&self) -> usize {
+        self.input_size
+    }
+
+    /// Steps of the longest sequence.
+    pub fn max_len(&self) -> usize {
+        self.batch_sizes.len()
+    }
+
+    /// Sequences still running at each step.
+    pub fn batch_sizes(&self) -> &[usize] {
+        &self.batch_sizes
+    }
+
+    /// `order[k]` is the input index of the `k`-th sequence in sorted order.
+    pub fn order(&self) -> &[usize] {
+        &self.order
+    }
+
+    /// Total real steps in the batch.
+    pub fn total_steps(&self) -> usize {
+        self.batch_sizes.iter().sum()
+    }
+
+    /// Step `t` of the running sequences with the ones column: `(batch_sizes[t], input_size + 1)`.
+    pub(crate) fn step(&self, t: usize) -> Result<Tensor> {
+        Ok(self.data.narrow(0, self.offsets[t], self.batch_sizes[t])?)
+    }
+
+    /// A column of ones for the first `rows` sorted sequences: `(rows, 1)`.
+    pub(crate) fn ones(&self, rows: usize) -> Result<Tensor> {
+        Ok(self.ones.narrow(0, 0, rows)?)
+    }
+
+    /// Reorders a tensor whose first dimension is in sorted order back to input order.
+    pub fn unsort(&self, sorted: &Tensor) -> Result<Tensor> {
+        Ok(sorted.index_select(&self.unsort, 0)?)
+    }
+
+    /// Reorders per-sequence host values (in input order) into sorted order.
+    pub fn sort_values<T: Copy>(&self, values: &[T], per_seq: usize) -> Vec<T> {
+        self.order
+            .iter()
+            .flat_map(|&i| values[i * per_seq..(i + 1) * per_seq].iter().copied())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packs_like_pytorch() {
+        let a = [1.0, 2.0, 3.0];
+        let b = [10.0, 20.0, 30.0, 40.0, 50.0];
+        let c = [100.0];
+        let p = PackedBatch::new(&[&a, &b, &c], 1, &Device::Cpu).unwrap();
+        assert_eq!(p.order(), [1, 0, 2]);
+        assert_eq!(p.batch_sizes(), [3, 2, 2, 1, 1]);
+        let step1 = p.step(1).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(step1, [[20.0, 1.0], [2.0, 1.0]]);
+        assert_eq!(p.sort_values(&[7, 8, 9], 1), [8, 7, 9]);
+        assert!(PackedBatch::new(&[&a, &[]], 1, &Device::Cpu).is_err());
+    }
+}

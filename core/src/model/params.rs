@@ -1,0 +1,223 @@
+//! A model's parameters as candle variables, and their flat-vector form.
+
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::{ModelConfig, ParamLayout};
+use crate::{Error, Result};
+
+/// Every parameter of a model, as trainable candle variables in sorted-name order.
+#[derive(Debug, Clone)]
+pub struct Params {
+    config: ModelConfig,
+    layout: ParamLayout,
+    vars: Vec<Var>,
+    device: Device,
+}
+
+impl Params {
+    /// PyTorch's initialisation, seeded: every recurrent weight and bias from
+    /// `U(-1/sqrt(hidden), 1/sqrt(hidden))`, the head as `nn.Linear` (`U(-1/sqrt(fan_in), ..)` for
+    /// weight and bias). The same seed always gives the same values.
+    pub fn init(config: ModelConfig, seed: u64, device: &Device) -> Result<Self> {
+        config.validate()?;
+        let layout = config.layout();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let rnn_bound = 1.0 / (config.hidden_size as f32).sqrt();
+        let head_bound = 1.0 / (config.head_input() as f32).sqrt();
+        let mut flat = Vec::with_capacity(layout.total());
+        for entry in layout.entries() {
+            let bound = if entry.name.starts_with("linear.") {
+                head_bound
+            } else {
+                rnn_bound
+            };
+            flat.extend((0..entry.len).map(|_| rng.random_range(-bound..bound)));
+        }
+        Self::from_flat(config, &flat, device)
+    }
+
+    /// Parameters from a flat vector in layout order.
+    pub fn from_flat(config: ModelConfig, flat: &[f32], device: &Device) -> Result<Self> {
+        config.validate()?;
+        let layout = config.layout();
+        check_len("parameters", flat.len(), layout.total())?;
+        let vars = layout
+            .entries()
+            .iter()
+            .map(|e| {
+                let t = Tensor::from_slice(&flat[e.offset..e.offset + e.len], e.shape.as_slice(), device)?;
+                Ok(Var::from_tensor(&t)?)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            config,
+            layout,
+            vars,
+            device: device.clone(),
+        })
+    }
+
+    /// Parameters from named tensors (a checkpoint or a PyTorch state_dict). Every name of the
+    /// layout must be present with its exact shape; extra names are an error too.
+    pub fn from_named(
+        config: ModelConfig,
+        tensors: &HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self, String> {
+        config.validate().map_err(|e| e.to_string())?;
+        let layout = config.layout();
+        if let Some(extra) = tensors
+            .keys()
+            .filter(|k| layout.get(k).is_none())
+            .min()
+        {
+            return Err(format!(
+                "unexpected tensor `{extra}` for a {} model",
+                config.kind
+            ));
+        }
+        let mut vars = Vec::with_capacity(layout.entries().len());
+        for e in layout.entries() {
+            let t = tensors
+                .get(&e.name)
+                .ok_or_else(|| format!("missing tensor `{}`", e.name))?;
+            if t.dims() != e.shape.as_slice() {
+                return Err(format!(
+                    "tensor `{}` has shape {:?}, the model needs {:?}",
+                    e.name,
+                    t.dims(),
+                    e.shape
+                ));
+            }
+            let t = t
+                .to_dtype(DType::F32)
+                .and_then(|t| t.to_device(device))
+                .map_err(|err| format!("tensor `{}`: {err}", e.name))?;
+            vars.push(Var::from_tensor(&t).map_err(|err| err.to_string())?);
+        }
+        Ok(Self {
+            config,
+            layout,
+            vars,
+            device: device.clone(),
+        })
+    }
+
+    /// The model shape these parameters belong to.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Names, shapes and offsets.
+    pub fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The variable with this name.
+    pub fn get(&self, name: &str) -> Result<&Var> {
+        self.layout
+            .entries()
+            .binary_search_by(|e| e.name.as_str().cmp(name))
+            .map(|i| &self.vars[i])
+            .map_err(|_| Error::InvalidConfig {
+                field: "parameters",
+                problem: format!("no parameter `{name}` in a {} model", self.config.kind),
+            })
+    }
+
+    /// Names with their tensors, in sorted-name order.
+    pub fn named(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.layout
+            .entries()
+            .iter()
+            .zip(&self.vars)
+            .map(|(e, v)| (e.name.as_str(), v.as_tensor()))
+    }
+
+    /// All values in layout order.
+    pub fn to_flat(&self) -> Result<Vec<f32>> {
+        let mut flat = Vec::with_capacity(self.layout.total());
+        for v in &self.vars {
+            flat.extend(v.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(flat)
+    }
+
+    /// Overwrites every value from a flat vector in layout order.
+    pub fn set_flat(&self, flat: &[f32]) -> Result<()> {
+        check_len("parameters", flat.len(), self.layout.total())?;
+        for (e, v) in self.layout.entries().iter().zip(&self.vars) {
+            let t = Tensor::from_slice(
+                &flat[e.offset..e.offset + e.len],
+                e.shape.as_slice(),
+                &self.device,
+            )?;
+            v.set(&t)?;
+        }
+        Ok(())
+    }
+
+    /// The gradient of every parameter from a backward pass, flattened in layout order. A
+    /// parameter the loss does not depend on gets zeros.
+    pub fn grads_flat(&self, grads: &GradStore) -> Result<Vec<f32>> {
+        let mut flat = Vec::with_capacity(self.layout.total());
+        for (e, v) in self.layout.entries().iter().zip(&self.vars) {
+            match grads.get(v.as_tensor()) {
+                Some(g) => flat.extend(g.flatten_all()?.to_vec1::<f32>()?),
+                None => flat.extend(std::iter::repeat_n(0.0, e.len)),
+            }
+        }
+        Ok(flat)
+    }
+}
+
+pub(crate) fn check_len(what: &'static str, got: usize, expected: usize) -> Result<()> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(Error::LengthMismatch {
+            what,
+            got,
+            expected,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_is_seeded_and_bounded() {
+        let config = ModelConfig::tutorial();
+        let a = Params::init(config, 7, &Device::Cpu).unwrap().to_flat().unwrap();
+        let b = Params::init(config, 7, &Device::Cpu).unwrap().to_flat().unwrap();
+        let c = Params::init(config, 8, &Device::Cpu).unwrap().to_flat().unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let bound = 1.0 / 8f32.sqrt();
+        assert!(a.iter().all(|v| v.abs() <= bound));
+    }
+
+    #[test]
+    fn flat_round_trip() {
+        let config = ModelConfig::tutorial();
+        let p = Params::init(config, 1, &Device::Cpu).unwrap();
+        let flat: Vec<f32> = (0..config.layout().total()).map(|i| i as f32).collect();
+        p.set_flat(&flat).unwrap();
+        assert_eq!(p.to_flat().unwrap(), flat);
+        let bias = p.get("linear.bias").unwrap().as_tensor().to_vec1::<f32>().unwrap();
+        assert_eq!(bias, [0.0]);
+        assert!(p.set_flat(&flat[1..]).is_err());
+    }
+}

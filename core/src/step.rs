@@ -1,0 +1,91 @@
+//! One training or evaluation pass over a batch of dataset rows: the piece every trainer (the
+//! single-process one here, the cluster's workers) runs.
+
+use candle_core::{Device, Tensor};
+
+use crate::data::Dataset;
+use crate::metrics::BatchSums;
+use crate::model::{PackedBatch, SeqModel};
+use crate::Result;
+
+/// Rows of a (normalised) dataset, packed for the model, with their targets in sorted order.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    packed: PackedBatch,
+    targets: Vec<f32>,
+}
+
+impl Batch {
+    /// Packs `rows` of `data`: each row's inputs are its values but the last, one feature per
+    /// step; the target is the last value.
+    pub fn from_rows(data: &Dataset, rows: &[usize], device: &Device) -> Result<Self> {
+        let inputs: Vec<&[f32]> = rows.iter().map(|&r| data.input(r)).collect();
+        let packed = PackedBatch::new(&inputs, 1, device)?;
+        let targets = packed.order().iter().map(|&k| data.target(rows[k])).collect();
+        Ok(Self { packed, targets })
+    }
+
+    /// Packs bare input sequences (no targets), for prediction.
+    pub fn from_inputs(inputs: &[&[f32]], input_size: usize, device: &Device) -> Result<Self> {
+        Ok(Self {
+            packed: PackedBatch::new(inputs, input_size, device)?,
+            targets: Vec::new(),
+        })
+    }
+
+    /// The packed inputs.
+    pub fn packed(&self) -> &PackedBatch {
+        &self.packed
+    }
+
+    /// Sequences in the batch.
+    pub fn len(&self) -> usize {
+        self.packed.len()
+    }
+
+    /// Always false: a batch holds at least one sequence.
+    pub fn is_empty(&self) -> bool {
+        self.packed.is_empty()
+    }
+}
+
+/// The result of a backward pass over one batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GradSum {
+    /// The gradient of the **summed** loss, in flat-vector order; divide by the total sample count
+    /// of the global batch to get the gradient of the mean loss.
+    pub grads: Vec<f32>,
+    /// Metric sums of the predictions made on the way.
+    pub sums: BatchSums,
+}
+
+/// Forward and backward over `batch`: the gradient of `sum_i mean_j (y_ij - t_ij)^2`.
+pub fn grad_sum(model: &SeqModel, batch: &Batch, scale: f32) -> Result<GradSum> {
+    let out = model.forward(&batch.packed, false)?;
+    let targets = Tensor::from_slice(&batch.targets, out.ys.shape(), out.ys.device())?;
+    let diff = (&out.ys - &targets)?;
+    let loss = (diff.sqr()?.sum_all()? / model.config().output_size as f64)?;
+    let grads = loss.backward()?;
+    let preds = out.ys.flatten_all()?.to_vec1::<f32>()?;
+    Ok(GradSum {
+        grads: model.params().grads_flat(&grads)?,
+        sums: BatchSums::of(&batch.targets, &preds, scale),
+    })
+}
+
+/// Forward only: the metric sums of `batch`.
+pub fn evaluate(model: &SeqModel, batch: &Batch, scale: f32) -> Result<BatchSums> {
+    let preds = predict_sorted(model, &batch.packed)?;
+    Ok(BatchSums::of(&batch.targets, &preds, scale))
+}
+
+/// Forward only: the head's outputs in **input** order, `output_size` values per sequence.
+pub fn predict(model: &SeqModel, batch: &Batch) -> Result<Vec<f32>> {
+    let out = model.forward(&batch.packed, false)?;
+    Ok(batch.packed.unsort(&out.ys)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+fn predict_sorted(model: &SeqModel, packed: &PackedBatch) -> Result<Vec<f32>> {
+    let out = model.forward(packed, false)?;
+    Ok(out.ys.flatten_all()?.to_vec1::<f32>()?)
+}

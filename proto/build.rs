@@ -1,0 +1,25 @@
+//! Compiles `recur/v1/*.proto` with the pure-Rust `protox` (no system `protoc`) and generates
+//! prost messages and tonic services. The encoded descriptor set is written to `OUT_DIR` too, for
+//! server reflection.
+
+use std::path::PathBuf;
+
+use prost::Message;
+
+const PROTOS: &[&str] = &["recur/v1/tensor.proto", "recur/v1/model.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // protox reads the files itself, so cargo has to be told what to watch.
+    println!("cargo:rerun-if-changed=recur");
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let fds = protox::compile(PROTOS, ["."])?;
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out_dir.join("recur_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}
