@@ -97,10 +97,13 @@ impl Checkpoint {
         let mut meta = HashMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         meta.insert("recur_step".to_string(), self.manifest.step.to_string());
-        let named = layout
-            .entries()
-            .iter()
-            .map(|e| (e.name.clone(), e.shape.clone(), &self.params[e.offset..e.offset + e.len]));
+        let named = layout.entries().iter().map(|e| {
+            (
+                e.name.clone(),
+                e.shape.clone(),
+                &self.params[e.offset..e.offset + e.len],
+            )
+        });
         atomic_write(&paths.model, &encode(named, meta.clone(), &paths.model)?)?;
         if let Some(state) = &self.optimizer {
             meta.insert("recur_optimizer_step".to_string(), state.step.to_string());
@@ -142,16 +145,22 @@ impl Checkpoint {
         let layout = manifest.model.layout();
         let mut params = Vec::with_capacity(layout.total());
         if let Some(extra) = tensors.keys().find(|k| layout.get(k).is_none()) {
-            return Err(Error::checkpoint(&paths.model, format!("unexpected tensor `{extra}`")));
+            return Err(Error::checkpoint(
+                &paths.model,
+                format!("unexpected tensor `{extra}`"),
+            ));
         }
         for e in layout.entries() {
-            let (shape, values) = tensors
-                .get(&e.name)
-                .ok_or_else(|| Error::checkpoint(&paths.model, format!("missing tensor `{}`", e.name)))?;
+            let (shape, values) = tensors.get(&e.name).ok_or_else(|| {
+                Error::checkpoint(&paths.model, format!("missing tensor `{}`", e.name))
+            })?;
             if *shape != e.shape {
                 return Err(Error::checkpoint(
                     &paths.model,
-                    format!("tensor `{}` has shape {shape:?}, the manifest's model needs {:?}", e.name, e.shape),
+                    format!(
+                        "tensor `{}` has shape {shape:?}, the manifest's model needs {:?}",
+                        e.name, e.shape
+                    ),
                 ));
             }
             params.extend_from_slice(values);
@@ -159,19 +168,26 @@ impl Checkpoint {
         let optimizer = match manifest.optimizer {
             None => None,
             Some(_) => {
-                let bytes = fs::read(&paths.optimizer).map_err(|e| Error::io(&paths.optimizer, e))?;
+                let bytes =
+                    fs::read(&paths.optimizer).map_err(|e| Error::io(&paths.optimizer, e))?;
                 let (tensors, meta) = decode(&bytes, &paths.optimizer)?;
                 check_step(&meta, "recur_step", manifest.step, &paths.optimizer)?;
                 let step = meta
                     .get("recur_optimizer_step")
                     .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| Error::checkpoint(&paths.optimizer, "no optimizer step in metadata"))?;
+                    .ok_or_else(|| {
+                        Error::checkpoint(&paths.optimizer, "no optimizer step in metadata")
+                    })?;
                 let mut buffers = BTreeMap::new();
                 for (name, (_, values)) in tensors {
                     if values.len() != layout.total() {
                         return Err(Error::checkpoint(
                             &paths.optimizer,
-                            format!("buffer `{name}` has {} values, the model has {}", values.len(), layout.total()),
+                            format!(
+                                "buffer `{name}` has {} values, the model has {}",
+                                values.len(),
+                                layout.total()
+                            ),
                         ));
                     }
                     buffers.insert(name, values);
@@ -209,13 +225,21 @@ fn check_step(meta: &HashMap<String, String>, key: &str, step: u64, path: &Path)
         Some(s) if s == step => Ok(()),
         Some(s) => Err(Error::checkpoint(
             path,
-            format!("holds step {s} but the manifest says step {step}: the files do not belong together"),
+            format!(
+                "holds step {s} but the manifest says step {step}: the files do not belong together"
+            ),
         )),
-        None => Err(Error::checkpoint(path, format!("no `{key}` in the file's metadata"))),
+        None => Err(Error::checkpoint(
+            path,
+            format!("no `{key}` in the file's metadata"),
+        )),
     }
 }
 
-type Decoded = (BTreeMap<String, (Vec<usize>, Vec<f32>)>, HashMap<String, String>);
+type Decoded = (
+    BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    HashMap<String, String>,
+);
 
 fn decode(bytes: &[u8], path: &Path) -> Result<Decoded> {
     let (_, metadata) = SafeTensors::read_metadata(bytes)
@@ -233,7 +257,9 @@ fn decode(bytes: &[u8], path: &Path) -> Result<Decoded> {
             Dtype::F64 => view
                 .data()
                 .chunks_exact(8)
-                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+                .map(|c| {
+                    f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
+                })
                 .collect(),
             other => {
                 return Err(Error::checkpoint(
@@ -254,15 +280,25 @@ fn encode<'a>(
 ) -> Result<Vec<u8>> {
     let owned: Vec<(String, Vec<usize>, Vec<u8>)> = named
         .map(|(name, shape, values)| {
-            (name, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect())
+            (
+                name,
+                shape,
+                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            )
         })
         .collect();
     let views = owned
         .iter()
-        .map(|(name, shape, bytes)| Ok((name.as_str(), TensorView::new(Dtype::F32, shape.clone(), bytes)?)))
+        .map(|(name, shape, bytes)| {
+            Ok((
+                name.as_str(),
+                TensorView::new(Dtype::F32, shape.clone(), bytes)?,
+            ))
+        })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
         .map_err(|e| Error::checkpoint(path, e.to_string()))?;
-    safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::checkpoint(path, e.to_string()))
+    safetensors::tensor::serialize(views, Some(meta))
+        .map_err(|e| Error::checkpoint(path, e.to_string()))
 }
 
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the new one: a
@@ -303,7 +339,10 @@ mod tests {
             bidirectional: true,
             output_size: 1,
         };
-        let params = Params::init(model, 3, &Device::Cpu).unwrap().to_flat().unwrap();
+        let params = Params::init(model, 3, &Device::Cpu)
+            .unwrap()
+            .to_flat()
+            .unwrap();
         let mut opt = Optimizer::new(OptimizerConfig::adam(0.01), params.len()).unwrap();
         let mut p = params.clone();
         opt.step(&mut p, &vec![0.5; params.len()]).unwrap();
@@ -314,7 +353,10 @@ mod tests {
                 scale: 50.0,
                 epoch: 3,
                 step: 180,
-                validation: Some(Metrics { accuracy: 0.9, ..Metrics::default() }),
+                validation: Some(Metrics {
+                    accuracy: 0.9,
+                    ..Metrics::default()
+                }),
                 test: None,
                 optimizer: Some(*opt.config()),
                 scheduler: None,
@@ -334,7 +376,10 @@ mod tests {
         let back = Checkpoint::load(dir.path(), "latest").unwrap();
         assert_eq!(back, ckpt);
         // No temporary files are left behind.
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 3, "{names:?}");
     }
 
@@ -349,7 +394,10 @@ mod tests {
         let json = serde_json::to_vec(&other.manifest).unwrap();
         fs::write(dir.path().join("a.json"), json).unwrap();
         let err = Checkpoint::load(dir.path(), "a").unwrap_err().to_string();
-        assert!(err.contains("has shape") && err.contains("a.safetensors"), "{err}");
+        assert!(
+            err.contains("has shape") && err.contains("a.safetensors"),
+            "{err}"
+        );
         // Files from different steps.
         ckpt.save(dir.path(), "b").unwrap();
         let mut later = ckpt.clone();
@@ -363,7 +411,9 @@ mod tests {
         fs::write(dir.path().join("c.safetensors"), b"garbage").unwrap();
         let err = Checkpoint::load(dir.path(), "c").unwrap_err().to_string();
         assert!(err.contains("not a safetensors file"), "{err}");
-        let err = Checkpoint::load(dir.path(), "missing").unwrap_err().to_string();
+        let err = Checkpoint::load(dir.path(), "missing")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("missing.json"), "{err}");
     }
 }

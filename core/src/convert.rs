@@ -83,7 +83,12 @@ pub fn tensor_from_proto(t: &pb::Tensor) -> Result<(Vec<usize>, &[f32])> {
     let expected = shape
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| Error::setting("shape", format!("tensor `{}`: shape {shape:?} overflows", t.name)))?;
+        .ok_or_else(|| {
+            Error::setting(
+                "shape",
+                format!("tensor `{}`: shape {shape:?} overflows", t.name),
+            )
+        })?;
     crate::model::check_len("tensor values", t.values.len(), expected)?;
     Ok((shape, &t.values))
 }
@@ -112,19 +117,37 @@ mod tests {
     fn bad_wire_configs_name_the_field() {
         let mut wire = pb::ModelConfig::from(&ModelConfig::tutorial());
         wire.kind = 0;
-        assert!(ModelConfig::try_from(&wire).unwrap_err().to_string().contains("kind"));
+        assert!(
+            ModelConfig::try_from(&wire)
+                .unwrap_err()
+                .to_string()
+                .contains("kind")
+        );
         wire.kind = 99;
-        assert!(ModelConfig::try_from(&wire).unwrap_err().to_string().contains("kind"));
+        assert!(
+            ModelConfig::try_from(&wire)
+                .unwrap_err()
+                .to_string()
+                .contains("kind")
+        );
         let mut wire = pb::ModelConfig::from(&ModelConfig::tutorial());
         wire.num_layers = 0;
-        assert!(ModelConfig::try_from(&wire).unwrap_err().to_string().contains("num_layers"));
+        assert!(
+            ModelConfig::try_from(&wire)
+                .unwrap_err()
+                .to_string()
+                .contains("num_layers")
+        );
     }
 
     #[test]
     fn tensors_check_their_shape() {
         let t = tensor_to_proto("linear.bias", &[2], &[1.0, 2.0]);
         assert_eq!(tensor_from_proto(&t).unwrap().0, [2]);
-        let bad = pb::Tensor { values: vec![1.0], ..t };
+        let bad = pb::Tensor {
+            values: vec![1.0],
+            ..t
+        };
         assert!(tensor_from_proto(&bad).is_err());
     }
 }

@@ -3,10 +3,10 @@
 
 use candle_core::{Device, Tensor};
 
+use crate::Result;
 use crate::data::Dataset;
 use crate::metrics::BatchSums;
 use crate::model::{PackedBatch, SeqModel};
-use crate::Result;
 
 /// Rows of a (normalised) dataset, packed for the model, with their targets in sorted order.
 #[derive(Debug, Clone)]
@@ -21,7 +21,11 @@ impl Batch {
     pub fn from_rows(data: &Dataset, rows: &[usize], device: &Device) -> Result<Self> {
         let inputs: Vec<&[f32]> = rows.iter().map(|&r| data.input(r)).collect();
         let packed = PackedBatch::new(&inputs, 1, device)?;
-        let targets = packed.order().iter().map(|&k| data.target(rows[k])).collect();
+        let targets = packed
+            .order()
+            .iter()
+            .map(|&k| data.target(rows[k]))
+            .collect();
         Ok(Self { packed, targets })
     }
 
@@ -82,7 +86,11 @@ pub fn evaluate(model: &SeqModel, batch: &Batch, scale: f32) -> Result<BatchSums
 /// Forward only: the head's outputs in **input** order, `output_size` values per sequence.
 pub fn predict(model: &SeqModel, batch: &Batch) -> Result<Vec<f32>> {
     let out = model.forward(&batch.packed, false)?;
-    Ok(batch.packed.unsort(&out.ys)?.flatten_all()?.to_vec1::<f32>()?)
+    Ok(batch
+        .packed
+        .unsort(&out.ys)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
 }
 
 fn predict_sorted(model: &SeqModel, packed: &PackedBatch) -> Result<Vec<f32>> {

@@ -46,13 +46,14 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     /// The tutorial's model, data handling and patience, with Adam (lr 0.01) and the learning
-    /// rate halved when validation loss stalls: it passes the tutorial's accuracy in a few dozen
-    /// epochs instead of thousands.
+    /// rate halved after 30 epochs without a lower validation loss. On the tutorial's task it
+    /// reaches test accuracy 0.97-0.99 in 300-700 epochs, where the tutorial's SGD needs 2,250
+    /// epochs for 0.9275.
     fn default() -> Self {
         Self {
             model: ModelConfig::tutorial(),
             optimizer: OptimizerConfig::adam(0.01),
-            schedule: LrSchedule::plateau(0.5, 10),
+            schedule: LrSchedule::plateau(0.5, 30),
             batch_size: 100,
             max_epochs: 10_000,
             patience: 100,
@@ -85,7 +86,10 @@ impl TrainConfig {
         if let Some(t) = self.target_accuracy
             && !(t.is_finite() && t <= 1.0)
         {
-            return Err(Error::setting("target_accuracy", format!("must be at most 1, got {t}")));
+            return Err(Error::setting(
+                "target_accuracy",
+                format!("must be at most 1, got {t}"),
+            ));
         }
         Ok(())
     }
@@ -203,7 +207,12 @@ impl Trainer {
 
     /// The global mini-batches of the coming epoch, as dataset row indices.
     pub fn next_epoch_batches(&self) -> Vec<Vec<usize>> {
-        epoch_batches(&self.split.train, self.config.batch_size, self.config.seed, self.epoch)
+        epoch_batches(
+            &self.split.train,
+            self.config.batch_size,
+            self.config.seed,
+            self.epoch,
+        )
     }
 
     /// One optimizer step on the global batch `rows`; returns the batch's metric sums.
@@ -241,7 +250,11 @@ impl Trainer {
         self.epoch += 1;
         let next_lr = self.scheduler.epoch_end(validation.loss);
         self.optimizer.set_lr(next_lr);
-        if self.best.as_ref().is_none_or(|(_, m, _)| validation.accuracy > m.accuracy) {
+        if self
+            .best
+            .as_ref()
+            .is_none_or(|(_, m, _)| validation.accuracy > m.accuracy)
+        {
             self.best = Some((self.epoch, validation, self.flat.clone()));
         }
         let seconds = start.elapsed().as_secs_f64();

@@ -33,7 +33,9 @@ fn cases() -> Vec<Case> {
         for layers in [1, 2] {
             for bi in [false, true] {
                 let name = format!("{kind}_l{layers}_{}", if bi { "bi" } else { "uni" });
-                let path = golden_dir().join("cells").join(format!("{name}.safetensors"));
+                let path = golden_dir()
+                    .join("cells")
+                    .join(format!("{name}.safetensors"));
                 let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
                 let config = ModelConfig {
                     kind,
@@ -136,12 +138,27 @@ fn forward_states_and_gradients_match_pytorch() {
         let model = SeqModel::new(case.params());
         let batch = case.batch(None);
         let out = model.forward(&batch, true).unwrap();
-        assert_close(&case.name, "y", &batch.unsort(&out.ys).unwrap(), case.get("y"));
+        assert_close(
+            &case.name,
+            "y",
+            &batch.unsort(&out.ys).unwrap(),
+            case.get("y"),
+        );
         let h_n: Vec<Tensor> = out.h_n.iter().map(|h| batch.unsort(h).unwrap()).collect();
-        assert_close(&case.name, "h_n", &Tensor::stack(&h_n, 0).unwrap(), case.get("h_n"));
+        assert_close(
+            &case.name,
+            "h_n",
+            &Tensor::stack(&h_n, 0).unwrap(),
+            case.get("h_n"),
+        );
         if case.config.kind == ModelKind::Lstm {
             let c_n: Vec<Tensor> = out.c_n.iter().map(|c| batch.unsort(c).unwrap()).collect();
-            assert_close(&case.name, "c_n", &Tensor::stack(&c_n, 0).unwrap(), case.get("c_n"));
+            assert_close(
+                &case.name,
+                "c_n",
+                &Tensor::stack(&c_n, 0).unwrap(),
+                case.get("c_n"),
+            );
         } else {
             assert!(out.c_n.is_empty());
         }
@@ -154,8 +171,15 @@ fn forward_states_and_gradients_match_pytorch() {
         let grads = loss(&case, &batch, &out.ys).backward().unwrap();
         let params = model.params();
         for (name, var) in params.named() {
-            let grad = grads.get(var).unwrap_or_else(|| panic!("{}: no grad for {name}", case.name));
-            assert_close(&case.name, &format!("grad of {name}"), grad, case.get(&format!("grad.{name}")));
+            let grad = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("{}: no grad for {name}", case.name));
+            assert_close(
+                &case.name,
+                &format!("grad of {name}"),
+                grad,
+                case.get(&format!("grad.{name}")),
+            );
         }
     }
 }
@@ -189,11 +213,17 @@ fn batch_order_does_not_matter() {
         let (b, t, i) = x.dims3().unwrap();
         let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let lengths = [3usize, 5, 1, 5];
-        let seqs: Vec<&[f32]> = (0..b).map(|r| &xs[r * t * i..(r * t + lengths[r]) * i]).collect();
+        let seqs: Vec<&[f32]> = (0..b)
+            .map(|r| &xs[r * t * i..(r * t + lengths[r]) * i])
+            .collect();
         let forward = |order: &[usize]| {
             let shuffled: Vec<&[f32]> = order.iter().map(|&r| seqs[r]).collect();
             let batch = PackedBatch::new(&shuffled, i, &Device::Cpu).unwrap();
-            let ys = batch.unsort(&model.forward(&batch, false).unwrap().ys).unwrap().to_vec2::<f32>().unwrap();
+            let ys = batch
+                .unsort(&model.forward(&batch, false).unwrap().ys)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
             let mut by_row = vec![Vec::new(); b];
             for (k, &r) in order.iter().enumerate() {
                 by_row[r] = ys[k].clone();
@@ -214,7 +244,10 @@ fn batch_order_does_not_matter() {
 
 #[test]
 fn gradients_match_finite_differences() {
-    for case in cases().into_iter().filter(|c| c.config.num_layers == 2 && c.config.bidirectional) {
+    for case in cases()
+        .into_iter()
+        .filter(|c| c.config.num_layers == 2 && c.config.bidirectional)
+    {
         let params = case.params();
         let model = SeqModel::new(params.clone());
         let batch = case.batch(None);

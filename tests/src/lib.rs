@@ -5,6 +5,9 @@
 mod tests {
     #[test]
     fn core_links() {
-        assert_eq!(recur_core::model::ModelConfig::tutorial().layout().total(), 97);
+        assert_eq!(
+            recur_core::model::ModelConfig::tutorial().layout().total(),
+            97
+        );
     }
 }

@@ -174,7 +174,11 @@ impl fmt::Display for CsvErrors {
 /// Parses a whole CSV file: one sequence per line, values separated by commas, no header, the
 /// last value of a row is the target. Blank lines are skipped. `source_name` names the file in
 /// errors.
-pub fn parse_csv(bytes: &[u8], source_name: &str, limits: &CsvLimits) -> Result<Dataset, CsvErrors> {
+pub fn parse_csv(
+    bytes: &[u8],
+    source_name: &str,
+    limits: &CsvLimits,
+) -> Result<Dataset, CsvErrors> {
     let mut errors = Vec::new();
     let mut more = 0;
     let fail = |errors: Vec<LineError>, more| CsvErrors {
@@ -300,8 +304,12 @@ mod tests {
 
     #[test]
     fn parses_variable_rows_and_skips_blank_lines() {
-        let ds = parse_csv(b"1,2,3\r\n\n  4, 5 \n-1.5,2e1\n", "d.csv", &CsvLimits::default())
-            .unwrap();
+        let ds = parse_csv(
+            b"1,2,3\r\n\n  4, 5 \n-1.5,2e1\n",
+            "d.csv",
+            &CsvLimits::default(),
+        )
+        .unwrap();
         assert_eq!(ds.len(), 3);
         assert_eq!(ds.row(1), [4.0, 5.0]);
         assert_eq!(ds.row(2), [-1.5, 20.0]);
@@ -337,7 +345,10 @@ mod tests {
             ..CsvLimits::default()
         };
         let e = parse_csv(b"1,2,3,4\n", "d.csv", &limits).unwrap_err();
-        assert_eq!(e.to_string(), "d.csv:1: has 4 values, above the limit of 3 per row");
+        assert_eq!(
+            e.to_string(),
+            "d.csv:1: has 4 values, above the limit of 3 per row"
+        );
         let e = parse_csv(b"1,2\n1,2\n1,2\n", "d.csv", &limits).unwrap_err();
         assert_eq!(e.to_string(), "d.csv:3: more than 2 rows, the limit");
         let e = parse_csv(&[b'1'; 101], "d.csv", &limits).unwrap_err();

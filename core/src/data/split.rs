@@ -178,8 +178,17 @@ mod tests {
     #[test]
     fn split_is_seeded_and_complete() {
         let s = Split::new(10_000, 5, SplitFractions::default()).unwrap();
-        assert_eq!((s.train.len(), s.validation.len(), s.test.len()), (6000, 2000, 2000));
-        let mut all: Vec<_> = s.train.iter().chain(&s.validation).chain(&s.test).copied().collect();
+        assert_eq!(
+            (s.train.len(), s.validation.len(), s.test.len()),
+            (6000, 2000, 2000)
+        );
+        let mut all: Vec<_> = s
+            .train
+            .iter()
+            .chain(&s.validation)
+            .chain(&s.test)
+            .copied()
+            .collect();
         all.sort_unstable();
         assert_eq!(all, (0..10_000).collect::<Vec<_>>());
         assert_eq!(s, Split::new(10_000, 5, SplitFractions::default()).unwrap());

@@ -263,7 +263,10 @@ mod tests {
             output_size: 2,
         };
         let layout = config.layout();
-        assert_eq!(layout.get("rnn.weight_ih_l1_reverse").unwrap().shape, [20, 10]);
+        assert_eq!(
+            layout.get("rnn.weight_ih_l1_reverse").unwrap().shape,
+            [20, 10]
+        );
         assert_eq!(layout.get("rnn.weight_ih_l0").unwrap().shape, [20, 3]);
         assert_eq!(layout.get("linear.weight").unwrap().shape, [2, 10]);
         // sum(p.numel() for p in nn.LSTM(3, 5, 2, bidirectional=True).parameters()) == 1080

@@ -50,7 +50,11 @@ impl Params {
             .entries()
             .iter()
             .map(|e| {
-                let t = Tensor::from_slice(&flat[e.offset..e.offset + e.len], e.shape.as_slice(), device)?;
+                let t = Tensor::from_slice(
+                    &flat[e.offset..e.offset + e.len],
+                    e.shape.as_slice(),
+                    device,
+                )?;
                 Ok(Var::from_tensor(&t)?)
             })
             .collect::<Result<_>>()?;
@@ -71,11 +75,7 @@ impl Params {
     ) -> Result<Self, String> {
         config.validate().map_err(|e| e.to_string())?;
         let layout = config.layout();
-        if let Some(extra) = tensors
-            .keys()
-            .filter(|k| layout.get(k).is_none())
-            .min()
-        {
+        if let Some(extra) = tensors.keys().filter(|k| layout.get(k).is_none()).min() {
             return Err(format!(
                 "unexpected tensor `{extra}` for a {} model",
                 config.kind
@@ -200,9 +200,18 @@ mod tests {
     #[test]
     fn init_is_seeded_and_bounded() {
         let config = ModelConfig::tutorial();
-        let a = Params::init(config, 7, &Device::Cpu).unwrap().to_flat().unwrap();
-        let b = Params::init(config, 7, &Device::Cpu).unwrap().to_flat().unwrap();
-        let c = Params::init(config, 8, &Device::Cpu).unwrap().to_flat().unwrap();
+        let a = Params::init(config, 7, &Device::Cpu)
+            .unwrap()
+            .to_flat()
+            .unwrap();
+        let b = Params::init(config, 7, &Device::Cpu)
+            .unwrap()
+            .to_flat()
+            .unwrap();
+        let c = Params::init(config, 8, &Device::Cpu)
+            .unwrap()
+            .to_flat()
+            .unwrap();
         assert_eq!(a, b);
         assert_ne!(a, c);
         let bound = 1.0 / 8f32.sqrt();
@@ -216,7 +225,12 @@ mod tests {
         let flat: Vec<f32> = (0..config.layout().total()).map(|i| i as f32).collect();
         p.set_flat(&flat).unwrap();
         assert_eq!(p.to_flat().unwrap(), flat);
-        let bias = p.get("linear.bias").unwrap().as_tensor().to_vec1::<f32>().unwrap();
+        let bias = p
+            .get("linear.bias")
+            .unwrap()
+            .as_tensor()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(bias, [0.0]);
         assert!(p.set_flat(&flat[1..]).is_err());
     }

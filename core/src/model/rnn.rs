@@ -142,7 +142,14 @@ impl SeqModel {
                 let b = (b_ih + b_hh)?.unsqueeze(1)?;
                 let w = Tensor::cat(&[&w_ih, &b, &w_hh], 1)?;
                 // PyTorch's rows are (i, f, g, o); the sigmoid gates go first here.
-                Tensor::cat(&[w.narrow(0, 0, 2 * h)?, w.narrow(0, 3 * h, h)?, w.narrow(0, 2 * h, h)?], 0)?
+                Tensor::cat(
+                    &[
+                        w.narrow(0, 0, 2 * h)?,
+                        w.narrow(0, 3 * h, h)?,
+                        w.narrow(0, 2 * h, h)?,
+                    ],
+                    0,
+                )?
             }
             ModelKind::Gru => {
                 let layer_in = w_ih.dim(1)?;
@@ -206,9 +213,10 @@ fn cell(kind: ModelKind, mut xs: Vec<Tensor>, state: &State, w: &CellWeights) ->
             c: None,
         },
         ModelKind::Lstm => {
-            let c = state.c.as_ref().ok_or_else(|| {
-                crate::Error::setting("state", "an LSTM step needs a cell state")
-            })?;
+            let c = state
+                .c
+                .as_ref()
+                .ok_or_else(|| crate::Error::setting("state", "an LSTM step needs a cell state"))?;
             let ifo = candle_nn::ops::sigmoid(&gates.narrow(1, 0, 3 * hidden)?)?;
             let g = gates.narrow(1, 3 * hidden, hidden)?.tanh()?;
             let i = ifo.narrow(1, 0, hidden)?;

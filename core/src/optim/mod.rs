@@ -152,7 +152,10 @@ impl OptimizerConfig {
             if v.is_finite() && v > 0.0 {
                 Ok(())
             } else {
-                Err(Error::setting(field, format!("must be a positive number, got {v}")))
+                Err(Error::setting(
+                    field,
+                    format!("must be a positive number, got {v}"),
+                ))
             }
         };
         let non_negative = |field: &'static str, v: f64| {
@@ -214,7 +217,10 @@ impl OptimizerConfig {
                 ..
             } => {
                 if !(0.0..=1.0).contains(&rho) {
-                    return Err(Error::setting("rho", format!("must be in [0, 1], got {rho}")));
+                    return Err(Error::setting(
+                        "rho",
+                        format!("must be in [0, 1], got {rho}"),
+                    ));
                 }
                 positive("eps", eps)?;
                 non_negative("weight_decay", weight_decay)?;
@@ -323,8 +329,12 @@ impl Optimizer {
                 nesterov,
                 ..
             } => {
-                let (momentum, dampening, wd) =
-                    (momentum as f32, dampening as f32, weight_decay as f32);
+                // Like torch, `1 - x` is formed in double precision before it meets the f32s.
+                let (momentum, keep, wd) = (
+                    momentum as f32,
+                    (1.0 - dampening) as f32,
+                    weight_decay as f32,
+                );
                 let first = !self.state.buffers.contains_key("momentum_buffer");
                 let mut buf = if momentum != 0.0 {
                     self.buffer("momentum_buffer")
@@ -340,9 +350,13 @@ impl Optimizer {
                         buf[i] = if first {
                             g
                         } else {
-                            momentum * buf[i] + (1.0 - dampening) * g
+                            momentum * buf[i] + keep * g
                         };
-                        g = if nesterov { g + momentum * buf[i] } else { buf[i] };
+                        g = if nesterov {
+                            g + momentum * buf[i]
+                        } else {
+                            buf[i]
+                        };
                     }
                     params[i] -= lr * g;
                 }
@@ -370,16 +384,19 @@ impl Optimizer {
                 let t = self.state.step as i32;
                 let step_size = (self.lr / (1.0 - beta1.powi(t))) as f32;
                 let bc2_sqrt = (1.0 - beta2.powi(t)).sqrt() as f32;
-                let (b1, b2, eps, wd) = (beta1 as f32, beta2 as f32, eps as f32, weight_decay as f32);
+                let (b2, eps) = (beta2 as f32, eps as f32);
+                let (one_minus_b1, one_minus_b2) = ((1.0 - beta1) as f32, (1.0 - beta2) as f32);
+                let decay = (1.0 - self.lr * weight_decay) as f32;
+                let wd = weight_decay as f32;
                 for i in 0..self.len {
                     let mut g = grads[i];
                     if decoupled {
-                        params[i] *= 1.0 - lr * wd;
+                        params[i] *= decay;
                     } else if wd != 0.0 {
                         g += wd * params[i];
                     }
-                    m[i] += (g - m[i]) * (1.0 - b1);
-                    v[i] = v[i] * b2 + (1.0 - b2) * g * g;
+                    m[i] += (g - m[i]) * one_minus_b1;
+                    v[i] = v[i] * b2 + one_minus_b2 * g * g;
                     let denom = v[i].sqrt() / bc2_sqrt + eps;
                     params[i] -= step_size * m[i] / denom;
                 }
@@ -394,16 +411,18 @@ impl Optimizer {
             } => {
                 let mut sq = self.buffer("square_avg");
                 let mut acc = self.buffer("acc_delta");
-                let (rho, eps, wd) = (rho as f32, eps as f32, weight_decay as f32);
+                let (one_minus_rho, eps, wd) =
+                    ((1.0 - rho) as f32, eps as f32, weight_decay as f32);
+                let rho = rho as f32;
                 for i in 0..self.len {
                     let mut g = grads[i];
                     if wd != 0.0 {
                         g += wd * params[i];
                     }
-                    sq[i] = sq[i] * rho + (1.0 - rho) * g * g;
+                    sq[i] = sq[i] * rho + one_minus_rho * g * g;
                     let std = (sq[i] + eps).sqrt();
                     let delta = (acc[i] + eps).sqrt() / std * g;
-                    acc[i] = acc[i] * rho + (1.0 - rho) * delta * delta;
+                    acc[i] = acc[i] * rho + one_minus_rho * delta * delta;
                     params[i] -= lr * delta;
                 }
                 self.state.buffers.insert("square_avg".into(), sq);

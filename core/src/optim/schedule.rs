@@ -82,7 +82,8 @@ impl LrSchedule {
                 min_lr,
                 ..
             } => {
-                if !(factor > 0.0 && factor < 1.0) || !(threshold >= 0.0) || !(min_lr >= 0.0) {
+                let ok = factor > 0.0 && factor < 1.0 && threshold >= 0.0 && min_lr >= 0.0;
+                if !ok {
                     Err(Error::setting(
                         "schedule",
                         "plateau needs 0 < factor < 1, threshold >= 0 and min_lr >= 0",
@@ -177,10 +178,24 @@ mod tests {
 
     #[test]
     fn step_and_cosine_follow_the_closed_forms() {
-        let mut s = LrScheduler::new(LrSchedule::Step { step_size: 2, gamma: 0.5 }, 1.0).unwrap();
+        let mut s = LrScheduler::new(
+            LrSchedule::Step {
+                step_size: 2,
+                gamma: 0.5,
+            },
+            1.0,
+        )
+        .unwrap();
         let lrs: Vec<f64> = (0..5).map(|_| s.epoch_end(0.0)).collect();
         assert_eq!(lrs, [1.0, 0.5, 0.5, 0.25, 0.25]);
-        let mut c = LrScheduler::new(LrSchedule::Cosine { t_max: 4, eta_min: 0.0 }, 1.0).unwrap();
+        let mut c = LrScheduler::new(
+            LrSchedule::Cosine {
+                t_max: 4,
+                eta_min: 0.0,
+            },
+            1.0,
+        )
+        .unwrap();
         let lrs: Vec<f64> = (0..4).map(|_| c.epoch_end(0.0)).collect();
         let expected = [0.853_553_390_593_273_8, 0.5, 0.146_446_609_406_726_24, 0.0];
         for (a, b) in lrs.iter().zip(expected) {
