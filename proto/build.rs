@@ -6,7 +6,13 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["recur/v1/tensor.proto", "recur/v1/model.proto"];
+const PROTOS: &[&str] = &[
+    "recur/v1/tensor.proto",
+    "recur/v1/model.proto",
+    "recur/v1/job.proto",
+    "recur/v1/client.proto",
+    "recur/v1/worker.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // protox reads the files itself, so cargo has to be told what to watch.

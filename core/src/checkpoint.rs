@@ -220,6 +220,17 @@ pub fn load_state_dict(path: &Path, config: ModelConfig, device: &Device) -> Res
     Params::from_named(config, &tensors, device).map_err(|problem| Error::checkpoint(path, problem))
 }
 
+/// The step recorded in a parameter file's metadata, to check that it belongs with a manifest.
+pub fn model_file_step(bytes: &[u8]) -> Option<u64> {
+    let (_, metadata) = SafeTensors::read_metadata(bytes).ok()?;
+    metadata
+        .metadata()
+        .as_ref()?
+        .get("recur_step")?
+        .parse()
+        .ok()
+}
+
 fn check_step(meta: &HashMap<String, String>, key: &str, step: u64, path: &Path) -> Result<()> {
     match meta.get(key).and_then(|s| s.parse::<u64>().ok()) {
         Some(s) if s == step => Ok(()),

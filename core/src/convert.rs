@@ -3,6 +3,7 @@
 
 use recur_proto::v1 as pb;
 
+use crate::metrics::{BatchSums, Metrics};
 use crate::model::{ModelConfig, ModelKind};
 use crate::{Error, Result};
 
@@ -65,6 +66,54 @@ impl TryFrom<&pb::ModelConfig> for ModelConfig {
         };
         config.validate()?;
         Ok(config)
+    }
+}
+
+impl From<&BatchSums> for pb::BatchSums {
+    fn from(s: &BatchSums) -> Self {
+        Self {
+            rel_error: s.rel_error,
+            squared_error: s.squared_error,
+            abs_error: s.abs_error,
+            exact: s.exact,
+            samples: s.samples,
+        }
+    }
+}
+
+impl From<&pb::BatchSums> for BatchSums {
+    fn from(s: &pb::BatchSums) -> Self {
+        Self {
+            rel_error: s.rel_error,
+            squared_error: s.squared_error,
+            abs_error: s.abs_error,
+            exact: s.exact,
+            samples: s.samples,
+        }
+    }
+}
+
+impl From<&Metrics> for pb::Metrics {
+    fn from(m: &Metrics) -> Self {
+        Self {
+            accuracy: m.accuracy,
+            loss: m.loss,
+            mae: m.mae,
+            exact: m.exact,
+            samples: m.samples as u64,
+        }
+    }
+}
+
+impl From<&pb::Metrics> for Metrics {
+    fn from(m: &pb::Metrics) -> Self {
+        Self {
+            accuracy: m.accuracy,
+            loss: m.loss,
+            mae: m.mae,
+            exact: m.exact,
+            samples: m.samples as usize,
+        }
     }
 }
 

@@ -1,13 +1,146 @@
-//! Whole-cluster tests for recur. The cluster (coordinator and workers) arrives with the next
-//! issue; until then this crate only checks that the workspace's libraries link together.
+//! The `TestCluster` harness: a real coordinator and real workers in this process, on
+//! 127.0.0.1:0, with a temporary data directory, plus helpers that wait on conditions with a
+//! deadline (never on a fixed sleep).
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn core_links() {
-        assert_eq!(
-            recur_core::model::ModelConfig::tutorial().layout().total(),
-            97
-        );
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use recur_client::Client;
+use recur_client::local::LocalCluster;
+use recur_coordinator::CoordinatorConfig;
+use recur_core::data::Dataset;
+use recur_proto::v1 as pb;
+
+/// A coordinator and workers for one test.
+#[derive(Debug)]
+pub struct TestCluster {
+    /// The cluster; use it to add, stop or kill workers.
+    pub cluster: LocalCluster,
+    /// A client connected to it.
+    pub client: Client,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    /// Starts a coordinator with default limits and `workers` workers.
+    pub async fn start(workers: usize) -> Self {
+        Self::start_with(workers, |_| {}).await
     }
+
+    /// Starts a coordinator whose config `adjust` may change, and `workers` workers.
+    pub async fn start_with(workers: usize, adjust: impl FnOnce(&mut CoordinatorConfig)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = CoordinatorConfig::new(dir.path().join("data"));
+        adjust(&mut config);
+        let cluster = LocalCluster::start("127.0.0.1:0", config, workers)
+            .await
+            .unwrap();
+        let client = Client::connect(&cluster.url(), None).await.unwrap();
+        let mut tc = Self {
+            cluster,
+            client,
+            _dir: dir,
+        };
+        tc.wait_for_workers(workers).await;
+        tc
+    }
+
+    /// Waits until exactly `n` workers are connected.
+    pub async fn wait_for_workers(&mut self, n: usize) {
+        let client = self.client.clone();
+        wait_until(
+            Duration::from_secs(20),
+            &format!("{n} workers to join"),
+            move || {
+                let mut client = client.clone();
+                async move {
+                    client
+                        .workers()
+                        .await
+                        .map(|w| w.len() == n)
+                        .unwrap_or(false)
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Uploads a dataset; returns its id.
+    pub async fn upload(&mut self, data: &Dataset) -> String {
+        self.client
+            .upload("test.csv", data.to_csv().into_bytes(), |_| {})
+            .await
+            .unwrap()
+            .dataset_id
+    }
+
+    /// Submits a job; returns its id.
+    pub async fn submit(&mut self, spec: pb::JobSpec) -> String {
+        self.client.submit(spec).await.unwrap().job_id
+    }
+
+    /// Follows a job to its end; returns its epochs (as delivered) and final state.
+    pub async fn follow(&mut self, job: &str) -> (Vec<pb::EpochMetrics>, pb::JobInfo) {
+        let mut stream = self.client.watch(job).await.unwrap();
+        let mut epochs = Vec::new();
+        let mut last = None;
+        let deadline = Duration::from_secs(600);
+        tokio::time::timeout(deadline, async {
+            while let Some(msg) = stream.message().await.unwrap() {
+                match msg.event {
+                    Some(pb::watch_job_response::Event::Epoch(e)) => epochs.push(e),
+                    Some(pb::watch_job_response::Event::Job(j)) => last = Some(j),
+                    None => {}
+                }
+            }
+        })
+        .await
+        .expect("job did not finish in time");
+        let info = last.expect("no job state received");
+        (epochs, info)
+    }
+
+    /// Stops everything.
+    pub async fn shutdown(self) {
+        self.cluster.shutdown().await.unwrap();
+    }
+}
+
+/// A spec for the tutorial's model on `dataset`, Adam, with the given seed.
+pub fn spec(dataset: &str, seed: u64) -> pb::JobSpec {
+    pb::JobSpec {
+        name: "test".into(),
+        dataset_id: dataset.to_string(),
+        seed,
+        ..Default::default()
+    }
+}
+
+/// Polls `condition` until it holds or `timeout` passes (then panics naming `what`).
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let waited = tokio::time::timeout(timeout, async {
+        loop {
+            tick.tick().await;
+            if condition().await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        waited.is_ok(),
+        "timed out after {timeout:?} waiting for {what}"
+    );
+}
+
+/// The state of a job as an enum.
+pub fn state(info: &pb::JobInfo) -> pb::JobState {
+    pb::JobState::try_from(info.state).unwrap_or(pb::JobState::Unspecified)
 }

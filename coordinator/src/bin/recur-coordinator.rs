@@ -1,0 +1,116 @@
+//! `recur-coordinator`: parses flags, sets up logging, binds, and runs the coordinator.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use recur_coordinator::CoordinatorConfig;
+
+/// The recur coordinator: accepts datasets and jobs, drives workers, serves predictions.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "RECUR_LISTEN", default_value = "0.0.0.0:7070")]
+    listen: String,
+    /// Where datasets, the job store and checkpoints are kept.
+    #[arg(long, env = "RECUR_DATA_DIR", default_value = "recur-data")]
+    data_dir: PathBuf,
+    /// Drop a worker not heard from for this many milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    heartbeat_timeout_ms: u64,
+    /// Largest dataset upload, in bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    max_upload_bytes: usize,
+    /// Most rows in a dataset.
+    #[arg(long, default_value_t = 5_000_000)]
+    max_rows: usize,
+    /// Most values in one row.
+    #[arg(long, default_value_t = 4096)]
+    max_row_len: usize,
+    /// Uploads at once.
+    #[arg(long, default_value_t = 4)]
+    max_concurrent_uploads: usize,
+    /// Jobs waiting in the queue.
+    #[arg(long, default_value_t = 100)]
+    max_queued_jobs: usize,
+    /// Most parameters a job's model may have.
+    #[arg(long, default_value_t = 10_000_000)]
+    max_params: usize,
+    /// Largest gRPC message, in bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    max_message_bytes: usize,
+    /// Most sequences in one Predict request.
+    #[arg(long, default_value_t = 10_000)]
+    max_predict_rows: usize,
+    /// Token clients must send as `authorization: Bearer <token>`.
+    #[arg(long, env = "RECUR_CLIENT_TOKEN", hide_env_values = true)]
+    client_token: Option<String>,
+    /// Token workers must send.
+    #[arg(long, env = "RECUR_WORKER_TOKEN", hide_env_values = true)]
+    worker_token: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(args.log_json);
+    let mut config = CoordinatorConfig::new(&args.data_dir);
+    config.heartbeat_timeout = Duration::from_millis(args.heartbeat_timeout_ms);
+    config.csv.max_bytes = args.max_upload_bytes;
+    config.csv.max_rows = args.max_rows;
+    config.csv.max_row_len = args.max_row_len;
+    config.max_concurrent_uploads = args.max_concurrent_uploads;
+    config.max_queued_jobs = args.max_queued_jobs;
+    config.spec.max_params = args.max_params;
+    config.max_message_bytes = args.max_message_bytes;
+    config.max_predict_rows = args.max_predict_rows;
+    config.client_token = args.client_token;
+    config.worker_token = args.worker_token;
+    config.validate()?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        recur_coordinator::run(listener, config, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

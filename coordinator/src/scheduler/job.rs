@@ -1,0 +1,915 @@
+//! The running job: synchronous data-parallel training driven step by step.
+//!
+//! Each global mini-batch is split by which worker's shard holds each row; every worker returns
+//! the gradient sum of its rows, the parts are added in a fixed order (part creation order,
+//! which follows worker ids) and divided by the batch's sample count, and the optimizer steps.
+//! Results for another step, part or parameter version are discarded. When a member leaves, the
+//! survivors are resharded at once and its unfinished parts are given to the rows' new owners, so
+//! the step completes with the exact global batch. A worker that joins gets a shard at the next
+//! epoch boundary (at once if the job had no workers).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Instant;
+
+use candle_core::Device;
+use recur_core::checkpoint::{Checkpoint, FORMAT_VERSION, Manifest};
+use recur_core::data::{Dataset, Split, epoch_batches, shard_by_steps};
+use recur_core::metrics::{BatchSums, Metrics, MetricsAccumulator};
+use recur_core::model::Params;
+use recur_core::optim::{LrScheduler, Optimizer};
+use recur_proto::v1 as pb;
+
+use super::{Action, CheckpointKind, Ctx, JobProgress, JobState, NewJob, msg};
+use crate::ids::{JobId, WorkerId};
+use crate::spec::JobSpec;
+
+use pb::coordinator_message::Kind as Cmd;
+
+#[derive(Debug)]
+struct Part {
+    id: u32,
+    worker: WorkerId,
+    rows: Vec<usize>,
+}
+
+#[derive(Debug)]
+struct PendingStep {
+    /// The step being computed (1-based): `version + 1`.
+    step: u64,
+    parts: Vec<Part>,
+    results: BTreeMap<u32, (Vec<f32>, BatchSums, f64)>,
+    sent_at: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EvalKind {
+    Validation,
+    Test,
+}
+
+#[derive(Debug)]
+struct PendingEval {
+    id: u64,
+    kind: EvalKind,
+    version: u64,
+    parts: Vec<Part>,
+    done: BTreeSet<u32>,
+    sums: Vec<BatchSums>,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Step(PendingStep),
+    Eval(PendingEval),
+    Finished,
+}
+
+#[derive(Debug, Clone)]
+struct Best {
+    epoch: u64,
+    version: u64,
+    validation: Metrics,
+    params: Vec<f32>,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    train: Vec<usize>,
+    validation: Vec<usize>,
+    test: Vec<usize>,
+}
+
+#[derive(Debug, Default)]
+struct Timing {
+    steps: u64,
+    compute: f64,
+    wait: f64,
+    reduce: f64,
+    optimizer: f64,
+    total: f64,
+}
+
+/// A job that holds the workers.
+#[derive(Debug)]
+pub(crate) struct RunningJob {
+    id: JobId,
+    spec: JobSpec,
+    data: Dataset,
+    scale: f32,
+    split: Split,
+    params: Vec<f32>,
+    version: u64,
+    optimizer: Optimizer,
+    lr: LrScheduler,
+    epoch: u64,
+    batches: Vec<Vec<usize>>,
+    cursor: usize,
+    shard_version: u64,
+    members: Vec<WorkerId>,
+    shards: BTreeMap<WorkerId, Shard>,
+    owner: [HashMap<usize, WorkerId>; 3],
+    sent_version: HashMap<WorkerId, u64>,
+    phase: Phase,
+    stalled: bool,
+    next_part: u32,
+    next_eval: u64,
+    train_acc: MetricsAccumulator,
+    epoch_start: Instant,
+    epoch_samples: u64,
+    timing: Timing,
+    best: Option<Best>,
+    stop: Option<&'static str>,
+}
+
+const TRAIN: usize = 0;
+const VALIDATION: usize = 1;
+const TEST: usize = 2;
+
+impl RunningJob {
+    /// Starts (or resumes) a job; returns `None` only if it failed at once (reported).
+    pub(crate) fn start(job: NewJob, cx: &mut Ctx<'_>) -> Option<Self> {
+        let id = job.id.clone();
+        match Self::prepare(job, cx.now) {
+            Ok(mut running) => {
+                let note = if cx.workers.is_empty() {
+                    "waiting for workers"
+                } else {
+                    ""
+                };
+                cx.actions.push(Action::Job(
+                    id.clone(),
+                    JobProgress {
+                        state: Some(JobState::Running),
+                        message: Some(note.into()),
+                        ..running.progress()
+                    },
+                ));
+                tracing::info!(job = %id, epoch = running.epoch, "job started");
+                running.begin_epoch(cx);
+                Some(running)
+            }
+            Err(reason) => {
+                tracing::warn!(job = %id, %reason, "job failed to start");
+                cx.actions.push(Action::Job(
+                    id,
+                    JobProgress {
+                        state: Some(JobState::Failed),
+                        message: Some(reason),
+                        ..JobProgress::default()
+                    },
+                ));
+                None
+            }
+        }
+    }
+
+    fn prepare(job: NewJob, now: Instant) -> Result<Self, String> {
+        let t = &job.spec.train;
+        let scale = t.scale.resolve(&job.data).map_err(|e| e.to_string())?;
+        let split = Split::new(job.data.len(), t.seed, t.split).map_err(|e| e.to_string())?;
+        if split.validation.is_empty() || split.test.is_empty() {
+            return Err(format!(
+                "the dataset's {} rows leave an empty validation or test split",
+                job.data.len()
+            ));
+        }
+        let mut params = Params::init(t.model, t.seed, &Device::Cpu)
+            .and_then(|p| p.to_flat())
+            .map_err(|e| e.to_string())?;
+        let mut optimizer = Optimizer::new(t.optimizer, params.len()).map_err(|e| e.to_string())?;
+        let mut lr = LrScheduler::new(t.schedule, t.optimizer.lr()).map_err(|e| e.to_string())?;
+        let (mut version, mut epoch, mut best) = (0, 0, None);
+        if let Some(resume) = job.resume {
+            let m = &resume.latest.manifest;
+            if resume.latest.params.len() != params.len() || m.model != t.model {
+                return Err("the latest checkpoint does not fit the job's model".into());
+            }
+            params.clone_from(&resume.latest.params);
+            version = m.step;
+            epoch = m.epoch;
+            if let Some(state) = resume.latest.optimizer.clone() {
+                optimizer.load_state(state).map_err(|e| e.to_string())?;
+            }
+            if let Some(s) = &m.scheduler {
+                lr = s.clone();
+            }
+            optimizer.set_lr(m.lr.unwrap_or(lr.lr()));
+            best = resume.best.and_then(|b| {
+                Some(Best {
+                    epoch: b.manifest.epoch,
+                    version: b.manifest.step,
+                    validation: b.manifest.validation?,
+                    params: b.params,
+                })
+            });
+        }
+        Ok(Self {
+            id: job.id,
+            data: job.data.scaled(scale),
+            scale,
+            split,
+            params,
+            version,
+            optimizer,
+            lr,
+            epoch,
+            batches: Vec::new(),
+            cursor: 0,
+            shard_version: 0,
+            members: Vec::new(),
+            shards: BTreeMap::new(),
+            owner: Default::default(),
+            sent_version: HashMap::new(),
+            phase: Phase::Finished,
+            stalled: false,
+            next_part: 0,
+            next_eval: 0,
+            train_acc: MetricsAccumulator::default(),
+            epoch_start: now,
+            epoch_samples: 0,
+            timing: Timing::default(),
+            best,
+            stop: None,
+            spec: job.spec,
+        })
+    }
+
+    pub(crate) fn id(&self) -> &JobId {
+        &self.id
+    }
+
+    pub(crate) fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Finished) && self.stop.is_some()
+    }
+
+    fn progress(&self) -> JobProgress {
+        JobProgress {
+            state: None,
+            message: None,
+            epochs: self.epoch,
+            steps: self.version,
+            best_epoch: self.best.as_ref().map_or(0, |b| b.epoch),
+            best_validation: self.best.as_ref().map(|b| b.validation),
+            test: None,
+            stop_reason: None,
+        }
+    }
+
+    /// Starts an epoch: picks up joined workers, shuffles the batches, issues the first step.
+    fn begin_epoch(&mut self, cx: &mut Ctx<'_>) {
+        self.phase = Phase::Finished;
+        let active: Vec<WorkerId> = cx.workers.keys().copied().collect();
+        if active != self.members || self.members.is_empty() {
+            self.members = active;
+            self.reshard(cx);
+        }
+        let t = &self.spec.train;
+        self.batches = epoch_batches(&self.split.train, t.batch_size, t.seed, self.epoch);
+        self.cursor = 0;
+        self.train_acc = MetricsAccumulator::default();
+        self.timing = Timing::default();
+        self.epoch_start = cx.now;
+        self.epoch_samples = 0;
+        self.issue_step(cx);
+    }
+
+    /// Divides the rows among the members by real steps and sends every member its shard.
+    fn reshard(&mut self, cx: &mut Ctx<'_>) {
+        self.shards.clear();
+        self.owner = Default::default();
+        self.sent_version.clear();
+        if self.members.is_empty() {
+            self.stalled = true;
+            return;
+        }
+        self.stalled = false;
+        self.shard_version += 1;
+        let n = self.members.len();
+        let data = &self.data;
+        let parts = [&self.split.train, &self.split.validation, &self.split.test]
+            .map(|rows| shard_by_steps(rows, n, |r| data.steps(r)));
+        for (k, &w) in self.members.iter().enumerate() {
+            let shard = Shard {
+                train: parts[TRAIN][k].clone(),
+                validation: parts[VALIDATION][k].clone(),
+                test: parts[TEST][k].clone(),
+            };
+            for (which, rows) in [&shard.train, &shard.validation, &shard.test]
+                .into_iter()
+                .enumerate()
+            {
+                for &r in rows {
+                    self.owner[which].insert(r, w);
+                }
+            }
+            if let Some(entry) = cx.workers.get_mut(&w) {
+                entry.job = Some(self.id.clone());
+                entry.shard_rows = shard.train.len() as u64;
+            }
+            for part in self.shard_messages(&shard, cx.config.shard_part_values) {
+                cx.actions.push(Action::Send(w, msg(Cmd::LoadShard(part))));
+            }
+            self.shards.insert(w, shard);
+        }
+        tracing::info!(job = %self.id, workers = n, shard_version = self.shard_version, "resharded");
+    }
+
+    fn shard_messages(&self, shard: &Shard, part_values: usize) -> Vec<pb::LoadShard> {
+        let batch = self.spec.train.batch_size;
+        let position = |rows: &[usize]| -> HashMap<usize, u32> {
+            rows.iter()
+                .enumerate()
+                .map(|(i, &r)| (r, (i / batch) as u32))
+                .collect()
+        };
+        let val_batch = position(&self.split.validation);
+        let test_batch = position(&self.split.test);
+        let mut parts = Vec::new();
+        let mut current = self.empty_shard_part();
+        let mut values = 0;
+        let lists = [
+            (TRAIN, &shard.train),
+            (VALIDATION, &shard.validation),
+            (TEST, &shard.test),
+        ];
+        for (which, rows) in lists {
+            for &r in rows {
+                let row = self.data.row(r);
+                if values + row.len() > part_values && values > 0 {
+                    parts.push(std::mem::replace(&mut current, self.empty_shard_part()));
+                    values = 0;
+                }
+                values += row.len();
+                let block = match which {
+                    TRAIN => current.train.get_or_insert_default(),
+                    VALIDATION => {
+                        current.validation_batches.push(val_batch[&r]);
+                        current.validation.get_or_insert_default()
+                    }
+                    _ => {
+                        current.test_batches.push(test_batch[&r]);
+                        current.test.get_or_insert_default()
+                    }
+                };
+                block.ids.push(r as u64);
+                block.lengths.push(row.len() as u32);
+                block.values.extend_from_slice(row);
+            }
+        }
+        current.last = true;
+        parts.push(current);
+        parts
+    }
+
+    fn empty_shard_part(&self) -> pb::LoadShard {
+        pb::LoadShard {
+            job_id: self.id.0.clone(),
+            shard_version: self.shard_version,
+            model: Some((&self.spec.train.model).into()),
+            scale: self.scale,
+            eval_batch_size: self.spec.train.batch_size as u32,
+            ..Default::default()
+        }
+    }
+
+    /// Splits `rows` by owner into parts, in member order.
+    fn make_parts(&mut self, which: usize, rows: &[usize]) -> Vec<Part> {
+        let mut by_worker: BTreeMap<WorkerId, Vec<usize>> = BTreeMap::new();
+        for &r in rows {
+            if let Some(&w) = self.owner[which].get(&r) {
+                by_worker.entry(w).or_default().push(r);
+            }
+        }
+        by_worker
+            .into_iter()
+            .map(|(worker, rows)| {
+                self.next_part += 1;
+                Part {
+                    id: self.next_part,
+                    worker,
+                    rows,
+                }
+            })
+            .collect()
+    }
+
+    /// The parameters to send a worker with a command at `version`, if it lacks them.
+    fn params_for(
+        &mut self,
+        worker: WorkerId,
+        version: u64,
+        values: &[f32],
+    ) -> Option<pb::FlatVector> {
+        if self.sent_version.get(&worker) == Some(&version) {
+            return None;
+        }
+        self.sent_version.insert(worker, version);
+        Some(pb::FlatVector {
+            version,
+            values: values.to_vec(),
+        })
+    }
+
+    fn send_step_parts(&mut self, parts: &[Part], step: u64, cx: &mut Ctx<'_>) {
+        let values = std::mem::take(&mut self.params);
+        for part in parts {
+            let params = self.params_for(part.worker, self.version, &values);
+            cx.actions.push(Action::Send(
+                part.worker,
+                msg(Cmd::Step(pb::Step {
+                    job_id: self.id.0.clone(),
+                    step,
+                    part: part.id,
+                    params,
+                    version: self.version,
+                    rows: part.rows.iter().map(|&r| r as u64).collect(),
+                })),
+            ));
+        }
+        self.params = values;
+    }
+
+    fn issue_step(&mut self, cx: &mut Ctx<'_>) {
+        if self.stalled {
+            return;
+        }
+        if self.cursor >= self.batches.len() {
+            self.start_eval(EvalKind::Validation, cx);
+            return;
+        }
+        let rows = self.batches[self.cursor].clone();
+        let parts = self.make_parts(TRAIN, &rows);
+        let step = self.version + 1;
+        self.send_step_parts(&parts, step, cx);
+        self.phase = Phase::Step(PendingStep {
+            step,
+            parts,
+            results: BTreeMap::new(),
+            sent_at: cx.now,
+        });
+    }
+
+    fn start_eval(&mut self, kind: EvalKind, cx: &mut Ctx<'_>) {
+        let (which, rows) = match kind {
+            EvalKind::Validation => (VALIDATION, self.split.validation.clone()),
+            EvalKind::Test => (TEST, self.split.test.clone()),
+        };
+        let version = match (kind, &self.best) {
+            (EvalKind::Test, Some(b)) => b.version,
+            _ => self.version,
+        };
+        self.next_eval += 1;
+        let parts = self.make_parts(which, &rows);
+        let batches = rows.len().div_ceil(self.spec.train.batch_size);
+        let eval = PendingEval {
+            id: self.next_eval,
+            kind,
+            version,
+            parts,
+            done: BTreeSet::new(),
+            sums: vec![BatchSums::default(); batches],
+        };
+        self.send_eval_parts(
+            &eval,
+            &eval.parts.iter().map(|p| p.id).collect::<Vec<_>>(),
+            cx,
+        );
+        self.phase = Phase::Eval(eval);
+    }
+
+    fn send_eval_parts(&mut self, eval: &PendingEval, part_ids: &[u32], cx: &mut Ctx<'_>) {
+        let values = match (&self.best, eval.version == self.version) {
+            (_, true) => self.params.clone(),
+            (Some(b), false) => b.params.clone(),
+            (None, false) => self.params.clone(),
+        };
+        for part in eval.parts.iter().filter(|p| part_ids.contains(&p.id)) {
+            let params = self.params_for(part.worker, eval.version, &values);
+            cx.actions.push(Action::Send(
+                part.worker,
+                msg(Cmd::Evaluate(pb::Evaluate {
+                    job_id: self.id.0.clone(),
+                    eval_id: eval.id,
+                    part: part.id,
+                    params,
+                    version: eval.version,
+                    split: match eval.kind {
+                        EvalKind::Validation => pb::EvalSplit::Validation,
+                        EvalKind::Test => pb::EvalSplit::Test,
+                    } as i32,
+                    rows: part.rows.iter().map(|&r| r as u64).collect(),
+                })),
+            ));
+        }
+    }
+
+    pub(crate) fn step_result(&mut self, worker: WorkerId, r: pb::StepResult, cx: &mut Ctx<'_>) {
+        let expected_len = self.params.len();
+        let Phase::Step(pending) = &mut self.phase else {
+            return;
+        };
+        let fresh = r.job_id == self.id.0
+            && r.step == pending.step
+            && r.version == self.version
+            && pending
+                .parts
+                .iter()
+                .any(|p| p.id == r.part && p.worker == worker)
+            && !pending.results.contains_key(&r.part);
+        if !fresh {
+            tracing::debug!(job = %self.id, %worker, step = r.step, part = r.part, "stale step result discarded");
+            return;
+        }
+        if r.grad_sum.len() != expected_len {
+            cx.drops.push((
+                worker,
+                format!(
+                    "sent a gradient of {} values for a model of {expected_len} parameters",
+                    r.grad_sum.len()
+                ),
+            ));
+            return;
+        }
+        if let Some(bad) = r.grad_sum.iter().position(|v| !v.is_finite()) {
+            let reason = format!(
+                "worker {worker} returned a non-finite gradient (value {bad}) at step {}; the step was not applied",
+                pending.step
+            );
+            self.fail(reason, cx);
+            return;
+        }
+        let sums = r.sums.as_ref().map(BatchSums::from).unwrap_or_default();
+        pending
+            .results
+            .insert(r.part, (r.grad_sum, sums, r.compute_ms));
+        if let Some(w) = cx.workers.get_mut(&worker) {
+            w.steps += 1;
+        }
+        if pending.results.len() == pending.parts.len() {
+            self.apply_step(cx);
+        }
+    }
+
+    fn apply_step(&mut self, cx: &mut Ctx<'_>) {
+        let Phase::Step(pending) = std::mem::replace(&mut self.phase, Phase::Finished) else {
+            return;
+        };
+        let t0 = Instant::now();
+        let mut grad = vec![0f32; self.params.len()];
+        let mut sums = BatchSums::default();
+        let mut compute: f64 = 0.0;
+        // Fixed order: the order the parts were made in.
+        for part in &pending.parts {
+            if let Some((g, s, ms)) = pending.results.get(&part.id) {
+                grad.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+                sums.add(s);
+                compute = compute.max(*ms);
+            }
+        }
+        let n = sums.samples.max(1) as f32;
+        grad.iter_mut().for_each(|v| *v /= n);
+        let t1 = Instant::now();
+        if let Err(e) = self.optimizer.step(&mut self.params, &grad) {
+            self.fail(format!("optimizer step failed: {e}"), cx);
+            return;
+        }
+        let t2 = Instant::now();
+        self.version += 1;
+        self.cursor += 1;
+        self.epoch_samples += sums.samples;
+        self.train_acc.add_batch(&sums);
+        let total = cx
+            .now
+            .saturating_duration_since(pending.sent_at)
+            .as_secs_f64()
+            * 1e3;
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        self.timing.steps += 1;
+        self.timing.compute += compute;
+        self.timing.wait += (total - compute).max(0.0);
+        self.timing.reduce += ms(t1 - t0);
+        self.timing.optimizer += ms(t2 - t1);
+        self.timing.total += total + ms(t2 - t0);
+        if self.spec.max_steps.is_some_and(|m| self.version >= m) {
+            self.stop = Some("max_steps");
+            self.start_eval(EvalKind::Validation, cx);
+        } else {
+            self.issue_step(cx);
+        }
+    }
+
+    pub(crate) fn eval_result(&mut self, worker: WorkerId, r: pb::EvalResult, cx: &mut Ctx<'_>) {
+        let Phase::Eval(eval) = &mut self.phase else {
+            return;
+        };
+        let fresh = r.job_id == self.id.0
+            && r.eval_id == eval.id
+            && eval
+                .parts
+                .iter()
+                .any(|p| p.id == r.part && p.worker == worker)
+            && !eval.done.contains(&r.part);
+        if !fresh {
+            return;
+        }
+        for b in &r.batches {
+            match (eval.sums.get_mut(b.batch as usize), &b.sums) {
+                (Some(slot), Some(s)) => slot.add(&BatchSums::from(s)),
+                _ => {
+                    cx.drops.push((
+                        worker,
+                        format!(
+                            "sent sums for evaluation batch {}, which does not exist",
+                            b.batch
+                        ),
+                    ));
+                    return;
+                }
+            }
+        }
+        eval.done.insert(r.part);
+        if eval.done.len() < eval.parts.len() {
+            return;
+        }
+        let mut acc = MetricsAccumulator::default();
+        for s in &eval.sums {
+            acc.add_batch(s);
+        }
+        let metrics = acc.finish();
+        match eval.kind {
+            EvalKind::Validation => self.end_epoch(metrics, cx),
+            EvalKind::Test => self.complete(metrics, cx),
+        }
+    }
+
+    fn end_epoch(&mut self, validation: Metrics, cx: &mut Ctx<'_>) {
+        self.epoch += 1;
+        let train = self.train_acc.finish();
+        let lr_used = self.optimizer.lr();
+        let next_lr = self.lr.epoch_end(validation.loss);
+        self.optimizer.set_lr(next_lr);
+        let improved = self
+            .best
+            .as_ref()
+            .is_none_or(|b| validation.accuracy > b.validation.accuracy);
+        if improved {
+            self.best = Some(Best {
+                epoch: self.epoch,
+                version: self.version,
+                validation,
+                params: self.params.clone(),
+            });
+        }
+        let seconds = cx
+            .now
+            .saturating_duration_since(self.epoch_start)
+            .as_secs_f64();
+        let steps = self.timing.steps.max(1) as f64;
+        let record = pb::EpochMetrics {
+            epoch: self.epoch,
+            train_loss: train.loss,
+            train_accuracy: train.accuracy,
+            validation: Some((&validation).into()),
+            lr: lr_used,
+            seconds,
+            samples_per_sec: self.epoch_samples as f64 / seconds.max(1e-9),
+            workers: self.members.len() as u32,
+            timing: Some(pb::StepTiming {
+                compute_ms: self.timing.compute / steps,
+                wait_ms: self.timing.wait / steps,
+                reduce_ms: self.timing.reduce / steps,
+                optimizer_ms: self.timing.optimizer / steps,
+                total_ms: self.timing.total / steps,
+            }),
+            step: self.version,
+        };
+        tracing::info!(
+            job = %self.id,
+            epoch = self.epoch,
+            val_accuracy = validation.accuracy,
+            train_loss = train.loss,
+            step_ms = self.timing.total / steps,
+            "epoch done"
+        );
+        cx.actions.push(Action::Epoch(self.id.clone(), record));
+        cx.actions
+            .push(Action::Job(self.id.clone(), self.progress()));
+        if improved {
+            self.push_best(None, cx);
+        }
+        let t = &self.spec.train;
+        let best_epoch = self.best.as_ref().map_or(0, |b| b.epoch);
+        if self.stop.is_none() {
+            self.stop = if t.target_accuracy.is_some_and(|a| validation.accuracy >= a) {
+                Some("target_accuracy")
+            } else if self.epoch - best_epoch > t.patience {
+                Some("patience")
+            } else if self.epoch >= t.max_epochs {
+                Some("max_epochs")
+            } else {
+                None
+            };
+        }
+        if self.stop.is_some() || self.epoch.is_multiple_of(self.spec.checkpoint_every) {
+            self.push_latest(cx);
+        }
+        if self.stop.is_some() {
+            self.start_eval(EvalKind::Test, cx);
+        } else {
+            self.begin_epoch(cx);
+        }
+    }
+
+    fn manifest(&self, epoch: u64, step: u64, validation: Option<Metrics>) -> Manifest {
+        Manifest {
+            format_version: FORMAT_VERSION,
+            model: self.spec.train.model,
+            scale: self.scale,
+            epoch,
+            step,
+            validation,
+            test: None,
+            optimizer: None,
+            scheduler: None,
+            lr: None,
+            position: BTreeMap::new(),
+        }
+    }
+
+    fn push_best(&self, test: Option<Metrics>, cx: &mut Ctx<'_>) {
+        if let Some(b) = &self.best {
+            let mut manifest = self.manifest(b.epoch, b.version, Some(b.validation));
+            manifest.test = test;
+            cx.actions.push(Action::Checkpoint(
+                self.id.clone(),
+                CheckpointKind::Best,
+                Box::new(Checkpoint {
+                    manifest,
+                    params: b.params.clone(),
+                    optimizer: None,
+                }),
+            ));
+        }
+    }
+
+    fn push_latest(&self, cx: &mut Ctx<'_>) {
+        let mut manifest = self.manifest(self.epoch, self.version, None);
+        manifest.optimizer = Some(*self.optimizer.config());
+        manifest.scheduler = Some(self.lr.clone());
+        manifest.lr = Some(self.optimizer.lr());
+        manifest.position =
+            BTreeMap::from([("epoch".to_string(), self.epoch), ("batch".to_string(), 0)]);
+        cx.actions.push(Action::Checkpoint(
+            self.id.clone(),
+            CheckpointKind::Latest,
+            Box::new(Checkpoint {
+                manifest,
+                params: self.params.clone(),
+                optimizer: Some(self.optimizer.state().clone()),
+            }),
+        ));
+    }
+
+    fn complete(&mut self, test: Metrics, cx: &mut Ctx<'_>) {
+        self.push_best(Some(test), cx);
+        let stop = self.stop.unwrap_or("max_epochs");
+        tracing::info!(job = %self.id, test_accuracy = test.accuracy, stop, "job completed");
+        cx.actions.push(Action::Job(
+            self.id.clone(),
+            JobProgress {
+                state: Some(JobState::Completed),
+                message: Some(String::new()),
+                test: Some(test),
+                stop_reason: Some(stop.to_string()),
+                ..self.progress()
+            },
+        ));
+        self.release(cx);
+    }
+
+    pub(crate) fn fail(&mut self, reason: String, cx: &mut Ctx<'_>) {
+        tracing::warn!(job = %self.id, %reason, "job failed");
+        cx.actions.push(Action::Job(
+            self.id.clone(),
+            JobProgress {
+                state: Some(JobState::Failed),
+                message: Some(reason),
+                ..self.progress()
+            },
+        ));
+        self.stop = Some("failed");
+        self.release(cx);
+    }
+
+    pub(crate) fn cancel(&mut self, cx: &mut Ctx<'_>) {
+        tracing::info!(job = %self.id, step = self.version, "job cancelled");
+        cx.actions.push(Action::Job(
+            self.id.clone(),
+            JobProgress {
+                state: Some(JobState::Cancelled),
+                message: Some(format!("cancelled at step {}", self.version)),
+                ..self.progress()
+            },
+        ));
+        self.stop = Some("cancelled");
+        self.release(cx);
+    }
+
+    fn release(&mut self, cx: &mut Ctx<'_>) {
+        self.phase = Phase::Finished;
+        for w in std::mem::take(&mut self.members) {
+            if let Some(entry) = cx.workers.get_mut(&w) {
+                entry.job = None;
+                entry.shard_rows = 0;
+                cx.actions.push(Action::Send(
+                    w,
+                    msg(Cmd::Release(pb::Release {
+                        job_id: self.id.0.clone(),
+                    })),
+                ));
+            }
+        }
+    }
+
+    pub(crate) fn worker_joined(&mut self, cx: &mut Ctx<'_>) {
+        if self.stalled && !self.is_finished() {
+            self.members = cx.workers.keys().copied().collect();
+            self.reshard(cx);
+            cx.actions.push(Action::Job(
+                self.id.clone(),
+                JobProgress {
+                    message: Some(String::new()),
+                    ..self.progress()
+                },
+            ));
+            self.reissue(None, cx);
+        }
+    }
+
+    pub(crate) fn worker_left(&mut self, id: WorkerId, cx: &mut Ctx<'_>) {
+        if !self.members.contains(&id) || self.is_finished() {
+            return;
+        }
+        self.members.retain(|&m| m != id);
+        self.reshard(cx);
+        if self.stalled {
+            cx.actions.push(Action::Job(
+                self.id.clone(),
+                JobProgress {
+                    message: Some("waiting for workers".into()),
+                    ..self.progress()
+                },
+            ));
+            return;
+        }
+        self.reissue(Some(id), cx);
+    }
+
+    /// Gives the unfinished parts of the current step or evaluation (those of `lost`, or all of
+    /// them) to the rows' current owners.
+    fn reissue(&mut self, lost: Option<WorkerId>, cx: &mut Ctx<'_>) {
+        match std::mem::replace(&mut self.phase, Phase::Finished) {
+            Phase::Step(mut pending) => {
+                let mut rows = Vec::new();
+                pending.parts.retain(|p| {
+                    let redo =
+                        !pending.results.contains_key(&p.id) && lost.is_none_or(|l| p.worker == l);
+                    if redo {
+                        rows.extend_from_slice(&p.rows);
+                    }
+                    !redo
+                });
+                let new_parts = self.make_parts(TRAIN, &rows);
+                self.send_step_parts(&new_parts, pending.step, cx);
+                pending.parts.extend(new_parts);
+                self.phase = Phase::Step(pending);
+            }
+            Phase::Eval(mut eval) => {
+                let which = if eval.kind == EvalKind::Validation {
+                    VALIDATION
+                } else {
+                    TEST
+                };
+                let mut rows = Vec::new();
+                eval.parts.retain(|p| {
+                    let redo = !eval.done.contains(&p.id) && lost.is_none_or(|l| p.worker == l);
+                    if redo {
+                        rows.extend_from_slice(&p.rows);
+                    }
+                    !redo
+                });
+                let new_parts = self.make_parts(which, &rows);
+                let ids: Vec<u32> = new_parts.iter().map(|p| p.id).collect();
+                eval.parts.extend(new_parts);
+                self.send_eval_parts(&eval, &ids, cx);
+                self.phase = Phase::Eval(eval);
+            }
+            Phase::Finished => {
+                // Stalled before the first step was issued.
+                if self.stop.is_none() {
+                    self.issue_step(cx);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Starting and stopping the coordinator: storage, the scheduler loop and the gRPC server.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use recur_core::checkpoint::Checkpoint;
+use recur_proto::v1::recur_server::RecurServer;
+use recur_proto::v1::workers_server::WorkersServer;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::TcpListenerStream;
+
+use tonic::service::interceptor::InterceptedService;
+
+use crate::auth::{Audience, TokenCheck};
+use crate::config::CoordinatorConfig;
+use crate::datasets::Datasets;
+use crate::predict::Predictor;
+use crate::scheduler::{JobState, NewJob, Resume, Scheduler, SchedulerConfig};
+use crate::service::{ClientService, Event, Shared, WorkerService, scheduler_loop};
+use crate::store::Store;
+use crate::{Error, Result};
+
+/// Serves the coordinator on `listener` until `shutdown` completes, then stops: worker streams
+/// and watches are closed and the scheduler loop ends. Jobs that were running are resumed from
+/// their latest checkpoint at the next start.
+pub async fn run(
+    listener: TcpListener,
+    config: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    config.validate()?;
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|e| Error::io(&data_dir, e))?;
+    let store = Store::open(&data_dir.join("jobs.redb"))?;
+    let datasets = Datasets::open(data_dir.join("datasets"), config.csv)?;
+    let predictor = Predictor::start(data_dir.join("jobs"));
+    let (events, events_rx) = mpsc::unbounded_channel();
+    let (watch, _) = broadcast::channel(1024);
+    let (stop, _) = broadcast::channel(1);
+    let shared = Arc::new(Shared {
+        uploads: tokio::sync::Semaphore::new(config.max_concurrent_uploads),
+        config,
+        store,
+        datasets,
+        predictor,
+        events,
+        watch,
+        shutdown: stop.clone(),
+    });
+    let scheduler = Scheduler::new(SchedulerConfig {
+        heartbeat_timeout: shared.config.heartbeat_timeout,
+        ..SchedulerConfig::default()
+    });
+    recover_jobs(&shared)?;
+    let loop_task = tokio::spawn(scheduler_loop(
+        shared.clone(),
+        scheduler,
+        events_rx,
+        stop.subscribe(),
+    ));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<RecurServer<ClientService>>().await;
+    health.set_serving::<WorkersServer<WorkerService>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(recur_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::FailedPrecondition(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(recur_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| Error::FailedPrecondition(format!("reflection: {e}")))?;
+    let max = shared.config.max_message_bytes;
+    let (client_token, worker_token) = (
+        shared.config.client_token.clone(),
+        shared.config.worker_token.clone(),
+    );
+    let client = InterceptedService::new(
+        RecurServer::new(ClientService {
+            shared: shared.clone(),
+        })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max),
+        TokenCheck::new(
+            Audience::Clients,
+            client_token.clone(),
+            worker_token.clone(),
+        ),
+    );
+    let workers = InterceptedService::new(
+        WorkersServer::new(WorkerService {
+            shared: shared.clone(),
+        })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max),
+        TokenCheck::new(Audience::Workers, worker_token, client_token),
+    );
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::io("listener", e))?;
+    tracing::info!(%addr, data_dir = %data_dir.display(), "coordinator serving");
+    let graceful = async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = stop.send(());
+    };
+    let served = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(client)
+        .add_service(workers)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), graceful)
+        .await;
+    let _ = shared.shutdown.send(());
+    let _ = loop_task.await;
+    served.map_err(|e| Error::FailedPrecondition(format!("server: {e}")))
+}
+
+/// Re-queues the jobs a previous run left queued or running; running ones resume from their
+/// `latest` checkpoint (or start over when it is missing or damaged, which is logged).
+fn recover_jobs(shared: &Shared) -> Result<()> {
+    let mut jobs = shared.store.jobs()?;
+    jobs.reverse(); // oldest first
+    let mut resumed = Vec::new();
+    for record in jobs {
+        if record.state.is_final() {
+            continue;
+        }
+        let data = match shared.datasets.load(&record.spec.dataset) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(job = %record.id, error = %e, "cannot recover job: dataset unreadable");
+                let mut failed = record.clone();
+                failed.state = JobState::Failed;
+                failed.message = format!("dataset unreadable after restart: {e}");
+                shared.store.put_job(&failed)?;
+                continue;
+            }
+        };
+        let dir = shared.jobs_dir().join(&record.id.0);
+        let resume = if record.state == JobState::Running {
+            match Checkpoint::load(&dir, "latest") {
+                Ok(latest) => {
+                    let best = Checkpoint::load(&dir, "best")
+                        .inspect_err(|e| tracing::error!(job = %record.id, error = %e, "best checkpoint unreadable"))
+                        .ok();
+                    shared
+                        .store
+                        .truncate_history(&record.id, latest.manifest.epoch)?;
+                    let history = shared.store.history(&record.id)?;
+                    tracing::info!(job = %record.id, epoch = latest.manifest.epoch, "resuming job");
+                    Some(Resume {
+                        latest,
+                        best,
+                        history,
+                    })
+                }
+                Err(e) => {
+                    if !matches!(&e, recur_core::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+                    {
+                        tracing::error!(job = %record.id, error = %e, "latest checkpoint damaged; the job starts over");
+                    }
+                    shared.store.truncate_history(&record.id, 0)?;
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let job = NewJob {
+            id: record.id.clone(),
+            spec: record.spec.clone(),
+            data,
+            resume,
+        };
+        if job.resume.is_some() {
+            resumed.push(job);
+        } else {
+            shared
+                .send(Event::Submit(Box::new(job)))
+                .map_err(|_| Error::ShuttingDown)?;
+        }
+    }
+    // Resumed jobs go to the front of the queue, oldest first.
+    for job in resumed.into_iter().rev() {
+        shared
+            .send(Event::Submit(Box::new(job)))
+            .map_err(|_| Error::ShuttingDown)?;
+    }
+    Ok(())
+}

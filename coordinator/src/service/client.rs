@@ -1,0 +1,522 @@
+//! The client-facing `recur.v1.Recur` service.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use recur_proto::v1 as pb;
+use recur_proto::v1::recur_server::Recur;
+use sha2::{Digest, Sha256};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{Event, Shared, now_ms};
+use crate::Error;
+use crate::ids::{DatasetId, JobId};
+use crate::scheduler::{JobState, NewJob};
+use crate::spec::JobSpec;
+use crate::store::{DatasetMeta, JobRecord};
+
+type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Size of the checkpoint chunks streamed by `GetCheckpoint`.
+const CHUNK: usize = 1 << 20;
+
+/// Implements `recur.v1.Recur`.
+#[derive(Debug, Clone)]
+pub struct ClientService {
+    pub(crate) shared: Arc<Shared>,
+}
+
+fn job_id(s: &str) -> Result<JobId, Status> {
+    if s.is_empty() {
+        return Err(Status::invalid_argument("job_id is empty"));
+    }
+    Ok(JobId(s.to_string()))
+}
+
+impl ClientService {
+    fn record(&self, id: &JobId) -> Result<JobRecord, Status> {
+        self.shared
+            .store
+            .job(id)?
+            .ok_or_else(|| Status::not_found(format!("no job {id}")))
+    }
+
+    fn info(&self, record: &JobRecord) -> Result<pb::JobInfo, Status> {
+        let last = self.shared.store.last_epoch(&record.id)?;
+        Ok(record.to_proto(last))
+    }
+
+    async fn receive_upload(
+        &self,
+        mut stream: Streaming<pb::UploadDatasetRequest>,
+    ) -> Result<pb::UploadDatasetResponse, Status> {
+        use pb::upload_dataset_request::Kind;
+        let limit = self.shared.config.csv.max_bytes;
+        let header = match stream.message().await? {
+            Some(pb::UploadDatasetRequest {
+                kind: Some(Kind::Header(h)),
+            }) => h,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first upload message must be a header",
+                ));
+            }
+            None => return Err(Status::invalid_argument("the upload stream is empty")),
+        };
+        let name = if header.name.is_empty() {
+            "upload.csv".to_string()
+        } else {
+            header.name.chars().take(200).collect()
+        };
+        if header.total_bytes as usize > limit {
+            return Err(Status::resource_exhausted(format!(
+                "{name}: {} bytes is above the upload limit of {limit} bytes",
+                header.total_bytes
+            )));
+        }
+        let mut bytes = Vec::with_capacity(header.total_bytes as usize);
+        let sha = loop {
+            match stream.message().await? {
+                Some(pb::UploadDatasetRequest {
+                    kind: Some(Kind::Chunk(c)),
+                }) => {
+                    if c.offset != bytes.len() as u64 {
+                        return Err(Status::invalid_argument(format!(
+                            "{name}: chunk at offset {}, expected offset {}",
+                            c.offset,
+                            bytes.len()
+                        )));
+                    }
+                    if bytes.len() + c.data.len() > header.total_bytes as usize {
+                        return Err(Status::invalid_argument(format!(
+                            "{name}: more bytes than the {} announced in the header",
+                            header.total_bytes
+                        )));
+                    }
+                    bytes.extend_from_slice(&c.data);
+                }
+                Some(pb::UploadDatasetRequest {
+                    kind: Some(Kind::Finish(f)),
+                }) => break f.sha256,
+                Some(_) => {
+                    return Err(Status::invalid_argument(format!(
+                        "{name}: a second header or an empty message"
+                    )));
+                }
+                None => {
+                    return Err(Status::invalid_argument(format!(
+                        "{name}: the upload stopped after {} of {} bytes without a finish message",
+                        bytes.len(),
+                        header.total_bytes
+                    )));
+                }
+            }
+        };
+        if bytes.len() as u64 != header.total_bytes {
+            return Err(Status::invalid_argument(format!(
+                "{name}: received {} bytes, the header announced {}",
+                bytes.len(),
+                header.total_bytes
+            )));
+        }
+        let digest = hex::encode(Sha256::digest(&bytes));
+        if digest != sha.to_ascii_lowercase() {
+            return Err(Status::invalid_argument(format!(
+                "{name}: sha256 mismatch: the client sent {sha}, the bytes hash to {digest}"
+            )));
+        }
+        let id = DatasetId(digest);
+        let shared = self.shared.clone();
+        let stored_id = id.clone();
+        let data = tokio::task::spawn_blocking(move || {
+            shared
+                .datasets
+                .store(&stored_id, &name, &bytes)
+                .map(|d| (d, name))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        let (data, name) = data;
+        let stats = data.stats();
+        let meta = DatasetMeta {
+            name,
+            rows: stats.rows as u64,
+            min_len: stats.min_len as u64,
+            max_len: stats.max_len as u64,
+            mean_len: stats.mean_len,
+            max_abs: stats.max_abs,
+            bytes: header.total_bytes,
+        };
+        self.shared.store.put_dataset(&id, &meta)?;
+        tracing::info!(dataset = %id, rows = meta.rows, "dataset uploaded");
+        Ok(pb::UploadDatasetResponse {
+            dataset_id: id.0,
+            stats: Some(pb::DatasetStats {
+                rows: meta.rows,
+                min_len: meta.min_len,
+                max_len: meta.max_len,
+                mean_len: meta.mean_len,
+                max_abs: meta.max_abs,
+                bytes: meta.bytes,
+            }),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Recur for ClientService {
+    #[tracing::instrument(skip_all)]
+    async fn upload_dataset(
+        &self,
+        request: Request<Streaming<pb::UploadDatasetRequest>>,
+    ) -> Result<Response<pb::UploadDatasetResponse>, Status> {
+        let _permit = self.shared.uploads.try_acquire().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{} uploads are already in progress, the limit",
+                self.shared.config.max_concurrent_uploads
+            ))
+        })?;
+        self.receive_upload(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn submit_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let wire = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec is missing"))?;
+        let spec = JobSpec::from_proto(&wire, &self.shared.config.spec)?;
+        if self.shared.store.dataset(&spec.dataset)?.is_none() {
+            return Err(Status::not_found(format!(
+                "dataset {} not found; upload it first",
+                spec.dataset
+            )));
+        }
+        let queued = self
+            .shared
+            .store
+            .jobs()?
+            .iter()
+            .filter(|j| j.state == JobState::Queued)
+            .count();
+        if queued >= self.shared.config.max_queued_jobs {
+            return Err(Status::resource_exhausted(format!(
+                "{queued} jobs are queued, the limit; wait or cancel some"
+            )));
+        }
+        let shared = self.shared.clone();
+        let dataset = spec.dataset.clone();
+        let data = tokio::task::spawn_blocking(move || shared.datasets.load(&dataset))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        let min_rows = 3;
+        if data.len() < min_rows {
+            return Err(Status::invalid_argument(format!(
+                "dataset {} has {} rows; a job needs at least {min_rows} (train, validation, test)",
+                spec.dataset,
+                data.len()
+            )));
+        }
+        let id = self.shared.store.next_job_id()?;
+        let record = JobRecord::new(id.clone(), spec.clone(), now_ms());
+        self.shared.store.put_job(&record)?;
+        tracing::info!(job = %id, dataset = %spec.dataset, "job submitted");
+        self.shared.send(Event::Submit(Box::new(NewJob {
+            id: id.clone(),
+            spec,
+            data,
+            resume: None,
+        })))?;
+        Ok(Response::new(pb::SubmitJobResponse {
+            job_id: id.0,
+            queue_position: queued as u32,
+        }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        let id = job_id(&request.into_inner().job_id)?;
+        let record = self.record(&id)?;
+        Ok(Response::new(self.info(&record)?))
+    }
+
+    async fn list_jobs(
+        &self,
+        _: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let jobs = self
+            .shared
+            .store
+            .jobs()?
+            .iter()
+            .map(|r| self.info(r))
+            .collect::<Result<_, _>>()?;
+        Ok(Response::new(pb::ListJobsResponse { jobs }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        let id = job_id(&request.into_inner().job_id)?;
+        let record = self.record(&id)?;
+        if record.state.is_final() {
+            return Err(Status::failed_precondition(format!(
+                "{id} has already ended ({:?})",
+                record.state
+            )));
+        }
+        let (reply, rx) = oneshot::channel();
+        self.shared.send(Event::Cancel(id.clone(), reply))?;
+        rx.await
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
+        let record = self.record(&id)?;
+        Ok(Response::new(self.info(&record)?))
+    }
+
+    type WatchJobStream = EventStream<pb::WatchJobResponse>;
+
+    async fn watch_job(
+        &self,
+        request: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let id = job_id(&request.into_inner().job_id)?;
+        // Subscribe before reading the history, so nothing falls between the two.
+        let mut live = self.shared.watch.subscribe();
+        let record = self.record(&id)?;
+        let history = self.shared.store.history(&id)?;
+        let (tx, rx) = mpsc::channel(64);
+        let shared = self.shared.clone();
+        let mut shutdown = self.shared.shutdown.subscribe();
+        tokio::spawn(async move {
+            use pb::watch_job_response::Event as E;
+            let send = |e: E| {
+                let tx = tx.clone();
+                async move {
+                    tx.send(Ok(pb::WatchJobResponse { event: Some(e) }))
+                        .await
+                        .is_ok()
+                }
+            };
+            let mut last_epoch = 0;
+            for epoch in history {
+                last_epoch = epoch.epoch;
+                if !send(E::Epoch(epoch)).await {
+                    return;
+                }
+            }
+            let last = shared.store.last_epoch(&id).ok().flatten();
+            if !send(E::Job(record.to_proto(last))).await || record.state.is_final() {
+                return;
+            }
+            loop {
+                let received = tokio::select! {
+                    _ = shutdown.recv() => {
+                        let _ = tx.send(Err(Status::unavailable("the coordinator is shutting down"))).await;
+                        return;
+                    }
+                    received = live.recv() => received,
+                };
+                match received {
+                    Ok(ev) if ev.job == id => {
+                        if let E::Epoch(e) = &ev.event {
+                            if e.epoch <= last_epoch {
+                                continue;
+                            }
+                            last_epoch = e.epoch;
+                        }
+                        if !send(ev.event).await || ev.is_final {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // Catch up from the store.
+                        let Ok(history) = shared.store.history(&id) else {
+                            return;
+                        };
+                        let seen = last_epoch;
+                        for epoch in history.into_iter().filter(|e| e.epoch > seen) {
+                            last_epoch = epoch.epoch;
+                            if !send(E::Epoch(epoch)).await {
+                                return;
+                            }
+                        }
+                        if let Ok(Some(r)) = shared.store.job(&id)
+                            && r.state.is_final()
+                        {
+                            let last = shared.store.last_epoch(&id).ok().flatten();
+                            let _ = send(E::Job(r.to_proto(last))).await;
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        let _ = tx
+                            .send(Err(Status::unavailable("the coordinator is shutting down")))
+                            .await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type GetCheckpointStream = EventStream<pb::GetCheckpointResponse>;
+
+    async fn get_checkpoint(
+        &self,
+        request: Request<pb::GetCheckpointRequest>,
+    ) -> Result<Response<Self::GetCheckpointStream>, Status> {
+        let req = request.into_inner();
+        let id = job_id(&req.job_id)?;
+        self.record(&id)?;
+        let kind = if req.kind == pb::CheckpointKind::Latest as i32 {
+            "latest"
+        } else {
+            "best"
+        };
+        let dir = self.shared.jobs_dir().join(&id.0);
+        let (manifest, bytes) = tokio::task::spawn_blocking(move || read_checkpoint(&dir, kind))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| match e {
+                Error::NotFound(_) => {
+                    Status::failed_precondition(format!("{id} has no {kind} checkpoint yet"))
+                }
+                other => other.into(),
+            })?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            use pb::get_checkpoint_response::Kind;
+            let header = Kind::Header(pb::CheckpointHeader {
+                manifest_json: manifest,
+                total_bytes: bytes.len() as u64,
+            });
+            if tx
+                .send(Ok(pb::GetCheckpointResponse { kind: Some(header) }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            for chunk in bytes.chunks(CHUNK) {
+                let msg = pb::GetCheckpointResponse {
+                    kind: Some(Kind::Chunk(chunk.to_vec())),
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_workers(
+        &self,
+        _: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.shared.send(Event::Workers(reply))?;
+        let workers = rx
+            .await
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
+        Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn predict(
+        &self,
+        request: Request<pb::PredictRequest>,
+    ) -> Result<Response<pb::PredictResponse>, Status> {
+        let req = request.into_inner();
+        let id = job_id(&req.job_id)?;
+        let config = &self.shared.config;
+        if req.sequences.is_empty() {
+            return Err(Status::invalid_argument("no sequences to predict"));
+        }
+        if req.sequences.len() > config.max_predict_rows {
+            return Err(Status::invalid_argument(format!(
+                "{} sequences, above the limit of {} per request",
+                req.sequences.len(),
+                config.max_predict_rows
+            )));
+        }
+        for (row, s) in req.sequences.iter().enumerate() {
+            let problem = if s.values.is_empty() {
+                Some("is empty; a history needs at least one value".to_string())
+            } else if s.values.len() > config.max_predict_len {
+                Some(format!(
+                    "has {} values, above the limit of {}",
+                    s.values.len(),
+                    config.max_predict_len
+                ))
+            } else {
+                s.values
+                    .iter()
+                    .position(|v| !v.is_finite() || v.abs() as f64 > config.csv.max_abs_value)
+                    .map(|i| {
+                        format!(
+                            "value {} ({}) is not a finite number within ±{}",
+                            i + 1,
+                            s.values[i],
+                            config.csv.max_abs_value
+                        )
+                    })
+            };
+            if let Some(problem) = problem {
+                return Err(Status::invalid_argument(format!(
+                    "sequence {row}: {problem}"
+                )));
+            }
+        }
+        let record = self.record(&id)?;
+        if record.best_validation.is_none() {
+            return Err(Status::failed_precondition(format!(
+                "{id} has no checkpoint yet (it is {:?})",
+                record.state
+            )));
+        }
+        let rows = req.sequences.into_iter().map(|s| s.values).collect();
+        let (predictions, epoch) = self.shared.predictor.predict(id, rows).await?;
+        Ok(Response::new(pb::PredictResponse { predictions, epoch }))
+    }
+}
+
+/// Reads a checkpoint's manifest and parameter file, retrying if a write lands in between.
+fn read_checkpoint(dir: &std::path::Path, stem: &str) -> Result<(String, Vec<u8>), Error> {
+    let paths = recur_core::checkpoint::CheckpointPaths::new(dir, stem);
+    for _ in 0..5 {
+        let manifest = match std::fs::read_to_string(&paths.manifest) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound(stem.into()));
+            }
+            Err(e) => return Err(Error::io(&paths.manifest, e)),
+        };
+        let bytes = std::fs::read(&paths.model).map_err(|e| Error::io(&paths.model, e))?;
+        // A write may land between the two reads: keep the pair only if the steps agree.
+        let manifest_step = serde_json::from_str::<recur_core::checkpoint::Manifest>(&manifest)
+            .ok()
+            .map(|m| m.step);
+        if manifest_step.is_some()
+            && manifest_step == recur_core::checkpoint::model_file_step(&bytes)
+        {
+            return Ok((manifest, bytes));
+        }
+    }
+    Err(Error::FailedPrecondition(format!(
+        "{stem} checkpoint kept changing while being read; try again"
+    )))
+}

@@ -1,0 +1,215 @@
+//! The gRPC layer: shared state, the loop that owns the scheduler, and the two services.
+
+mod client;
+mod worker;
+
+pub use client::ClientService;
+pub use worker::WorkerService;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use recur_proto::v1 as pb;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tonic::Status;
+
+use crate::config::CoordinatorConfig;
+use crate::datasets::Datasets;
+use crate::ids::{JobId, WorkerId};
+use crate::predict::Predictor;
+use crate::scheduler::{Action, CheckpointKind, NewJob, Scheduler};
+use crate::store::{JobRecord, Store};
+
+/// What the handlers tell the scheduler loop.
+#[derive(Debug)]
+pub(crate) enum Event {
+    Join {
+        hello: pb::Hello,
+        tx: mpsc::UnboundedSender<Result<pb::CoordinatorMessage, Status>>,
+        reply: oneshot::Sender<WorkerId>,
+    },
+    Message(WorkerId, pb::worker_message::Kind),
+    Closed(WorkerId, String),
+    Submit(Box<NewJob>),
+    Cancel(JobId, oneshot::Sender<bool>),
+    Workers(oneshot::Sender<Vec<pb::WorkerInfo>>),
+}
+
+/// A live update for `WatchJob` subscribers.
+#[derive(Debug, Clone)]
+pub(crate) struct WatchEvent {
+    pub job: JobId,
+    pub event: pb::watch_job_response::Event,
+    pub is_final: bool,
+}
+
+/// State the handlers share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub config: CoordinatorConfig,
+    pub store: Store,
+    pub datasets: Datasets,
+    pub predictor: Predictor,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub watch: broadcast::Sender<WatchEvent>,
+    pub uploads: tokio::sync::Semaphore,
+    /// Fires once when the coordinator shuts down; long-lived streams end on it.
+    pub shutdown: broadcast::Sender<()>,
+}
+
+impl Shared {
+    pub fn jobs_dir(&self) -> PathBuf {
+        self.config.data_dir.join("jobs")
+    }
+
+    pub fn send(&self, event: Event) -> Result<(), Status> {
+        self.events
+            .send(event)
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Owns the scheduler: applies events, ticks heartbeats, and carries out the actions.
+pub(crate) async fn scheduler_loop(
+    shared: Arc<Shared>,
+    mut scheduler: Scheduler,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    mut shutdown: broadcast::Receiver<()>,
+) {
+    let mut streams: HashMap<
+        WorkerId,
+        mpsc::UnboundedSender<Result<pb::CoordinatorMessage, Status>>,
+    > = HashMap::new();
+    let tick_every = (shared.config.heartbeat_timeout / 4).max(Duration::from_millis(10));
+    let mut ticker = tokio::time::interval(tick_every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => break,
+            _ = ticker.tick() => scheduler.tick(Instant::now()),
+            event = events.recv() => {
+                let Some(event) = event else { break };
+                let now = Instant::now();
+                match event {
+                    Event::Join { hello, tx, reply } => {
+                        let id = scheduler.join(&hello, now);
+                        streams.insert(id, tx);
+                        let _ = reply.send(id);
+                    }
+                    Event::Message(id, kind) => scheduler.message(id, kind, now),
+                    Event::Closed(id, reason) => scheduler.disconnect(id, reason, now),
+                    Event::Submit(job) => scheduler.submit(*job, now),
+                    Event::Cancel(id, reply) => {
+                        let _ = reply.send(scheduler.cancel(&id, now));
+                    }
+                    Event::Workers(reply) => {
+                        let _ = reply.send(worker_infos(&scheduler, now));
+                    }
+                }
+            }
+        }
+        for action in scheduler.take_actions() {
+            perform(&shared, &mut streams, action);
+        }
+    }
+    tracing::info!("scheduler loop stopped");
+}
+
+fn worker_infos(scheduler: &Scheduler, now: Instant) -> Vec<pb::WorkerInfo> {
+    let wall = now_ms();
+    scheduler
+        .workers()
+        .iter()
+        .map(|(id, w)| pb::WorkerInfo {
+            id: id.to_string(),
+            name: w.name.clone(),
+            device: w.device.clone(),
+            threads: w.threads,
+            job_id: w.job.as_ref().map(|j| j.0.clone()).unwrap_or_default(),
+            shard_rows: w.shard_rows,
+            joined_unix_ms: wall
+                .saturating_sub(now.saturating_duration_since(w.joined).as_millis() as u64),
+            last_seen_ms_ago: now.saturating_duration_since(w.last_seen).as_millis() as u64,
+            steps: w.steps,
+        })
+        .collect()
+}
+
+fn perform(
+    shared: &Shared,
+    streams: &mut HashMap<WorkerId, mpsc::UnboundedSender<Result<pb::CoordinatorMessage, Status>>>,
+    action: Action,
+) {
+    match action {
+        Action::Send(id, message) => {
+            if let Some(tx) = streams.get(&id) {
+                let _ = tx.send(Ok(message));
+            }
+        }
+        Action::Disconnect(id, reason) => {
+            if let Some(tx) = streams.remove(&id) {
+                let _ = tx.send(Err(Status::aborted(format!(
+                    "dropped by the coordinator: {reason}"
+                ))));
+            }
+        }
+        Action::Job(id, progress) => {
+            let record = match shared.store.job(&id) {
+                Ok(Some(mut record)) => {
+                    record.apply(&progress, now_ms());
+                    if let Err(e) = shared.store.put_job(&record) {
+                        tracing::error!(job = %id, error = %e, "could not persist job");
+                    }
+                    record
+                }
+                Ok(None) => {
+                    tracing::error!(job = %id, "progress for an unknown job");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(job = %id, error = %e, "could not read job");
+                    return;
+                }
+            };
+            publish_job(shared, &record);
+        }
+        Action::Epoch(id, epoch) => {
+            if let Err(e) = shared.store.append_epoch(&id, &epoch) {
+                tracing::error!(job = %id, error = %e, "could not persist epoch");
+            }
+            let _ = shared.watch.send(WatchEvent {
+                job: id,
+                event: pb::watch_job_response::Event::Epoch(epoch),
+                is_final: false,
+            });
+        }
+        Action::Checkpoint(id, kind, checkpoint) => {
+            let dir = shared.jobs_dir().join(&id.0);
+            match checkpoint.save(&dir, kind.stem()) {
+                Ok(_) => {
+                    if kind == CheckpointKind::Best {
+                        shared.predictor.invalidate(&id);
+                    }
+                }
+                Err(e) => tracing::error!(job = %id, error = %e, "could not write checkpoint"),
+            }
+        }
+    }
+}
+
+pub(crate) fn publish_job(shared: &Shared, record: &JobRecord) {
+    let last = shared.store.last_epoch(&record.id).ok().flatten();
+    let _ = shared.watch.send(WatchEvent {
+        job: record.id.clone(),
+        event: pb::watch_job_response::Event::Job(record.to_proto(last)),
+        is_final: record.state.is_final(),
+    });
+}

@@ -1,0 +1,461 @@
+//! A job's specification, converted from and to the wire and validated against the limits.
+
+use recur_core::data::{Scale, SplitFractions};
+use recur_core::model::ModelConfig;
+use recur_core::optim::{LrSchedule, OptimizerConfig};
+use recur_core::train::TrainConfig;
+use recur_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::DatasetId;
+use crate::{Error, Result};
+
+/// Everything a job needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// A label for people.
+    pub name: String,
+    /// The dataset.
+    pub dataset: DatasetId,
+    /// Model, optimizer, schedule, batch size, stopping rules, seed, scale, split.
+    pub train: TrainConfig,
+    /// Stop after this many optimizer steps.
+    pub max_steps: Option<u64>,
+    /// Write the `latest` checkpoint every this many epochs.
+    pub checkpoint_every: u64,
+}
+
+/// Bounds a job spec must respect.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SpecLimits {
+    /// Most parameters a model may have.
+    pub max_params: usize,
+    /// Largest batch.
+    pub max_batch: usize,
+}
+
+fn invalid(field: &str, problem: impl std::fmt::Display) -> Error {
+    Error::InvalidArgument(format!("{field} {problem}"))
+}
+
+fn optimizer(spec: Option<&pb::OptimizerSpec>) -> Result<OptimizerConfig> {
+    use pb::optimizer_spec::Kind;
+    let default = pb::OptimizerSpec::default();
+    let o = spec.unwrap_or(&default);
+    let kind = Kind::try_from(o.kind).map_err(|_| {
+        invalid(
+            "optimizer.kind",
+            format!("{} is not a known optimizer", o.kind),
+        )
+    })?;
+    let lr =
+        o.lr.unwrap_or(if kind == Kind::Adadelta { 1.0 } else { 0.01 });
+    let config = match kind {
+        Kind::Sgd => OptimizerConfig::Sgd {
+            lr,
+            momentum: o.momentum.unwrap_or(0.0),
+            dampening: o.dampening.unwrap_or(0.0),
+            weight_decay: o.weight_decay.unwrap_or(0.0),
+            nesterov: o.nesterov,
+        },
+        Kind::Unspecified | Kind::Adam => OptimizerConfig::Adam {
+            lr,
+            beta1: o.beta1.unwrap_or(0.9),
+            beta2: o.beta2.unwrap_or(0.999),
+            eps: o.eps.unwrap_or(1e-8),
+            weight_decay: o.weight_decay.unwrap_or(0.0),
+        },
+        Kind::Adamw => OptimizerConfig::AdamW {
+            lr,
+            beta1: o.beta1.unwrap_or(0.9),
+            beta2: o.beta2.unwrap_or(0.999),
+            eps: o.eps.unwrap_or(1e-8),
+            weight_decay: o.weight_decay.unwrap_or(0.01),
+        },
+        Kind::Adadelta => OptimizerConfig::Adadelta {
+            lr,
+            rho: o.rho.unwrap_or(0.9),
+            eps: o.eps.unwrap_or(1e-6),
+            weight_decay: o.weight_decay.unwrap_or(0.0),
+        },
+    };
+    config
+        .validate()
+        .map_err(|e| Error::InvalidArgument(format!("optimizer: {e}")))?;
+    Ok(config)
+}
+
+fn optimizer_to_proto(c: &OptimizerConfig) -> pb::OptimizerSpec {
+    use pb::optimizer_spec::Kind;
+    match *c {
+        OptimizerConfig::Sgd {
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            nesterov,
+        } => pb::OptimizerSpec {
+            kind: Kind::Sgd as i32,
+            lr: Some(lr),
+            momentum: Some(momentum),
+            dampening: Some(dampening),
+            weight_decay: Some(weight_decay),
+            nesterov,
+            ..Default::default()
+        },
+        OptimizerConfig::Adam {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        }
+        | OptimizerConfig::AdamW {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } => pb::OptimizerSpec {
+            kind: if matches!(c, OptimizerConfig::Adam { .. }) {
+                Kind::Adam
+            } else {
+                Kind::Adamw
+            } as i32,
+            lr: Some(lr),
+            beta1: Some(beta1),
+            beta2: Some(beta2),
+            eps: Some(eps),
+            weight_decay: Some(weight_decay),
+            ..Default::default()
+        },
+        OptimizerConfig::Adadelta {
+            lr,
+            rho,
+            eps,
+            weight_decay,
+        } => pb::OptimizerSpec {
+            kind: Kind::Adadelta as i32,
+            lr: Some(lr),
+            rho: Some(rho),
+            eps: Some(eps),
+            weight_decay: Some(weight_decay),
+            ..Default::default()
+        },
+    }
+}
+
+fn schedule(spec: Option<&pb::ScheduleSpec>) -> Result<LrSchedule> {
+    use pb::schedule_spec::Kind;
+    let schedule = match spec.and_then(|s| s.kind.as_ref()) {
+        None => TrainConfig::default().schedule,
+        Some(Kind::Constant(_)) => LrSchedule::Constant,
+        Some(Kind::Step(s)) => LrSchedule::Step {
+            step_size: s.step_size,
+            gamma: s.gamma,
+        },
+        Some(Kind::Cosine(c)) => LrSchedule::Cosine {
+            t_max: c.t_max,
+            eta_min: c.eta_min,
+        },
+        Some(Kind::Plateau(p)) => LrSchedule::Plateau {
+            factor: p.factor,
+            patience: p.patience,
+            threshold: p.threshold.unwrap_or(1e-4),
+            cooldown: p.cooldown,
+            min_lr: p.min_lr,
+        },
+    };
+    schedule
+        .validate()
+        .map_err(|e| Error::InvalidArgument(format!("schedule: {e}")))?;
+    Ok(schedule)
+}
+
+fn schedule_to_proto(s: &LrSchedule) -> pb::ScheduleSpec {
+    use pb::schedule_spec::{Constant, Cosine, Kind, Plateau, StepDecay};
+    let kind = match *s {
+        LrSchedule::Constant => Kind::Constant(Constant {}),
+        LrSchedule::Step { step_size, gamma } => Kind::Step(StepDecay { step_size, gamma }),
+        LrSchedule::Cosine { t_max, eta_min } => Kind::Cosine(Cosine { t_max, eta_min }),
+        LrSchedule::Plateau {
+            factor,
+            patience,
+            threshold,
+            cooldown,
+            min_lr,
+        } => Kind::Plateau(Plateau {
+            factor,
+            patience,
+            threshold: Some(threshold),
+            cooldown,
+            min_lr,
+        }),
+    };
+    pb::ScheduleSpec { kind: Some(kind) }
+}
+
+impl JobSpec {
+    /// Converts and checks a wire spec: every out-of-range field is named.
+    pub fn from_proto(s: &pb::JobSpec, limits: &SpecLimits) -> Result<Self> {
+        let dataset = DatasetId::parse(&s.dataset_id).ok_or_else(|| {
+            invalid(
+                "dataset_id",
+                format!(
+                    "`{}` is not a dataset id (64 hex digits from UploadDataset)",
+                    s.dataset_id
+                ),
+            )
+        })?;
+        let model = match &s.model {
+            None => ModelConfig::tutorial(),
+            Some(m) => ModelConfig::try_from(m)
+                .map_err(|e| Error::InvalidArgument(format!("model: {e}")))?,
+        };
+        let params = model.layout().total();
+        if params > limits.max_params {
+            return Err(invalid(
+                "model",
+                format!(
+                    "has {params} parameters, above the limit of {}",
+                    limits.max_params
+                ),
+            ));
+        }
+        let defaults = TrainConfig::default();
+        let batch_size = if s.batch_size == 0 {
+            defaults.batch_size
+        } else {
+            s.batch_size as usize
+        };
+        if batch_size > limits.max_batch {
+            return Err(invalid(
+                "batch_size",
+                format!("{batch_size} is above the limit of {}", limits.max_batch),
+            ));
+        }
+        let scale = if s.scale_auto {
+            Scale::Auto
+        } else {
+            match s.scale {
+                None => Scale::default(),
+                Some(v) if v.is_finite() && v > 0.0 => Scale::Fixed(v),
+                Some(v) => {
+                    return Err(invalid(
+                        "scale",
+                        format!("must be a positive number, got {v}"),
+                    ));
+                }
+            }
+        };
+        if let Some(t) = s.target_accuracy
+            && !(t.is_finite() && t <= 1.0)
+        {
+            return Err(invalid(
+                "target_accuracy",
+                format!("must be a number up to 1, got {t}"),
+            ));
+        }
+        let split = if s.train_percent == 0 && s.validation_percent == 0 {
+            SplitFractions::default()
+        } else {
+            SplitFractions {
+                train: s.train_percent,
+                validation: s.validation_percent,
+            }
+        };
+        if split.train == 0 || split.validation == 0 || split.train + split.validation >= 100 {
+            return Err(invalid(
+                "train_percent/validation_percent",
+                format!(
+                    "{}/{} must both be positive and leave a test split",
+                    split.train, split.validation
+                ),
+            ));
+        }
+        let train = TrainConfig {
+            model,
+            optimizer: optimizer(s.optimizer.as_ref())?,
+            schedule: schedule(s.schedule.as_ref())?,
+            batch_size,
+            max_epochs: if s.max_epochs == 0 {
+                defaults.max_epochs
+            } else {
+                s.max_epochs
+            },
+            patience: if s.patience == 0 {
+                defaults.patience
+            } else {
+                s.patience
+            },
+            target_accuracy: s.target_accuracy,
+            seed: s.seed,
+            scale,
+            split,
+        };
+        train
+            .validate()
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        Ok(Self {
+            name: s.name.chars().take(200).collect(),
+            dataset,
+            train,
+            max_steps: (s.max_steps > 0).then_some(s.max_steps),
+            checkpoint_every: u64::from(s.checkpoint_every.max(1)),
+        })
+    }
+
+    /// The wire form, with every default filled in.
+    pub fn to_proto(&self) -> pb::JobSpec {
+        let t = &self.train;
+        pb::JobSpec {
+            name: self.name.clone(),
+            dataset_id: self.dataset.0.clone(),
+            model: Some((&t.model).into()),
+            optimizer: Some(optimizer_to_proto(&t.optimizer)),
+            schedule: Some(schedule_to_proto(&t.schedule)),
+            batch_size: t.batch_size as u32,
+            max_epochs: t.max_epochs,
+            patience: t.patience,
+            target_accuracy: t.target_accuracy,
+            seed: t.seed,
+            scale: match t.scale {
+                Scale::Fixed(v) => Some(v),
+                Scale::Auto => None,
+            },
+            scale_auto: t.scale == Scale::Auto,
+            train_percent: t.split.train,
+            validation_percent: t.split.validation,
+            max_steps: self.max_steps.unwrap_or(0),
+            checkpoint_every: self.checkpoint_every as u32,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: SpecLimits = SpecLimits {
+        max_params: 100_000,
+        max_batch: 10_000,
+    };
+
+    fn base() -> pb::JobSpec {
+        pb::JobSpec {
+            dataset_id: "a".repeat(64),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_and_round_trip() {
+        let spec = JobSpec::from_proto(&base(), &LIMITS).unwrap();
+        assert_eq!(spec.train, TrainConfig::default());
+        assert_eq!(
+            JobSpec::from_proto(&spec.to_proto(), &LIMITS).unwrap(),
+            spec
+        );
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let cases: Vec<(pb::JobSpec, &str)> = vec![
+            (
+                pb::JobSpec {
+                    dataset_id: "nope".into(),
+                    ..base()
+                },
+                "dataset_id",
+            ),
+            (
+                pb::JobSpec {
+                    model: Some(pb::ModelConfig {
+                        kind: 1,
+                        input_size: 1,
+                        hidden_size: 0,
+                        num_layers: 1,
+                        bidirectional: false,
+                        output_size: 1,
+                    }),
+                    ..base()
+                },
+                "hidden_size",
+            ),
+            (
+                pb::JobSpec {
+                    model: Some(pb::ModelConfig {
+                        kind: 9,
+                        input_size: 1,
+                        hidden_size: 8,
+                        num_layers: 1,
+                        bidirectional: false,
+                        output_size: 1,
+                    }),
+                    ..base()
+                },
+                "kind",
+            ),
+            (
+                pb::JobSpec {
+                    model: Some(pb::ModelConfig {
+                        kind: 3,
+                        input_size: 1,
+                        hidden_size: 1000,
+                        num_layers: 4,
+                        bidirectional: false,
+                        output_size: 1,
+                    }),
+                    ..base()
+                },
+                "parameters, above the limit",
+            ),
+            (
+                pb::JobSpec {
+                    optimizer: Some(pb::OptimizerSpec {
+                        lr: Some(f64::NAN),
+                        ..Default::default()
+                    }),
+                    ..base()
+                },
+                "lr",
+            ),
+            (
+                pb::JobSpec {
+                    optimizer: Some(pb::OptimizerSpec {
+                        lr: Some(-1.0),
+                        ..Default::default()
+                    }),
+                    ..base()
+                },
+                "lr",
+            ),
+            (
+                pb::JobSpec {
+                    batch_size: 1_000_000,
+                    ..base()
+                },
+                "batch_size",
+            ),
+            (
+                pb::JobSpec {
+                    scale: Some(0.0),
+                    ..base()
+                },
+                "scale",
+            ),
+            (
+                pb::JobSpec {
+                    train_percent: 90,
+                    validation_percent: 10,
+                    ..base()
+                },
+                "train_percent",
+            ),
+        ];
+        for (spec, field) in cases {
+            let err = JobSpec::from_proto(&spec, &LIMITS).unwrap_err().to_string();
+            assert!(err.contains(field), "`{err}` should name {field}");
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! The job store: job records, per-epoch history and dataset metadata in redb (embedded,
+//! crash-safe). Values are JSON (records) or protobuf (epoch metrics).
+
+use std::path::Path;
+
+use prost::Message;
+use recur_core::metrics::Metrics;
+use recur_proto::v1 as pb;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{DatasetId, JobId};
+use crate::scheduler::{JobProgress, JobState};
+use crate::spec::JobSpec;
+use crate::{Error, Result};
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+const HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("history");
+const DATASETS: TableDefinition<&str, &[u8]> = TableDefinition::new("datasets");
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Its id.
+    pub id: JobId,
+    /// What it trains.
+    pub spec: JobSpec,
+    /// Its state.
+    pub state: JobState,
+    /// Failure reason or a note on the state.
+    pub message: String,
+    /// Unix milliseconds of submission.
+    pub created_ms: u64,
+    /// Unix milliseconds of the last change.
+    pub updated_ms: u64,
+    /// Epochs completed.
+    pub epochs: u64,
+    /// Steps applied.
+    pub steps: u64,
+    /// The best epoch.
+    pub best_epoch: u64,
+    /// Its validation metrics.
+    pub best_validation: Option<Metrics>,
+    /// Test metrics once completed.
+    pub test: Option<Metrics>,
+    /// Why training stopped.
+    pub stop_reason: Option<String>,
+}
+
+impl JobRecord {
+    /// A new queued job.
+    pub fn new(id: JobId, spec: JobSpec, now_ms: u64) -> Self {
+        Self {
+            id,
+            spec,
+            state: JobState::Queued,
+            message: String::new(),
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            epochs: 0,
+            steps: 0,
+            best_epoch: 0,
+            best_validation: None,
+            test: None,
+            stop_reason: None,
+        }
+    }
+
+    /// Merges a progress report from the scheduler.
+    pub fn apply(&mut self, p: &JobProgress, now_ms: u64) {
+        if let Some(state) = p.state {
+            self.state = state;
+        }
+        if let Some(message) = &p.message {
+            self.message.clone_from(message);
+        }
+        // A state-only update (queued) carries zeros; never move progress backwards.
+        self.epochs = self.epochs.max(p.epochs);
+        self.steps = self.steps.max(p.steps);
+        if p.best_validation.is_some() {
+            self.best_epoch = p.best_epoch;
+            self.best_validation = p.best_validation;
+        }
+        if p.test.is_some() {
+            self.test = p.test;
+        }
+        if p.stop_reason.is_some() {
+            self.stop_reason.clone_from(&p.stop_reason);
+        }
+        self.updated_ms = now_ms;
+    }
+
+    /// The wire form; `last_epoch` from the history.
+    pub fn to_proto(&self, last_epoch: Option<pb::EpochMetrics>) -> pb::JobInfo {
+        pb::JobInfo {
+            id: self.id.0.clone(),
+            spec: Some(self.spec.to_proto()),
+            state: pb::JobState::from(self.state) as i32,
+            message: self.message.clone(),
+            created_unix_ms: self.created_ms,
+            updated_unix_ms: self.updated_ms,
+            epochs: self.epochs,
+            steps: self.steps,
+            best_epoch: self.best_epoch,
+            best_validation: self.best_validation.as_ref().map(pb::Metrics::from),
+            test: self.test.as_ref().map(pb::Metrics::from),
+            last_epoch,
+            stop_reason: self.stop_reason.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// What is kept about an uploaded dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetMeta {
+    /// The file name given at upload.
+    pub name: String,
+    /// Rows.
+    pub rows: u64,
+    /// Shortest row.
+    pub min_len: u64,
+    /// Longest row.
+    pub max_len: u64,
+    /// Mean row length.
+    pub mean_len: f64,
+    /// Largest magnitude.
+    pub max_abs: f32,
+    /// File size.
+    pub bytes: u64,
+}
+
+/// The embedded store.
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+}
+
+fn err(e: impl std::fmt::Display) -> Error {
+    Error::Store(e.to_string())
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let db =
+            Database::create(path).map_err(|e| Error::Store(format!("{}: {e}", path.display())))?;
+        let tx = db.begin_write().map_err(err)?;
+        tx.open_table(META).map_err(err)?;
+        tx.open_table(JOBS).map_err(err)?;
+        tx.open_table(HISTORY).map_err(err)?;
+        tx.open_table(DATASETS).map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(Self { db })
+    }
+
+    /// Allocates the next job id.
+    pub fn next_job_id(&self) -> Result<JobId> {
+        let tx = self.db.begin_write().map_err(err)?;
+        let n = {
+            let mut meta = tx.open_table(META).map_err(err)?;
+            let n = meta.get("jobs").map_err(err)?.map_or(0, |v| v.value()) + 1;
+            meta.insert("jobs", n).map_err(err)?;
+            n
+        };
+        tx.commit().map_err(err)?;
+        Ok(JobId::nth(n))
+    }
+
+    /// Writes a job record.
+    pub fn put_job(&self, job: &JobRecord) -> Result<()> {
+        let bytes = serde_json::to_vec(job).map_err(err)?;
+        let tx = self.db.begin_write().map_err(err)?;
+        tx.open_table(JOBS)
+            .map_err(err)?
+            .insert(job.id.0.as_str(), bytes.as_slice())
+            .map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    /// Reads a job record.
+    pub fn job(&self, id: &JobId) -> Result<Option<JobRecord>> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let table = tx.open_table(JOBS).map_err(err)?;
+        let Some(v) = table.get(id.0.as_str()).map_err(err)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v.value()).map(Some).map_err(err)
+    }
+
+    /// Every job record, newest first.
+    pub fn jobs(&self) -> Result<Vec<JobRecord>> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let table = tx.open_table(JOBS).map_err(err)?;
+        let mut jobs = Vec::new();
+        for entry in table.iter().map_err(err)? {
+            let (_, v) = entry.map_err(err)?;
+            jobs.push(serde_json::from_slice::<JobRecord>(v.value()).map_err(err)?);
+        }
+        jobs.sort_by_key(|j| std::cmp::Reverse((j.created_ms, job_number(&j.id))));
+        Ok(jobs)
+    }
+
+    /// Records an epoch of a job.
+    pub fn append_epoch(&self, id: &JobId, epoch: &pb::EpochMetrics) -> Result<()> {
+        let bytes = epoch.encode_to_vec();
+        let tx = self.db.begin_write().map_err(err)?;
+        tx.open_table(HISTORY)
+            .map_err(err)?
+            .insert((id.0.as_str(), epoch.epoch), bytes.as_slice())
+            .map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    /// Every epoch of a job, in order.
+    pub fn history(&self, id: &JobId) -> Result<Vec<pb::EpochMetrics>> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let table = tx.open_table(HISTORY).map_err(err)?;
+        let mut out = Vec::new();
+        for entry in table
+            .range((id.0.as_str(), 0)..=(id.0.as_str(), u64::MAX))
+            .map_err(err)?
+        {
+            let (_, v) = entry.map_err(err)?;
+            out.push(pb::EpochMetrics::decode(v.value()).map_err(err)?);
+        }
+        Ok(out)
+    }
+
+    /// The last epoch of a job.
+    pub fn last_epoch(&self, id: &JobId) -> Result<Option<pb::EpochMetrics>> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let table = tx.open_table(HISTORY).map_err(err)?;
+        let mut range = table
+            .range((id.0.as_str(), 0)..=(id.0.as_str(), u64::MAX))
+            .map_err(err)?;
+        match range.next_back() {
+            Some(entry) => {
+                let (_, v) = entry.map_err(err)?;
+                pb::EpochMetrics::decode(v.value()).map(Some).map_err(err)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Forgets epochs after `epoch` (a resumed job redoes them).
+    pub fn truncate_history(&self, id: &JobId, epoch: u64) -> Result<()> {
+        let tx = self.db.begin_write().map_err(err)?;
+        {
+            let mut table = tx.open_table(HISTORY).map_err(err)?;
+            let stale: Vec<u64> = table
+                .range((id.0.as_str(), epoch + 1)..=(id.0.as_str(), u64::MAX))
+                .map_err(err)?
+                .filter_map(|e| e.ok().map(|(k, _)| k.value().1))
+                .collect();
+            for e in stale {
+                table.remove((id.0.as_str(), e)).map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
+    }
+
+    /// Records a dataset.
+    pub fn put_dataset(&self, id: &DatasetId, meta: &DatasetMeta) -> Result<()> {
+        let bytes = serde_json::to_vec(meta).map_err(err)?;
+        let tx = self.db.begin_write().map_err(err)?;
+        tx.open_table(DATASETS)
+            .map_err(err)?
+            .insert(id.0.as_str(), bytes.as_slice())
+            .map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    /// A dataset's metadata.
+    pub fn dataset(&self, id: &DatasetId) -> Result<Option<DatasetMeta>> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let table = tx.open_table(DATASETS).map_err(err)?;
+        let Some(v) = table.get(id.0.as_str()).map_err(err)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v.value()).map(Some).map_err(err)
+    }
+}
+
+fn job_number(id: &JobId) -> u64 {
+    id.0.strip_prefix("job-")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{JobSpec, SpecLimits};
+
+    #[test]
+    fn jobs_and_history_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.redb");
+        let spec = JobSpec::from_proto(
+            &pb::JobSpec {
+                dataset_id: "b".repeat(64),
+                ..Default::default()
+            },
+            &SpecLimits {
+                max_params: 1000,
+                max_batch: 1000,
+            },
+        )
+        .unwrap();
+        {
+            let store = Store::open(&path).unwrap();
+            let id = store.next_job_id().unwrap();
+            assert_eq!(id, JobId::nth(1));
+            let mut rec = JobRecord::new(id.clone(), spec.clone(), 5);
+            rec.apply(
+                &JobProgress {
+                    state: Some(JobState::Running),
+                    epochs: 2,
+                    ..Default::default()
+                },
+                6,
+            );
+            store.put_job(&rec).unwrap();
+            for e in 1..=3 {
+                store
+                    .append_epoch(
+                        &id,
+                        &pb::EpochMetrics {
+                            epoch: e,
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap();
+            }
+            store.truncate_history(&id, 2).unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.next_job_id().unwrap(), JobId::nth(2));
+        let rec = store.job(&JobId::nth(1)).unwrap().unwrap();
+        assert_eq!(
+            (rec.state, rec.epochs, rec.updated_ms),
+            (JobState::Running, 2, 6)
+        );
+        let epochs: Vec<u64> = store
+            .history(&JobId::nth(1))
+            .unwrap()
+            .iter()
+            .map(|e| e.epoch)
+            .collect();
+        assert_eq!(epochs, [1, 2]);
+        assert!(store.job(&JobId::nth(7)).unwrap().is_none());
+    }
+}

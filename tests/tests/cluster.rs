@@ -1,0 +1,380 @@
+//! The cluster end to end: real coordinator, real workers, real gRPC on 127.0.0.1.
+
+use candle_core::Device;
+use recur_core::checkpoint::load_state_dict;
+use recur_core::data::{BallConfig, Dataset};
+use recur_core::model::{ModelConfig, SeqModel};
+use recur_core::optim::OptimizerConfig;
+use recur_core::step::{Batch, predict};
+use recur_core::train::{TrainConfig, Trainer};
+use recur_proto::v1 as pb;
+use recur_tests::{TestCluster, spec, state};
+
+/// The parameters of a job's checkpoint, via the public download path.
+async fn checkpoint_params(
+    tc: &mut TestCluster,
+    job: &str,
+    latest: bool,
+    config: ModelConfig,
+) -> Vec<f32> {
+    let (_, bytes) = tc.client.checkpoint(job, latest).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    std::fs::write(&path, bytes).unwrap();
+    load_state_dict(&path, config, &Device::Cpu)
+        .unwrap()
+        .to_flat()
+        .unwrap()
+}
+
+fn assert_params_close(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len());
+    for (k, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-5 * y.abs().max(1e-2),
+            "{what}: parameter {k}: {x} vs {y}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_train_the_tutorial_task_past_its_accuracy() {
+    let mut tc = TestCluster::start(2).await;
+    let data = BallConfig::tutorial(5).generate().unwrap();
+    let dataset = tc.upload(&data).await;
+    let job = tc
+        .submit(pb::JobSpec {
+            target_accuracy: Some(0.97),
+            max_epochs: 1500,
+            ..spec(&dataset, 5)
+        })
+        .await;
+    let (epochs, info) = tc.follow(&job).await;
+    assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
+    let test = info.test.unwrap();
+    let last = epochs.last().unwrap();
+    let timing = last.timing.unwrap();
+    eprintln!(
+        "{} epochs, test accuracy {:.4}, MAE {:.4}, exact {:.3}; last epoch {:.3}s, step {:.3} ms (compute {:.3}, wait {:.3}, reduce {:.4}, optimizer {:.4})",
+        epochs.len(),
+        test.accuracy,
+        test.mae,
+        test.exact,
+        last.seconds,
+        timing.total_ms,
+        timing.compute_ms,
+        timing.wait_ms,
+        timing.reduce_ms,
+        timing.optimizer_ms
+    );
+    assert!(test.accuracy >= 0.95, "test accuracy {}", test.accuracy);
+    assert!(epochs.iter().all(|e| e.workers == 2));
+    let best = checkpoint_params(&mut tc, &job, false, ModelConfig::tutorial()).await;
+    assert_eq!(best.len(), 97);
+    tc.shutdown().await;
+}
+
+async fn params_after_steps(workers: usize, data: &Dataset, job: pb::JobSpec) -> Vec<f32> {
+    let mut tc = TestCluster::start(workers).await;
+    let dataset = tc.upload(data).await;
+    let id = tc
+        .submit(pb::JobSpec {
+            dataset_id: dataset,
+            ..job
+        })
+        .await;
+    let (_, info) = tc.follow(&id).await;
+    assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
+    assert_eq!(info.stop_reason, "max_steps");
+    let params = checkpoint_params(&mut tc, &id, true, ModelConfig::tutorial()).await;
+    tc.shutdown().await;
+    params
+}
+
+fn single_process(data: &Dataset, config: TrainConfig, steps: usize) -> Vec<f32> {
+    let mut trainer = Trainer::new(config, data, &Device::Cpu).unwrap();
+    for rows in trainer.next_epoch_batches().into_iter().take(steps) {
+        trainer.train_step(&rows).unwrap();
+    }
+    trainer.params().to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_and_three_workers_and_one_process_agree_after_20_steps() {
+    let data = BallConfig {
+        rows: 2000,
+        ..BallConfig::tutorial(8)
+    }
+    .generate()
+    .unwrap();
+    let job = pb::JobSpec {
+        batch_size: 50,
+        max_steps: 20,
+        ..spec("", 8)
+    };
+    let one = params_after_steps(1, &data, job.clone()).await;
+    let three = params_after_steps(3, &data, job).await;
+    let reference = single_process(
+        &data,
+        TrainConfig {
+            batch_size: 50,
+            seed: 8,
+            ..TrainConfig::default()
+        },
+        20,
+    );
+    assert_params_close(&three, &one, "3 workers vs 1");
+    assert_params_close(&one, &reference, "1 worker vs recur-core");
+    assert_params_close(&three, &reference, "3 workers vs recur-core");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uneven_shards_neither_hang_nor_bias_the_gradient() {
+    // Rows from 2 to 60 values: shards differ a lot in row count.
+    let mut data = Dataset::default();
+    for i in 0..600usize {
+        let len = 2 + (i * 7919) % 59;
+        let row: Vec<f32> = (0..len).map(|k| ((i + 3 * k) % 41) as f32 - 20.0).collect();
+        data.push_row(&row);
+    }
+    let job = pb::JobSpec {
+        batch_size: 64,
+        max_steps: 5,
+        optimizer: Some(pb::OptimizerSpec {
+            kind: pb::optimizer_spec::Kind::Sgd as i32,
+            lr: Some(0.1),
+            ..Default::default()
+        }),
+        ..spec("", 2)
+    };
+    let three = params_after_steps(3, &data, job).await;
+    let config = TrainConfig {
+        batch_size: 64,
+        seed: 2,
+        optimizer: OptimizerConfig::sgd(0.1),
+        ..TrainConfig::default()
+    };
+    let reference = single_process(&data, config, 5);
+    assert_params_close(&three, &reference, "3 uneven workers vs recur-core");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_delivers_every_epoch_in_order_and_late_subscribers_get_the_history() {
+    let mut tc = TestCluster::start(2).await;
+    let data = BallConfig {
+        rows: 1000,
+        ..BallConfig::tutorial(1)
+    }
+    .generate()
+    .unwrap();
+    let dataset = tc.upload(&data).await;
+    let job = tc
+        .submit(pb::JobSpec {
+            max_epochs: 5,
+            ..spec(&dataset, 1)
+        })
+        .await;
+    let (live, info) = tc.follow(&job).await;
+    assert_eq!(state(&info), pb::JobState::Completed);
+    assert_eq!(
+        live.iter().map(|e| e.epoch).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    let (late, late_info) = tc.follow(&job).await;
+    assert_eq!(late, live);
+    assert_eq!(state(&late_info), pb::JobState::Completed);
+    assert_eq!(late_info.epochs, 5);
+    assert_eq!(late_info.stop_reason, "max_epochs");
+    tc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_running_job_and_the_queued_one_runs() {
+    let mut tc = TestCluster::start(2).await;
+    let data = BallConfig {
+        rows: 1000,
+        ..BallConfig::tutorial(2)
+    }
+    .generate()
+    .unwrap();
+    let dataset = tc.upload(&data).await;
+    let long = tc
+        .submit(pb::JobSpec {
+            max_epochs: 1_000_000,
+            patience: 1_000_000,
+            ..spec(&dataset, 2)
+        })
+        .await;
+    let short = tc
+        .submit(pb::JobSpec {
+            max_epochs: 2,
+            ..spec(&dataset, 3)
+        })
+        .await;
+    assert_eq!(
+        state(&tc.client.job(&short).await.unwrap()),
+        pb::JobState::Queued
+    );
+    // Wait for the long job's first epoch.
+    let mut stream = tc.client.watch(&long).await.unwrap();
+    while let Some(msg) = stream.message().await.unwrap() {
+        if matches!(msg.event, Some(pb::watch_job_response::Event::Epoch(_))) {
+            break;
+        }
+    }
+    let cancelled = tc.client.cancel(&long).await.unwrap();
+    assert_eq!(state(&cancelled), pb::JobState::Cancelled);
+    let (_, info) = tc.follow(&short).await;
+    assert_eq!(state(&info), pb::JobState::Completed);
+    // No step was applied to the cancelled job after the cancel returned.
+    let after = tc.client.job(&long).await.unwrap();
+    assert_eq!(after.steps, cancelled.steps);
+    assert_eq!(state(&after), pb::JobState::Cancelled);
+    let err = tc.client.cancel(&long).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition));
+    tc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predict_matches_the_downloaded_checkpoint_and_names_bad_rows() {
+    let mut tc = TestCluster::start(2).await;
+    let data = BallConfig {
+        rows: 1000,
+        ..BallConfig::tutorial(4)
+    }
+    .generate()
+    .unwrap();
+    let dataset = tc.upload(&data).await;
+    let job = tc
+        .submit(pb::JobSpec {
+            max_epochs: 3,
+            ..spec(&dataset, 4)
+        })
+        .await;
+    // A job that has no checkpoint yet: queued behind the first.
+    let waiting = tc
+        .submit(pb::JobSpec {
+            max_epochs: 3,
+            ..spec(&dataset, 5)
+        })
+        .await;
+    let err = tc
+        .client
+        .predict(&waiting, vec![vec![1.0, 2.0]])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
+    let (_, info) = tc.follow(&job).await;
+    assert_eq!(state(&info), pb::JobState::Completed);
+
+    let histories = vec![
+        vec![1.0, 2.0, 3.0],
+        vec![3.0, 5.0, 7.0],
+        vec![9.0, 7.0, 5.0, 3.0],
+        vec![2.0, 0.0, -2.0],
+        vec![0.0, -3.0, -6.0],
+    ];
+    let answer = tc.client.predict(&job, histories.clone()).await.unwrap();
+    let params = checkpoint_params(&mut tc, &job, false, ModelConfig::tutorial()).await;
+    let model = SeqModel::new(
+        recur_core::model::Params::from_flat(ModelConfig::tutorial(), &params, &Device::Cpu)
+            .unwrap(),
+    );
+    let scaled: Vec<Vec<f32>> = histories
+        .iter()
+        .map(|h| h.iter().map(|v| v / 50.0).collect())
+        .collect();
+    let inputs: Vec<&[f32]> = scaled.iter().map(Vec::as_slice).collect();
+    let local = predict(
+        &model,
+        &Batch::from_inputs(&inputs, 1, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(answer.predictions.len(), 5);
+    for (a, b) in answer.predictions.iter().zip(&local) {
+        assert!((a - b * 50.0).abs() < 1e-4, "{a} vs {}", b * 50.0);
+    }
+    assert_eq!(answer.epoch, info.best_epoch);
+
+    let bad: Vec<(Vec<Vec<f32>>, &str)> = vec![
+        (vec![vec![1.0], vec![]], "sequence 1: is empty"),
+        (vec![vec![f32::NAN, 1.0]], "sequence 0: value 1 (NaN)"),
+        (vec![vec![1.0; 5000]], "sequence 0: has 5000 values"),
+        (vec![], "no sequences"),
+    ];
+    for (rows, message) in bad {
+        let err = tc.client.predict(&job, rows).await.unwrap_err();
+        assert_eq!(err.code(), Some(tonic::Code::InvalidArgument));
+        assert!(
+            err.to_string().contains(message),
+            "`{err}` lacks `{message}`"
+        );
+    }
+    let err = tc
+        .client
+        .predict("job-999", vec![vec![1.0]])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::NotFound));
+    tc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_joins_mid_job_gets_a_shard_at_the_next_epoch() {
+    let mut tc = TestCluster::start(1).await;
+    let data = BallConfig {
+        rows: 2000,
+        ..BallConfig::tutorial(6)
+    }
+    .generate()
+    .unwrap();
+    let dataset = tc.upload(&data).await;
+    let job = tc
+        .submit(pb::JobSpec {
+            max_epochs: 6,
+            ..spec(&dataset, 6)
+        })
+        .await;
+    let mut stream = tc.client.watch(&job).await.unwrap();
+    while let Some(msg) = stream.message().await.unwrap() {
+        if matches!(msg.event, Some(pb::watch_job_response::Event::Epoch(_))) {
+            break;
+        }
+    }
+    tc.cluster.add_worker();
+    let (epochs, info) = tc.follow(&job).await;
+    assert_eq!(state(&info), pb::JobState::Completed);
+    assert_eq!(epochs[0].workers, 1);
+    assert_eq!(epochs.last().unwrap().workers, 2, "{epochs:?}");
+    let workers = tc.client.workers().await.unwrap();
+    assert_eq!(workers.len(), 2);
+    assert!(workers.iter().all(|w| w.steps > 0), "{workers:?}");
+    tc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_version_mismatch_is_refused() {
+    let tc = TestCluster::start(0).await;
+    let mut raw = pb::workers_client::WorkersClient::connect(tc.cluster.url())
+        .await
+        .unwrap();
+    let hello = pb::WorkerMessage {
+        kind: Some(pb::worker_message::Kind::Hello(pb::Hello {
+            protocol_version: recur_coordinator::PROTOCOL_VERSION + 1,
+            name: "old".into(),
+            device: "cpu".into(),
+            threads: 1,
+        })),
+    };
+    let err = raw.join(tokio_stream::iter(vec![hello])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message().contains("protocol version"),
+        "{}",
+        err.message()
+    );
+    // The coordinator keeps serving and counted no worker.
+    let mut client = tc.client.clone();
+    assert!(client.workers().await.unwrap().is_empty());
+    tc.shutdown().await;
+}

@@ -1,0 +1,71 @@
+//! `recur-worker`: parses flags, sizes the compute thread pool, and runs a worker.
+
+use clap::Parser;
+use recur_worker::{DeviceSpec, WorkerConfig};
+
+/// A recur worker: joins a coordinator and computes gradients for its jobs.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The coordinator's URL.
+    #[arg(
+        long,
+        env = "RECUR_COORDINATOR",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    coordinator: String,
+    /// Name shown in `recur workers` (default: host name and process id).
+    #[arg(long)]
+    name: Option<String>,
+    /// `cpu` or `cuda:N` (the latter needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// Compute threads. Keep the total over all workers of a host at or below its free cores:
+    /// candle's pool spins and collapses when oversubscribed.
+    #[arg(long, env = "RECUR_THREADS", default_value_t = 1)]
+    threads: u32,
+    /// Token to present to the coordinator.
+    #[arg(long, env = "RECUR_WORKER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let threads = args.threads.max(1).to_string();
+    // SAFETY: nothing else runs yet (no runtime, no threads), so no one reads the environment
+    // while it changes. candle and rayon size their pools from these variables.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", &threads);
+        std::env::set_var("CANDLE_NUM_THREADS", &threads);
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let name = args.name.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "worker".into());
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let mut config = WorkerConfig::new(args.coordinator, name);
+    config.device = args.device;
+    config.threads = args.threads;
+    config.token = args.token;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(recur_worker::run(config, async {
+        let _ = tokio::signal::ctrl_c().await;
+    }))?;
+    Ok(())
+}

@@ -1,0 +1,293 @@
+//! The compute side of a worker: holds the shard and the parameters, runs steps and
+//! evaluations with candle. Runs on its own thread, never on the async runtime.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use candle_core::Device;
+use recur_core::data::Dataset;
+use recur_core::metrics::BatchSums;
+use recur_core::model::{ModelConfig, Params, SeqModel};
+use recur_core::step::{Batch, grad_sum, predict};
+use recur_proto::v1 as pb;
+
+use crate::{Error, Result};
+
+/// Rows of one split of the shard, by dataset row id.
+#[derive(Debug, Default)]
+struct Rows {
+    data: Dataset,
+    index: HashMap<u64, usize>,
+    /// Evaluation batch of each local row (validation and test only).
+    batch: Vec<u32>,
+}
+
+impl Rows {
+    fn append(&mut self, block: &pb::RowBlock, batches: Option<&[u32]>) -> Result<()> {
+        if block.ids.len() != block.lengths.len() {
+            return Err(Error::Protocol(
+                "a row block's ids and lengths differ in number".into(),
+            ));
+        }
+        let total: usize = block.lengths.iter().map(|&l| l as usize).sum();
+        if total != block.values.len() {
+            return Err(Error::Protocol(format!(
+                "a row block's lengths add up to {total} but it has {} values",
+                block.values.len()
+            )));
+        }
+        if let Some(b) = batches
+            && b.len() != block.ids.len()
+        {
+            return Err(Error::Protocol(
+                "evaluation batches do not match the rows".into(),
+            ));
+        }
+        let mut at = 0;
+        for (k, (&id, &len)) in block.ids.iter().zip(&block.lengths).enumerate() {
+            let len = len as usize;
+            if len < 2 {
+                return Err(Error::Protocol(format!("row {id} has {len} values")));
+            }
+            self.index.insert(id, self.data.len());
+            self.data.push_row(&block.values[at..at + len]);
+            at += len;
+            if let Some(b) = batches {
+                self.batch.push(b[k]);
+            }
+        }
+        Ok(())
+    }
+
+    fn local(&self, ids: &[u64], what: &str) -> Result<Vec<usize>> {
+        ids.iter()
+            .map(|id| {
+                self.index.get(id).copied().ok_or_else(|| {
+                    Error::Protocol(format!("row {id} is not in this worker's {what} shard"))
+                })
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug)]
+struct Shard {
+    job_id: String,
+    version: u64,
+    model: ModelConfig,
+    scale: f32,
+    train: Rows,
+    validation: Rows,
+    test: Rows,
+}
+
+/// A worker's compute state.
+#[derive(Debug)]
+pub struct Executor {
+    device: Device,
+    shard: Option<Shard>,
+    /// The model with the parameters of `version`.
+    model: Option<(u64, SeqModel)>,
+}
+
+/// Rows per forward pass when evaluating.
+const EVAL_CHUNK: usize = 2048;
+
+impl Executor {
+    /// An executor computing on `device`.
+    pub fn new(device: Device) -> Self {
+        Self {
+            device,
+            shard: None,
+            model: None,
+        }
+    }
+
+    /// Carries out one command; returns the message to send back, if any.
+    pub fn handle(
+        &mut self,
+        cmd: pb::coordinator_message::Kind,
+    ) -> Option<pb::worker_message::Kind> {
+        use pb::coordinator_message::Kind as C;
+        use pb::worker_message::Kind as W;
+        let job_id = match &cmd {
+            C::LoadShard(s) => s.job_id.clone(),
+            C::Step(s) => s.job_id.clone(),
+            C::Evaluate(e) => e.job_id.clone(),
+            C::Release(r) => r.job_id.clone(),
+            C::Welcome(_) => return None,
+        };
+        let result = match cmd {
+            C::LoadShard(part) => self.load(part).map(|()| None),
+            C::Step(step) => self.step(step).map(|r| Some(W::StepResult(r))),
+            C::Evaluate(e) => self.evaluate(e).map(|r| Some(W::EvalResult(r))),
+            C::Release(r) => {
+                if self.shard.as_ref().is_some_and(|s| s.job_id == r.job_id) {
+                    self.shard = None;
+                    self.model = None;
+                }
+                Ok(None)
+            }
+            C::Welcome(_) => Ok(None),
+        };
+        result.unwrap_or_else(|e| {
+            tracing::warn!(job = %job_id, error = %e, "command failed");
+            Some(W::Error(pb::WorkerError {
+                job_id,
+                message: e.to_string(),
+            }))
+        })
+    }
+
+    fn load(&mut self, part: pb::LoadShard) -> Result<()> {
+        let fresh = !self
+            .shard
+            .as_ref()
+            .is_some_and(|s| s.job_id == part.job_id && s.version == part.shard_version);
+        if fresh {
+            let wire = part
+                .model
+                .as_ref()
+                .ok_or_else(|| Error::Protocol("LoadShard without a model".into()))?;
+            let model = ModelConfig::try_from(wire)?;
+            if self
+                .model
+                .as_ref()
+                .is_some_and(|(_, m)| *m.config() != model)
+            {
+                self.model = None;
+            }
+            self.shard = Some(Shard {
+                job_id: part.job_id.clone(),
+                version: part.shard_version,
+                model,
+                scale: part.scale,
+                train: Rows::default(),
+                validation: Rows::default(),
+                test: Rows::default(),
+            });
+        }
+        let shard = self
+            .shard
+            .as_mut()
+            .ok_or_else(|| Error::Protocol("no shard".into()))?;
+        if let Some(b) = &part.train {
+            shard.train.append(b, None)?;
+        }
+        if let Some(b) = &part.validation {
+            shard.validation.append(b, Some(&part.validation_batches))?;
+        }
+        if let Some(b) = &part.test {
+            shard.test.append(b, Some(&part.test_batches))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the model hold the parameters of `version`.
+    fn set_params(&mut self, params: Option<pb::FlatVector>, version: u64) -> Result<()> {
+        let shard = self
+            .shard
+            .as_ref()
+            .ok_or_else(|| Error::Protocol("a command came before any shard".into()))?;
+        match params {
+            Some(p) => {
+                if p.version != version {
+                    return Err(Error::Protocol(format!(
+                        "parameters of version {} for a command at version {version}",
+                        p.version
+                    )));
+                }
+                match &mut self.model {
+                    Some((v, model)) if model.config() == &shard.model => {
+                        model.params().set_flat(&p.values)?;
+                        *v = version;
+                    }
+                    _ => {
+                        let params = Params::from_flat(shard.model, &p.values, &self.device)?;
+                        self.model = Some((version, SeqModel::new(params)));
+                    }
+                }
+                Ok(())
+            }
+            None => match &self.model {
+                Some((v, _)) if *v == version => Ok(()),
+                Some((v, _)) => Err(Error::Protocol(format!(
+                    "holding parameters of version {v}, asked for {version}"
+                ))),
+                None => Err(Error::Protocol("no parameters received yet".into())),
+            },
+        }
+    }
+
+    fn step(&mut self, step: pb::Step) -> Result<pb::StepResult> {
+        let start = Instant::now();
+        self.set_params(step.params, step.version)?;
+        let (shard, model) = self.ready(&step.job_id)?;
+        let rows = shard.train.local(&step.rows, "training")?;
+        let g = if rows.is_empty() {
+            recur_core::step::GradSum {
+                grads: vec![0.0; model.config().layout().total()],
+                sums: BatchSums::default(),
+            }
+        } else {
+            let batch = Batch::from_rows(&shard.train.data, &rows, &self.device)?;
+            grad_sum(model, &batch, shard.scale)?
+        };
+        Ok(pb::StepResult {
+            job_id: step.job_id,
+            step: step.step,
+            part: step.part,
+            version: step.version,
+            grad_sum: g.grads,
+            sums: Some((&g.sums).into()),
+            compute_ms: start.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    fn evaluate(&mut self, e: pb::Evaluate) -> Result<pb::EvalResult> {
+        let start = Instant::now();
+        self.set_params(e.params, e.version)?;
+        let (shard, model) = self.ready(&e.job_id)?;
+        let (rows, what) = if e.split == pb::EvalSplit::Test as i32 {
+            (&shard.test, "test")
+        } else {
+            (&shard.validation, "validation")
+        };
+        let local = rows.local(&e.rows, what)?;
+        let mut by_batch: BTreeMap<u32, BatchSums> = BTreeMap::new();
+        for chunk in local.chunks(EVAL_CHUNK) {
+            let batch = Batch::from_rows(&rows.data, chunk, &self.device)?;
+            let preds = predict(model, &batch)?;
+            for (k, &r) in chunk.iter().enumerate() {
+                let sums = BatchSums::of(&[rows.data.target(r)], &preds[k..k + 1], shard.scale);
+                by_batch.entry(rows.batch[r]).or_default().add(&sums);
+            }
+        }
+        Ok(pb::EvalResult {
+            job_id: e.job_id,
+            eval_id: e.eval_id,
+            part: e.part,
+            batches: by_batch
+                .into_iter()
+                .map(|(batch, s)| pb::BatchSumsAt {
+                    batch,
+                    sums: Some((&s).into()),
+                })
+                .collect(),
+            compute_ms: start.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    fn ready(&self, job_id: &str) -> Result<(&Shard, &SeqModel)> {
+        let shard = self
+            .shard
+            .as_ref()
+            .filter(|s| s.job_id == job_id)
+            .ok_or_else(|| Error::Protocol(format!("no shard for job {job_id}")))?;
+        let (_, model) = self
+            .model
+            .as_ref()
+            .ok_or_else(|| Error::Protocol("no parameters".into()))?;
+        Ok((shard, model))
+    }
+}

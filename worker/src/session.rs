@@ -1,0 +1,222 @@
+//! The connection loop: join, run commands on the compute thread, heartbeat, reconnect.
+
+use std::future::Future;
+use std::time::Duration;
+
+use recur_proto::v1 as pb;
+use recur_proto::v1::workers_client::WorkersClient;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::executor::Executor;
+use crate::{DeviceSpec, Error, PROTOCOL_VERSION, Result};
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The coordinator's URL, e.g. `http://10.0.0.1:7070`.
+    pub coordinator: String,
+    /// A name shown in `recur workers`.
+    pub name: String,
+    /// Where to compute.
+    pub device: DeviceSpec,
+    /// Compute threads (reported to the coordinator; the binary sizes candle's pool with it).
+    pub threads: u32,
+    /// First reconnect delay; doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    /// Longest reconnect delay.
+    pub max_backoff: Duration,
+    /// Largest message accepted or sent.
+    pub max_message_bytes: usize,
+    /// Token presented as `authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
+
+impl WorkerConfig {
+    /// Defaults for a coordinator URL.
+    pub fn new(coordinator: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            coordinator: coordinator.into(),
+            name: name.into(),
+            device: DeviceSpec::Cpu,
+            threads: 1,
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            max_message_bytes: 64 << 20,
+            token: None,
+        }
+    }
+}
+
+/// How a session ended.
+enum Ended {
+    /// Shutdown was asked for; the worker said goodbye.
+    Shutdown,
+    /// The connection was lost (or never made); try again.
+    Lost(String),
+}
+
+/// Runs the worker until `shutdown` completes: joins the coordinator, serves its commands, and
+/// reconnects with exponential backoff whenever the connection is lost. On shutdown it finishes
+/// the command in progress and says goodbye. A protocol mismatch ends it with an error.
+pub async fn run(
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let device = config.device.open()?;
+    let endpoint = Endpoint::from_shared(config.coordinator.clone())
+        .map_err(|e| Error::Address {
+            address: config.coordinator.clone(),
+            problem: e.to_string(),
+        })?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(3));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut backoff = config.min_backoff;
+    loop {
+        if *stop_rx.borrow() {
+            return Ok(());
+        }
+        match session(&config, &endpoint, device.clone(), stop_rx.clone()).await {
+            Ok(Ended::Shutdown) => return Ok(()),
+            Ok(Ended::Lost(reason)) => {
+                tracing::warn!(coordinator = %config.coordinator, %reason, retry_in_ms = backoff.as_millis() as u64, "connection lost");
+            }
+            Err(e @ Error::Refused(_)) => return Err(e),
+            Err(e) => {
+                tracing::warn!(coordinator = %config.coordinator, error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot join");
+            }
+        }
+        let mut stop = stop_rx.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+        backoff = (backoff * 2).min(config.max_backoff);
+    }
+}
+
+async fn session(
+    config: &WorkerConfig,
+    endpoint: &Endpoint,
+    device: candle_core::Device,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Ended> {
+    let channel: Channel = match endpoint.connect().await {
+        Ok(c) => c,
+        Err(e) => return Ok(Ended::Lost(format!("connect: {e}"))),
+    };
+    let auth = match &config.token {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse::<tonic::metadata::MetadataValue<_>>()
+                .map_err(|_| {
+                    Error::Refused("the worker token has characters a header cannot carry".into())
+                })?,
+        ),
+        None => None,
+    };
+    let with_token = move |mut req: tonic::Request<()>| {
+        if let Some(v) = &auth {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    };
+    let mut client = WorkersClient::with_interceptor(channel, with_token)
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<pb::WorkerMessage>();
+    let send = |tx: &mpsc::UnboundedSender<pb::WorkerMessage>, kind| {
+        tx.send(pb::WorkerMessage { kind: Some(kind) }).is_ok()
+    };
+    send(
+        &out_tx,
+        pb::worker_message::Kind::Hello(pb::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            name: config.name.clone(),
+            device: config.device.to_string(),
+            threads: config.threads,
+        }),
+    );
+    let mut inbound = match client.join(UnboundedReceiverStream::new(out_rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(status)
+            if matches!(
+                status.code(),
+                tonic::Code::FailedPrecondition
+                    | tonic::Code::Unauthenticated
+                    | tonic::Code::PermissionDenied
+            ) =>
+        {
+            return Err(Error::Refused(status.message().to_string()));
+        }
+        Err(status) => return Ok(Ended::Lost(format!("join: {}", status.message()))),
+    };
+    // The compute thread runs commands in order and sends the results itself.
+    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<pb::coordinator_message::Kind>();
+    let results = out_tx.clone();
+    let compute = tokio::task::spawn_blocking(move || {
+        let mut executor = Executor::new(device);
+        while let Ok(cmd) = cmd_rx.recv() {
+            if let Some(reply) = executor.handle(cmd)
+                && results
+                    .send(pb::WorkerMessage { kind: Some(reply) })
+                    .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+    let ended = loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break None,
+            _ = heartbeat.tick() => {
+                send(&out_tx, pb::worker_message::Kind::Heartbeat(pb::Heartbeat {}));
+            }
+            message = inbound.message() => match message {
+                Ok(Some(pb::CoordinatorMessage { kind: Some(pb::coordinator_message::Kind::Welcome(w)) })) => {
+                    tracing::info!(worker_id = %w.worker_id, coordinator = %config.coordinator, "joined");
+                    let every = Duration::from_millis(u64::from(w.heartbeat_interval_ms.max(10)));
+                    heartbeat = tokio::time::interval(every);
+                }
+                Ok(Some(pb::CoordinatorMessage { kind: Some(cmd) })) => {
+                    if cmd_tx.send(cmd).is_err() {
+                        break Some("the compute thread stopped".to_string());
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break Some("the coordinator closed the stream".to_string()),
+                Err(status) => break Some(format!("stream: {}", status.message())),
+            }
+        }
+    };
+    // Let the compute thread finish what it has (at most the current step), then leave.
+    drop(cmd_tx);
+    let _ = compute.await;
+    match ended {
+        Some(reason) => Ok(Ended::Lost(reason)),
+        None => {
+            send(
+                &out_tx,
+                pb::worker_message::Kind::Goodbye(pb::Goodbye {
+                    reason: "shutting down".into(),
+                }),
+            );
+            drop(out_tx);
+            // The coordinator closes the stream once it has the goodbye.
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while let Ok(Some(_)) = inbound.message().await {}
+            })
+            .await;
+            Ok(Ended::Shutdown)
+        }
+    }
+}
