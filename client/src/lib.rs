@@ -3,7 +3,10 @@
 
 #![warn(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+// The CLI's output is its interface.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
 
+pub mod cli;
 mod client;
 pub mod local;
 

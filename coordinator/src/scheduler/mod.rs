@@ -259,7 +259,10 @@ impl Scheduler {
         match kind {
             Kind::Heartbeat(_) => {}
             Kind::Hello(_) => self.disconnect(id, "sent a second hello".into(), now),
-            Kind::Goodbye(g) => self.disconnect(id, format!("said goodbye: {}", g.reason), now),
+            Kind::Goodbye(g) => {
+                tracing::info!(worker = %id, reason = %g.reason, "worker left");
+                self.remove(id, format!("said goodbye: {}", g.reason), now);
+            }
             Kind::Error(e) => self.with_job(now, |job, cx| {
                 if job.id().0 == e.job_id {
                     job.fail(format!("worker {id} failed: {}", e.message), cx);
@@ -287,10 +290,16 @@ impl Scheduler {
 
     /// A worker's stream closed, or it must be dropped.
     pub fn disconnect(&mut self, id: WorkerId, reason: String, now: Instant) {
+        if self.workers.contains_key(&id) {
+            tracing::warn!(worker = %id, %reason, "worker dropped");
+        }
+        self.remove(id, reason, now);
+    }
+
+    fn remove(&mut self, id: WorkerId, reason: String, now: Instant) {
         if self.workers.remove(&id).is_none() {
             return;
         }
-        tracing::warn!(worker = %id, %reason, "worker dropped");
         self.actions.push(Action::Disconnect(id, reason));
         self.with_job(now, |job, cx| job.worker_left(id, cx));
     }

@@ -1,0 +1,226 @@
+//! The command line, as clap sees it.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::DEFAULT_COORDINATOR;
+
+/// recur: train recurrent models on sequence data across machines, and serve predictions.
+#[derive(Debug, Parser)]
+#[command(name = "recur", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The coordinator to talk to.
+    #[arg(long, global = true, env = "RECUR_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
+    pub coordinator: String,
+    /// Client token (`authorization: Bearer <token>`).
+    #[arg(long, global = true, env = "RECUR_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the tutorial end to end on an embedded cluster (coordinator + 2 workers).
+    Demo(DemoArgs),
+    /// Serve an embedded coordinator and workers until Ctrl-C.
+    Local(LocalArgs),
+    /// Generate data.
+    #[command(subcommand)]
+    Gen(GenCommand),
+    /// Upload a CSV file, submit a training job, and watch it.
+    Train(TrainArgs),
+    /// List jobs.
+    Jobs,
+    /// Show a job.
+    Status {
+        /// The job id.
+        job: String,
+    },
+    /// Follow a job's progress until it ends.
+    Watch {
+        /// The job id.
+        job: String,
+    },
+    /// Cancel a queued or running job.
+    Cancel {
+        /// The job id.
+        job: String,
+    },
+    /// List connected workers.
+    Workers,
+    /// Predict the next value of histories with a job's best model.
+    Predict(PredictArgs),
+    /// Download a job's checkpoint (safetensors, with its JSON manifest beside it).
+    Checkpoint(CheckpointArgs),
+    /// Chart a job's training and validation accuracy per epoch (PNG or SVG).
+    Plot {
+        /// The job id.
+        job: String,
+        /// Output file; `.png` or `.svg`.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+/// `recur demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Workers to start.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Rows of ball data to generate.
+    #[arg(long, default_value_t = 10_000)]
+    pub rows: usize,
+    /// Seed of the data and the job.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where to write the accuracy chart.
+    #[arg(long, default_value = "recur-demo-accuracy.png")]
+    pub chart: PathBuf,
+}
+
+/// `recur local`.
+#[derive(Debug, Args)]
+pub struct LocalArgs {
+    /// Workers to start.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Data directory (default: a temporary one, removed at exit).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: String,
+}
+
+/// `recur gen`.
+#[derive(Debug, Subcommand)]
+pub enum GenCommand {
+    /// The tutorial's ball positions: uniform motion, one row per line.
+    Ball {
+        /// Rows to generate.
+        #[arg(long, default_value_t = 10_000)]
+        rows: usize,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Shortest row (values, target included).
+        #[arg(long, default_value_t = 5)]
+        min_len: usize,
+        /// Longest row.
+        #[arg(long, default_value_t = 10)]
+        max_len: usize,
+        /// Output file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+/// Recurrent cells.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum ModelArg {
+    /// `nn.RNN(nonlinearity="tanh")`.
+    RnnTanh,
+    /// `nn.RNN(nonlinearity="relu")`.
+    RnnRelu,
+    /// `nn.LSTM`.
+    Lstm,
+    /// `nn.GRU`.
+    Gru,
+}
+
+/// Optimizers.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OptimizerArg {
+    /// SGD.
+    Sgd,
+    /// Adam.
+    Adam,
+    /// AdamW.
+    Adamw,
+    /// Adadelta.
+    Adadelta,
+}
+
+/// `recur train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// CSV file: one sequence per line, the last value is the target.
+    pub file: PathBuf,
+    /// Recurrent cell.
+    #[arg(long, value_enum, default_value = "rnn_tanh")]
+    pub model: ModelArg,
+    /// Hidden units per layer.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub hidden: u32,
+    /// Stacked layers.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub layers: u32,
+    /// Run each layer in both directions.
+    #[arg(long)]
+    pub bidirectional: bool,
+    /// Optimizer.
+    #[arg(long, value_enum, default_value = "adam")]
+    pub optimizer: OptimizerArg,
+    /// Learning rate (default 0.01; 1.0 for Adadelta).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch: u32,
+    /// Most epochs.
+    #[arg(long, default_value_t = 10_000)]
+    pub epochs: u64,
+    /// Stop after this many epochs without a better validation accuracy.
+    #[arg(long, default_value_t = 100)]
+    pub patience: u64,
+    /// Stop once validation accuracy reaches this.
+    #[arg(long)]
+    pub target_accuracy: Option<f64>,
+    /// Divide values by this, or `auto` for the largest magnitude.
+    #[arg(long, default_value = "50")]
+    pub scale: String,
+    /// Seed of initialisation, split and batch order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// A name for the job.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Submit and return without watching.
+    #[arg(long)]
+    pub detach: bool,
+}
+
+/// `recur predict`.
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// The job id.
+    pub job: String,
+    /// A history like `1,3,5,7`, or `-` to read one history per line from stdin.
+    #[arg(allow_hyphen_values = true, required_unless_present = "interactive")]
+    pub history: Option<String>,
+    /// Ask for histories at a prompt until Ctrl-D, like the tutorial.
+    #[arg(long, conflicts_with = "history")]
+    pub interactive: bool,
+}
+
+/// `recur checkpoint`.
+#[derive(Debug, Args)]
+pub struct CheckpointArgs {
+    /// The job id.
+    pub job: String,
+    /// The most recent epoch instead of the best.
+    #[arg(long)]
+    pub latest: bool,
+    /// Output file (`.safetensors`); the manifest goes beside it as `.json`.
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
