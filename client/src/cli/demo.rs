@@ -42,11 +42,23 @@ pub(super) async fn run(args: DemoArgs, as_json: bool) -> Result<()> {
         args.workers
     ));
     let mut client = Client::connect(&cluster.url(), None).await?;
-    let data = BallConfig { rows: args.rows, ..BallConfig::tutorial(args.seed) }
-        .generate()
-        .map_err(|e| CliError::new(e.to_string(), ""))?;
-    say(format!("generated {} rows of ball positions (5 to 10 values each, seed {})", data.len(), args.seed));
-    let uploaded = upload(&mut client, Path::new("ball.csv"), data.to_csv().into_bytes()).await?;
+    let data = BallConfig {
+        rows: args.rows,
+        ..BallConfig::tutorial(args.seed)
+    }
+    .generate()
+    .map_err(|e| CliError::new(e.to_string(), ""))?;
+    say(format!(
+        "generated {} rows of ball positions (5 to 10 values each, seed {})",
+        data.len(),
+        args.seed
+    ));
+    let uploaded = upload(
+        &mut client,
+        Path::new("ball.csv"),
+        data.to_csv().into_bytes(),
+    )
+    .await?;
     let spec = pb::JobSpec {
         name: "tutorial".into(),
         dataset_id: uploaded.dataset_id,
@@ -59,7 +71,10 @@ pub(super) async fn run(args: DemoArgs, as_json: bool) -> Result<()> {
     ));
     let info = watch(&mut client, &job, false).await?;
     if pb::JobState::try_from(info.state) != Ok(pb::JobState::Completed) {
-        return Err(CliError::new(format!("{job} did not complete: {}", info.message), ""));
+        return Err(CliError::new(
+            format!("{job} did not complete: {}", info.message),
+            "",
+        ));
     }
     let train_seconds = start.elapsed().as_secs_f64();
     if !as_json {
@@ -103,6 +118,9 @@ pub(super) async fn run(args: DemoArgs, as_json: bool) -> Result<()> {
             })
         );
     }
-    cluster.shutdown().await.map_err(|e| CliError::new(e.to_string(), ""))?;
+    cluster
+        .shutdown()
+        .await
+        .map_err(|e| CliError::new(e.to_string(), ""))?;
     Ok(())
 }

@@ -12,7 +12,9 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use args::{CheckpointArgs, Command, GenCommand, LocalArgs, ModelArg, OptimizerArg, PredictArgs, TrainArgs};
+use args::{
+    CheckpointArgs, Command, GenCommand, LocalArgs, ModelArg, OptimizerArg, PredictArgs, TrainArgs,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use recur_core::data::BallConfig;
 use recur_proto::v1 as pb;
@@ -56,7 +58,9 @@ impl From<ClientError> for CliError {
                     tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
                         "pass the coordinator's client token with --token or RECUR_TOKEN"
                     }
-                    tonic::Code::Unavailable => "is the coordinator running? `recur local` starts one",
+                    tonic::Code::Unavailable => {
+                        "is the coordinator running? `recur local` starts one"
+                    }
                     _ => "",
                 };
                 Self::new(e.to_string(), hint)
@@ -80,8 +84,20 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Demo(args) => demo::run(args, cli.json).await,
         Command::Local(args) => local(args).await,
-        Command::Gen(GenCommand::Ball { rows, seed, min_len, max_len, output }) => {
-            let config = BallConfig { rows, seed, min_len, max_len, ..BallConfig::tutorial(seed) };
+        Command::Gen(GenCommand::Ball {
+            rows,
+            seed,
+            min_len,
+            max_len,
+            output,
+        }) => {
+            let config = BallConfig {
+                rows,
+                seed,
+                min_len,
+                max_len,
+                ..BallConfig::tutorial(seed)
+            };
             let data = config
                 .generate()
                 .map_err(|e| CliError::new(e.to_string(), "use 2 <= --min-len <= --max-len"))?;
@@ -98,11 +114,17 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Jobs => {
             let jobs = connect().await?.jobs().await?;
             if cli.json {
-                println!("{}", serde_json::Value::Array(jobs.iter().map(json::job).collect()));
+                println!(
+                    "{}",
+                    serde_json::Value::Array(jobs.iter().map(json::job).collect())
+                );
             } else if jobs.is_empty() {
                 println!("no jobs");
             } else {
-                println!("{:<10} {:<10} {:>7} {:>9} {:>9}  NAME", "ID", "STATE", "EPOCHS", "BEST VAL", "TEST");
+                println!(
+                    "{:<10} {:<10} {:>7} {:>9} {:>9}  NAME",
+                    "ID", "STATE", "EPOCHS", "BEST VAL", "TEST"
+                );
                 for j in &jobs {
                     println!(
                         "{:<10} {:<10} {:>7} {:>9} {:>9}  {}",
@@ -135,18 +157,30 @@ pub async fn run(cli: Cli) -> Result<()> {
             if cli.json {
                 println!("{}", json::job(&info));
             } else {
-                println!("{} {} at epoch {}, step {}", info.id, json::state_name(info.state), info.epochs, info.steps);
+                println!(
+                    "{} {} at epoch {}, step {}",
+                    info.id,
+                    json::state_name(info.state),
+                    info.epochs,
+                    info.steps
+                );
             }
             Ok(())
         }
         Command::Workers => {
             let workers = connect().await?.workers().await?;
             if cli.json {
-                println!("{}", serde_json::Value::Array(workers.iter().map(json::worker).collect()));
+                println!(
+                    "{}",
+                    serde_json::Value::Array(workers.iter().map(json::worker).collect())
+                );
             } else if workers.is_empty() {
                 println!("no workers connected");
             } else {
-                println!("{:<6} {:<20} {:<8} {:>7} {:<10} {:>8} {:>9} {:>10}", "ID", "NAME", "DEVICE", "THREADS", "JOB", "ROWS", "STEPS", "LAST SEEN");
+                println!(
+                    "{:<6} {:<20} {:<8} {:>7} {:<10} {:>8} {:>9} {:>10}",
+                    "ID", "NAME", "DEVICE", "THREADS", "JOB", "ROWS", "STEPS", "LAST SEEN"
+                );
                 for w in &workers {
                     println!(
                         "{:<6} {:<20} {:<8} {:>7} {:<10} {:>8} {:>9} {:>8}ms",
@@ -169,7 +203,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             let mut client = connect().await?;
             let (epochs, _) = history(&mut client, &job).await?;
             if epochs.is_empty() {
-                return Err(CliError::new(format!("{job} has no finished epoch yet"), "plot it once an epoch is done"));
+                return Err(CliError::new(
+                    format!("{job} has no finished epoch yet"),
+                    "plot it once an epoch is done",
+                ));
             }
             plot::accuracy_chart(&output, &format!("{job}: accuracy per epoch"), &epochs)?;
             if cli.json {
@@ -196,21 +233,45 @@ fn print_job(info: &pb::JobInfo, as_json: bool) {
     if !spec.name.is_empty() {
         println!("name       {}", spec.name);
     }
-    println!("state      {}{}", json::state_name(info.state), if info.message.is_empty() { String::new() } else { format!(" ({})", info.message) });
+    println!(
+        "state      {}{}",
+        json::state_name(info.state),
+        if info.message.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", info.message)
+        }
+    );
     println!("dataset    {}", spec.dataset_id);
     println!("epochs     {} ({} steps)", info.epochs, info.steps);
     if let Some(v) = &info.best_validation {
-        println!("best       epoch {}: validation accuracy {:.2}%, MAE {:.4}", info.best_epoch, v.accuracy * 100.0, v.mae);
+        println!(
+            "best       epoch {}: validation accuracy {:.2}%, MAE {:.4}",
+            info.best_epoch,
+            v.accuracy * 100.0,
+            v.mae
+        );
     }
     if let Some(e) = &info.last_epoch {
         let t = e.timing.unwrap_or_default();
         println!(
             "last epoch {}: loss {:.3e}, {:.0} samples/s, {} workers, step {:.3} ms (compute {:.3}, wait {:.3})",
-            e.epoch, e.train_loss, e.samples_per_sec, e.workers, t.total_ms, t.compute_ms, t.wait_ms
+            e.epoch,
+            e.train_loss,
+            e.samples_per_sec,
+            e.workers,
+            t.total_ms,
+            t.compute_ms,
+            t.wait_ms
         );
     }
     if let Some(t) = &info.test {
-        println!("test       accuracy {:.2}%, MAE {:.4}, exact {:.2}%", t.accuracy * 100.0, t.mae, t.exact * 100.0);
+        println!(
+            "test       accuracy {:.2}%, MAE {:.4}, exact {:.2}%",
+            t.accuracy * 100.0,
+            t.mae,
+            t.exact * 100.0
+        );
     }
     if !info.stop_reason.is_empty() {
         println!("stopped by {}", info.stop_reason);
@@ -232,7 +293,16 @@ fn print_summary(info: &pb::JobInfo) {
                 t.exact * 100.0
             );
         }
-        _ => println!("{} {}{}", info.id, json::state_name(info.state), if info.message.is_empty() { String::new() } else { format!(": {}", info.message) }),
+        _ => println!(
+            "{} {}{}",
+            info.id,
+            json::state_name(info.state),
+            if info.message.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", info.message)
+            }
+        ),
     }
 }
 
@@ -247,7 +317,10 @@ async fn history(client: &mut Client, job: &str) -> Result<(Vec<pb::EpochMetrics
             None => {}
         }
     }
-    Err(CliError::new(format!("the coordinator ended the stream of {job} early"), ""))
+    Err(CliError::new(
+        format!("the coordinator ended the stream of {job} early"),
+        "",
+    ))
 }
 
 fn epoch_bar(max_epochs: u64) -> ProgressBar {
@@ -307,7 +380,12 @@ async fn watch(client: &mut Client, job: &str, as_json: bool) -> Result<pb::JobI
         }
     }
     bar.finish_and_clear();
-    last.ok_or_else(|| CliError::new(format!("the coordinator ended the stream of {job} early"), ""))
+    last.ok_or_else(|| {
+        CliError::new(
+            format!("the coordinator ended the stream of {job} early"),
+            "",
+        )
+    })
 }
 
 fn train_spec(args: &TrainArgs, dataset_id: String) -> Result<pb::JobSpec> {
@@ -326,7 +404,10 @@ fn train_spec(args: &TrainArgs, dataset_id: String) -> Result<pb::JobSpec> {
     if let Some(lr) = args.lr
         && !(lr.is_finite() && lr > 0.0)
     {
-        return Err(CliError::new(format!("--lr {lr} is not a positive number"), "for example --lr 0.01"));
+        return Err(CliError::new(
+            format!("--lr {lr} is not a positive number"),
+            "for example --lr 0.01",
+        ));
     }
     let (scale, scale_auto) = if args.scale == "auto" {
         (None, true)
@@ -335,14 +416,19 @@ fn train_spec(args: &TrainArgs, dataset_id: String) -> Result<pb::JobSpec> {
             Ok(v) if v.is_finite() && v > 0.0 => (Some(v), false),
             _ => {
                 return Err(CliError::new(
-                    format!("--scale {} is neither `auto` nor a positive number", args.scale),
+                    format!(
+                        "--scale {} is neither `auto` nor a positive number",
+                        args.scale
+                    ),
                     "for example --scale 50 or --scale auto",
                 ));
             }
         }
     };
     let name = args.name.clone().unwrap_or_else(|| {
-        args.file.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        args.file
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
     });
     Ok(pb::JobSpec {
         name,
@@ -355,7 +441,11 @@ fn train_spec(args: &TrainArgs, dataset_id: String) -> Result<pb::JobSpec> {
             bidirectional: args.bidirectional,
             output_size: 1,
         }),
-        optimizer: Some(pb::OptimizerSpec { kind: optimizer as i32, lr: args.lr, ..Default::default() }),
+        optimizer: Some(pb::OptimizerSpec {
+            kind: optimizer as i32,
+            lr: args.lr,
+            ..Default::default()
+        }),
         batch_size: args.batch,
         max_epochs: args.epochs,
         patience: args.patience,
@@ -368,7 +458,11 @@ fn train_spec(args: &TrainArgs, dataset_id: String) -> Result<pb::JobSpec> {
 }
 
 /// Uploads a file with a byte progress bar; returns the dataset id.
-pub(crate) async fn upload(client: &mut Client, path: &Path, bytes: Vec<u8>) -> Result<pb::UploadDatasetResponse> {
+pub(crate) async fn upload(
+    client: &mut Client,
+    path: &Path,
+    bytes: Vec<u8>,
+) -> Result<pb::UploadDatasetResponse> {
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(bytes.len() as u64);
         bar.set_style(
@@ -381,10 +475,14 @@ pub(crate) async fn upload(client: &mut Client, path: &Path, bytes: Vec<u8>) -> 
     };
     let progress = bar.clone();
     let name = path.display().to_string();
-    let result = client.upload(&name, bytes, move |n| progress.set_position(n)).await;
+    let result = client
+        .upload(&name, bytes, move |n| progress.set_position(n))
+        .await;
     bar.finish_and_clear();
     result.map_err(|e| match e.code() {
-        Some(tonic::Code::InvalidArgument) => CliError::new(e.to_string(), "fix the file and run again"),
+        Some(tonic::Code::InvalidArgument) => {
+            CliError::new(e.to_string(), "fix the file and run again")
+        }
         _ => e.into(),
     })
 }
@@ -398,12 +496,22 @@ async fn train(client: &mut Client, args: TrainArgs, as_json: bool) -> Result<()
     let job = submitted.job_id;
     if !as_json {
         let rows = uploaded.stats.map_or(0, |s| s.rows);
-        eprintln!("uploaded {} ({rows} rows) as dataset {}", args.file.display(), &uploaded.dataset_id[..12]);
-        eprintln!("submitted {job} ({} ahead in the queue)", submitted.queue_position);
+        eprintln!(
+            "uploaded {} ({rows} rows) as dataset {}",
+            args.file.display(),
+            &uploaded.dataset_id[..12]
+        );
+        eprintln!(
+            "submitted {job} ({} ahead in the queue)",
+            submitted.queue_position
+        );
     }
     if args.detach {
         if as_json {
-            println!("{}", json!({"job_id": job, "dataset_id": uploaded.dataset_id}));
+            println!(
+                "{}",
+                json!({"job_id": job, "dataset_id": uploaded.dataset_id})
+            );
         } else {
             println!("{job}");
         }
@@ -415,7 +523,10 @@ async fn train(client: &mut Client, args: TrainArgs, as_json: bool) -> Result<()
         println!("job id: {job}");
     }
     if pb::JobState::try_from(info.state) == Ok(pb::JobState::Failed) {
-        return Err(CliError::new(format!("{job} failed: {}", info.message), "`recur status` shows the job"));
+        return Err(CliError::new(
+            format!("{job} failed: {}", info.message),
+            "`recur status` shows the job",
+        ));
     }
     Ok(())
 }
@@ -458,7 +569,9 @@ async fn predict(client: &mut Client, args: PredictArgs, as_json: bool) -> Resul
                 Err(e) => println!("error: {e}"),
                 Ok(history) => match client.predict(&job, vec![history]).await {
                     Ok(r) => println!("Next ball location: {}", format_value(r.predictions[0])),
-                    Err(e) if e.code() == Some(tonic::Code::InvalidArgument) => println!("error: {e}"),
+                    Err(e) if e.code() == Some(tonic::Code::InvalidArgument) => {
+                        println!("error: {e}")
+                    }
                     Err(e) => return Err(e.into()),
                 },
             }
@@ -472,10 +585,18 @@ async fn predict(client: &mut Client, args: PredictArgs, as_json: bool) -> Resul
             if line.trim().is_empty() {
                 continue;
             }
-            rows.push(parse_history(&line).map_err(|e| CliError::new(format!("stdin:{}: {e}", i + 1), "give one history per line, like 1,3,5,7"))?);
+            rows.push(parse_history(&line).map_err(|e| {
+                CliError::new(
+                    format!("stdin:{}: {e}", i + 1),
+                    "give one history per line, like 1,3,5,7",
+                )
+            })?);
         }
         if rows.is_empty() {
-            return Err(CliError::new("stdin has no histories", "give one history per line, like 1,3,5,7"));
+            return Err(CliError::new(
+                "stdin has no histories",
+                "give one history per line, like 1,3,5,7",
+            ));
         }
         let mut predictions = Vec::with_capacity(rows.len());
         for chunk in rows.chunks(1000) {
@@ -490,10 +611,14 @@ async fn predict(client: &mut Client, args: PredictArgs, as_json: bool) -> Resul
         }
         return Ok(());
     }
-    let values = parse_history(&history).map_err(|e| CliError::new(e, "give a history like 1,3,5,7"))?;
+    let values =
+        parse_history(&history).map_err(|e| CliError::new(e, "give a history like 1,3,5,7"))?;
     let r = client.predict(&job, vec![values]).await?;
     if as_json {
-        println!("{}", json!({"predictions": r.predictions, "epoch": r.epoch}));
+        println!(
+            "{}",
+            json!({"predictions": r.predictions, "epoch": r.epoch})
+        );
     } else {
         println!("{}", format_value(r.predictions[0]));
     }
@@ -515,9 +640,17 @@ async fn checkpoint(client: &mut Client, args: CheckpointArgs, as_json: bool) ->
     recur_core::checkpoint::atomic_write(&manifest_path, manifest.as_bytes())
         .map_err(|e| CliError::new(e.to_string(), "check the output path"))?;
     if as_json {
-        println!("{}", json!({"path": args.output, "manifest": manifest_path, "bytes": bytes.len()}));
+        println!(
+            "{}",
+            json!({"path": args.output, "manifest": manifest_path, "bytes": bytes.len()})
+        );
     } else {
-        println!("wrote {} ({} bytes) and {}", args.output.display(), bytes.len(), manifest_path.display());
+        println!(
+            "wrote {} ({} bytes) and {}",
+            args.output.display(),
+            bytes.len(),
+            manifest_path.display()
+        );
     }
     Ok(())
 }
@@ -535,16 +668,27 @@ async fn local(args: LocalArgs) -> Result<()> {
     let config = recur_coordinator::CoordinatorConfig::new(&data_dir);
     let cluster = LocalCluster::start(&args.listen, config, args.workers)
         .await
-        .map_err(|e| CliError::new(e.to_string(), "pick another address with --listen, e.g. 127.0.0.1:0"))?;
+        .map_err(|e| {
+            CliError::new(
+                e.to_string(),
+                "pick another address with --listen, e.g. 127.0.0.1:0",
+            )
+        })?;
     println!(
         "recur local: coordinator on {} with {} workers, data in {}",
         cluster.url(),
         args.workers,
         data_dir.display()
     );
-    println!("try: recur --coordinator {} workers    (Ctrl-C stops)", cluster.url());
+    println!(
+        "try: recur --coordinator {} workers    (Ctrl-C stops)",
+        cluster.url()
+    );
     let _ = tokio::signal::ctrl_c().await;
     eprintln!("stopping");
-    cluster.shutdown().await.map_err(|e| CliError::new(e.to_string(), ""))?;
+    cluster
+        .shutdown()
+        .await
+        .map_err(|e| CliError::new(e.to_string(), ""))?;
     Ok(())
 }

@@ -12,10 +12,18 @@ use super::CliError;
 static FONT: Once = Once::new();
 
 /// Writes the chart to `path`: PNG or SVG by extension.
-pub fn accuracy_chart(path: &Path, title: &str, epochs: &[pb::EpochMetrics]) -> Result<(), CliError> {
+pub fn accuracy_chart(
+    path: &Path,
+    title: &str,
+    epochs: &[pb::EpochMetrics],
+) -> Result<(), CliError> {
     FONT.call_once(|| {
         // The embedded DejaVu Sans: no system font library is needed.
-        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular());
+        let _ = plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            dejavu::sans::regular(),
+        );
     });
     let ext = path
         .extension()
@@ -24,8 +32,16 @@ pub fn accuracy_chart(path: &Path, title: &str, epochs: &[pb::EpochMetrics]) -> 
         .unwrap_or_default();
     let size = (900, 540);
     let drawn = match ext.as_str() {
-        "png" => draw(BitMapBackend::new(path, size).into_drawing_area(), title, epochs),
-        "svg" => draw(SVGBackend::new(path, size).into_drawing_area(), title, epochs),
+        "png" => draw(
+            BitMapBackend::new(path, size).into_drawing_area(),
+            title,
+            epochs,
+        ),
+        "svg" => draw(
+            SVGBackend::new(path, size).into_drawing_area(),
+            title,
+            epochs,
+        ),
         _ => {
             return Err(CliError::new(
                 format!("{}: the chart must be a .png or .svg file", path.display()),
@@ -33,7 +49,12 @@ pub fn accuracy_chart(path: &Path, title: &str, epochs: &[pb::EpochMetrics]) -> 
             ));
         }
     };
-    drawn.map_err(|e| CliError::new(format!("{}: cannot draw the chart: {e}", path.display()), ""))
+    drawn.map_err(|e| {
+        CliError::new(
+            format!("{}: cannot draw the chart: {e}", path.display()),
+            "",
+        )
+    })
 }
 
 fn draw<DB: DrawingBackend>(
@@ -61,9 +82,12 @@ where
     // Early epochs can be far below 0; the chart shows 0..1 as the tutorial's does.
     let clamp = |v: f64| v.clamp(0.0, 1.0);
     let train = epochs.iter().map(|e| (e.epoch, clamp(e.train_accuracy)));
-    let val = epochs
-        .iter()
-        .map(|e| (e.epoch, clamp(e.validation.as_ref().map_or(0.0, |m| m.accuracy))));
+    let val = epochs.iter().map(|e| {
+        (
+            e.epoch,
+            clamp(e.validation.as_ref().map_or(0.0, |m| m.accuracy)),
+        )
+    });
     chart
         .draw_series(LineSeries::new(train, BLUE.stroke_width(2)))?
         .label("training accuracy")

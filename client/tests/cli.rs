@@ -1,0 +1,343 @@
+//! The real `recur` binary against a real embedded cluster.
+
+use std::path::Path;
+use std::process::Output;
+
+use assert_cmd::Command;
+use candle_core::Device;
+use recur_client::local::LocalCluster;
+use recur_coordinator::CoordinatorConfig;
+use recur_core::checkpoint::load_state_dict;
+use recur_core::model::ModelConfig;
+use serde_json::Value;
+
+fn recur(coordinator: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::cargo_bin("recur").unwrap();
+    cmd.env("RECUR_COORDINATOR", coordinator)
+        .env_remove("RECUR_TOKEN")
+        .args(args);
+    cmd
+}
+
+fn ok(output: Output) -> String {
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn failed(output: Output) -> (i32, String) {
+    assert!(
+        !output.status.success(),
+        "expected failure: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// Runs a blocking command off the runtime's threads.
+async fn run(mut cmd: Command) -> Output {
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_drives_a_cluster_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(
+        "127.0.0.1:0",
+        CoordinatorConfig::new(dir.path().join("data")),
+        2,
+    )
+    .await
+    .unwrap();
+    let url = cluster.url();
+    let d = dir.path();
+    let csv = d.join("ball.csv");
+
+    // gen
+    let out = ok(run(recur(
+        &url,
+        &[
+            "gen",
+            "ball",
+            "--rows",
+            "1500",
+            "--seed",
+            "3",
+            "-o",
+            csv.to_str().unwrap(),
+        ],
+    ))
+    .await);
+    assert!(out.contains("wrote 1500 rows"), "{out}");
+    assert_eq!(std::fs::read_to_string(&csv).unwrap().lines().count(), 1500);
+
+    // train to completion, text output
+    let out = ok(run(recur(
+        &url,
+        &[
+            "train",
+            csv.to_str().unwrap(),
+            "--epochs",
+            "4",
+            "--seed",
+            "3",
+        ],
+    ))
+    .await);
+    assert!(
+        out.contains("completed (max_epochs) after 4 epochs"),
+        "{out}"
+    );
+    assert!(out.contains("test accuracy"), "{out}");
+    assert!(out.contains("job id: job-1"), "{out}");
+
+    // workers, jobs, status: text and JSON
+    let out = ok(run(recur(&url, &["workers"])).await);
+    assert!(out.contains("local-1") && out.contains("local-2"), "{out}");
+    let workers = json(&ok(run(recur(&url, &["--json", "workers"])).await));
+    assert_eq!(workers.as_array().unwrap().len(), 2);
+    assert_eq!(workers[0]["device"], "cpu");
+    let out = ok(run(recur(&url, &["jobs"])).await);
+    assert!(out.contains("job-1") && out.contains("completed"), "{out}");
+    let jobs = json(&ok(run(recur(&url, &["jobs", "--json"])).await));
+    assert_eq!(jobs[0]["id"], "job-1");
+    assert_eq!(jobs[0]["state"], "completed");
+    let out = ok(run(recur(&url, &["status", "job-1"])).await);
+    assert!(
+        out.contains("state      completed") && out.contains("test       accuracy"),
+        "{out}"
+    );
+    let status = json(&ok(run(recur(&url, &["--json", "status", "job-1"])).await));
+    assert_eq!(status["epochs"], 4);
+    assert!(status["test"]["accuracy"].as_f64().is_some());
+
+    // watch a finished job: its summary; with --json, one event per line
+    let out = ok(run(recur(&url, &["watch", "job-1"])).await);
+    assert!(out.contains("job-1 completed"), "{out}");
+    let out = ok(run(recur(&url, &["--json", "watch", "job-1"])).await);
+    let events: Vec<Value> = out.lines().map(json).collect();
+    let epochs: Vec<u64> = events
+        .iter()
+        .filter(|e| e["event"] == "epoch")
+        .map(|e| e["epoch"]["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(epochs, [1, 2, 3, 4]);
+    assert_eq!(events.last().unwrap()["job"]["state"], "completed");
+
+    // predict: one history, stdin, interactive
+    let one = ok(run(recur(&url, &["predict", "job-1", "1,3,5,7"])).await);
+    let one: f64 = one.trim().parse().unwrap();
+    let mut cmd = recur(&url, &["predict", "job-1", "-"]);
+    cmd.write_stdin("1,3,5,7\n\n2,4,6\n");
+    let lines = ok(run(cmd).await);
+    let values: Vec<f64> = lines.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(values.len(), 2);
+    assert!((values[0] - one).abs() < 1e-3);
+    let mut cmd = recur(&url, &["predict", "job-1", "--interactive"]);
+    cmd.write_stdin("1,3,5,7\nabc\n2,4,6\n");
+    let session = ok(run(cmd).await);
+    assert_eq!(
+        session.matches("History ball locations:").count(),
+        4,
+        "{session}"
+    );
+    assert_eq!(
+        session.matches("Next ball location:").count(),
+        2,
+        "{session}"
+    );
+    assert!(
+        session.contains("error: value 1 `abc` is not a number"),
+        "{session}"
+    );
+    let predicted = json(&ok(run(recur(
+        &url,
+        &["--json", "predict", "job-1", "1,3,5,7"],
+    ))
+    .await));
+    assert_eq!(predicted["predictions"].as_array().unwrap().len(), 1);
+
+    // checkpoint: a file recur-core loads, with its manifest beside it
+    let model = d.join("model.safetensors");
+    let out = ok(run(recur(
+        &url,
+        &["checkpoint", "job-1", "-o", model.to_str().unwrap()],
+    ))
+    .await);
+    assert!(out.contains("model.safetensors"), "{out}");
+    let params = load_state_dict(&model, ModelConfig::tutorial(), &Device::Cpu).unwrap();
+    assert_eq!(params.to_flat().unwrap().len(), 97);
+    let manifest = json(&std::fs::read_to_string(d.join("model.json")).unwrap());
+    assert_eq!(manifest["model"]["kind"], "rnn_tanh");
+    ok(run(recur(
+        &url,
+        &[
+            "checkpoint",
+            "job-1",
+            "--latest",
+            "-o",
+            d.join("latest.safetensors").to_str().unwrap(),
+        ],
+    ))
+    .await);
+
+    // plot: PNG and SVG
+    let png = d.join("acc.png");
+    let svg = d.join("acc.svg");
+    ok(run(recur(&url, &["plot", "job-1", "-o", png.to_str().unwrap()])).await);
+    ok(run(recur(&url, &["plot", "job-1", "-o", svg.to_str().unwrap()])).await);
+    assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
+    let svg_text = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        svg_text.starts_with("<svg") && svg_text.contains("validating accuracy"),
+        "{}",
+        &svg_text[..200.min(svg_text.len())]
+    );
+
+    // cancel: a detached long job
+    let out = ok(run(recur(
+        &url,
+        &[
+            "train",
+            csv.to_str().unwrap(),
+            "--epochs",
+            "100000",
+            "--patience",
+            "100000",
+            "--detach",
+        ],
+    ))
+    .await);
+    assert_eq!(out.trim(), "job-2");
+    let cancelled = json(&ok(run(recur(&url, &["--json", "cancel", "job-2"])).await));
+    assert_eq!(cancelled["state"], "cancelled");
+    let out = ok(run(recur(&url, &["status", "job-2"])).await);
+    assert!(out.contains("cancelled"), "{out}");
+
+    errors(&url, d).await;
+    cluster.shutdown().await.unwrap();
+}
+
+async fn errors(url: &str, d: &Path) {
+    // Unknown job.
+    let (code, err) = failed(run(recur(url, &["status", "job-77"])).await);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("error: no job job-77") && err.contains("hint: `recur jobs`"),
+        "{err}"
+    );
+    // Bad CSV: every bad line, as file:line: what.
+    let bad = d.join("bad.csv");
+    std::fs::write(&bad, "1,2,3\n1,x,3\n\n5\n").unwrap();
+    let (code, err) = failed(run(recur(url, &["train", bad.to_str().unwrap()])).await);
+    assert_eq!(code, 1);
+    let name = bad.display().to_string();
+    assert!(
+        err.contains(&format!("{name}:2: value 2 `x` is not a number")),
+        "{err}"
+    );
+    assert!(err.contains(&format!("{name}:4: has 1 value")), "{err}");
+    // Bad flag values.
+    let (code, err) = failed(
+        run(recur(
+            url,
+            &["train", bad.to_str().unwrap(), "--hidden", "0"],
+        ))
+        .await,
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("--hidden"), "{err}");
+    let (code, err) = failed(
+        run(recur(
+            url,
+            &["train", bad.to_str().unwrap(), "--model", "transformer"],
+        ))
+        .await,
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("transformer"), "{err}");
+    let (code, err) = failed(run(recur(url, &["predict", "job-1", "1,,3"])).await);
+    assert_eq!(code, 1);
+    assert!(err.contains("value 2 `` is not a number"), "{err}");
+    let (code, err) = failed(
+        run(recur(
+            url,
+            &["plot", "job-1", "-o", d.join("x.gif").to_str().unwrap()],
+        ))
+        .await,
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains(".png or .svg"), "{err}");
+    // Unreachable coordinator: name the address, suggest `recur local`.
+    let (code, err) = failed(run(recur("http://127.0.0.1:9", &["jobs"])).await);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cannot reach the coordinator at http://127.0.0.1:9"),
+        "{err}"
+    );
+    assert!(err.contains("recur local"), "{err}");
+}
+
+#[test]
+fn the_demo_beats_the_tutorial_and_answers_its_five_histories() {
+    let dir = tempfile::tempdir().unwrap();
+    let chart = dir.path().join("demo.png");
+    let mut cmd = Command::cargo_bin("recur").unwrap();
+    cmd.args(["demo", "--chart", chart.to_str().unwrap()])
+        .env_remove("RECUR_COORDINATOR");
+    let out = ok(cmd.output().unwrap());
+    let metrics = out
+        .lines()
+        .find(|l| l.starts_with("test accuracy"))
+        .unwrap_or_else(|| panic!("{out}"));
+    let accuracy: f64 = metrics
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .trim_end_matches('%')
+        .parse()
+        .unwrap();
+    assert!(accuracy > 95.0, "{metrics}");
+    assert!(
+        out.contains("tutorial (PyTorch, SGD, 2,351 epochs): test accuracy 92.75%"),
+        "{out}"
+    );
+    for (history, expected) in [
+        ("1,2,3", 4.0),
+        ("3,5,7", 9.0),
+        ("9,7,5,3", 1.0),
+        ("2,0,-2", -4.0),
+        ("0,-3,-6", -9.0),
+    ] {
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{history} ")))
+            .unwrap_or_else(|| panic!("{history} missing:\n{out}"));
+        let predicted: f64 = line
+            .split("->")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((predicted - expected).abs() < 0.5, "{line}");
+        assert!(line.contains(&format!("(expected {expected})")), "{line}");
+    }
+    assert_eq!(&std::fs::read(&chart).unwrap()[..4], b"\x89PNG");
+}
