@@ -6,6 +6,8 @@
 //! training protocol testable without sockets or sleeps.
 
 mod job;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;

@@ -1,0 +1,435 @@
+//! The scheduler without sockets: real workers' executors answer its commands in memory, and
+//! the tests decide which messages arrive, late, twice or never.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use recur_core::checkpoint::Checkpoint;
+use recur_core::data::BallConfig;
+use recur_proto::v1 as pb;
+use recur_worker::Executor;
+
+use super::*;
+use crate::spec::{JobSpec, SpecLimits};
+
+use pb::coordinator_message::Kind as Cmd;
+use pb::worker_message::Kind as Reply;
+
+/// What to do with a command on its way to a worker.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fate {
+    Deliver,
+    /// The worker dies before it can answer.
+    Kill,
+}
+
+struct Sim {
+    s: Scheduler,
+    now: Instant,
+    workers: BTreeMap<WorkerId, Executor>,
+    replies: VecDeque<(WorkerId, Reply)>,
+    progress: Vec<(JobId, JobProgress)>,
+    epochs: Vec<(JobId, pb::EpochMetrics)>,
+    checkpoints: Vec<(JobId, CheckpointKind, Checkpoint)>,
+    disconnects: Vec<(WorkerId, String)>,
+    sent: Vec<(WorkerId, Cmd)>,
+}
+
+impl Sim {
+    fn new() -> Self {
+        Self {
+            s: Scheduler::new(SchedulerConfig::default()),
+            now: Instant::now(),
+            workers: BTreeMap::new(),
+            replies: VecDeque::new(),
+            progress: Vec::new(),
+            epochs: Vec::new(),
+            checkpoints: Vec::new(),
+            disconnects: Vec::new(),
+            sent: Vec::new(),
+        }
+    }
+
+    fn join(&mut self, name: &str) -> WorkerId {
+        let hello = pb::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            name: name.into(),
+            device: "cpu".into(),
+            threads: 1,
+        };
+        let id = self.s.join(&hello, self.now);
+        self.workers.insert(id, Executor::new(Device::Cpu));
+        id
+    }
+
+    /// Carries out actions and delivers replies until nothing moves; `fate` decides each command.
+    fn run(&mut self, mut fate: impl FnMut(&Sim, WorkerId, &Cmd) -> Fate) {
+        loop {
+            let actions = self.s.take_actions();
+            if actions.is_empty() && self.replies.is_empty() {
+                return;
+            }
+            for action in actions {
+                match action {
+                    Action::Send(w, m) => {
+                        let Some(cmd) = m.kind else { continue };
+                        if !self.workers.contains_key(&w) {
+                            continue;
+                        }
+                        match fate(self, w, &cmd) {
+                            Fate::Deliver => {
+                                self.sent.push((w, cmd.clone()));
+                                if let Some(reply) =
+                                    self.workers.get_mut(&w).and_then(|e| e.handle(cmd))
+                                {
+                                    self.replies.push_back((w, reply));
+                                }
+                            }
+                            Fate::Kill => {
+                                self.workers.remove(&w);
+                                self.s.disconnect(w, "killed".into(), self.now);
+                            }
+                        }
+                    }
+                    Action::Disconnect(w, reason) => {
+                        self.workers.remove(&w);
+                        self.disconnects.push((w, reason));
+                    }
+                    Action::Job(id, p) => self.progress.push((id, p)),
+                    Action::Epoch(id, e) => self.epochs.push((id, e)),
+                    Action::Checkpoint(id, kind, c) => self.checkpoints.push((id, kind, *c)),
+                }
+            }
+            if let Some((w, reply)) = self.replies.pop_front() {
+                if self.workers.contains_key(&w) {
+                    self.s.message(w, reply, self.now);
+                }
+            }
+        }
+    }
+
+    fn deliver_all(&mut self) {
+        self.run(|_, _, _| Fate::Deliver);
+    }
+
+    fn final_state(&self, job: &JobId) -> Option<(JobState, String)> {
+        self.progress
+            .iter()
+            .rev()
+            .filter(|(id, _)| id == job)
+            .find_map(|(_, p)| {
+                p.state
+                    .filter(|s| s.is_final())
+                    .map(|s| (s, p.message.clone().unwrap_or_default()))
+            })
+    }
+
+    fn latest_params(&self, job: &JobId) -> Vec<f32> {
+        self.checkpoints
+            .iter()
+            .rev()
+            .find(|(id, kind, _)| id == job && *kind == CheckpointKind::Latest)
+            .map(|(_, _, c)| c.params.clone())
+            .expect("a latest checkpoint")
+    }
+}
+
+fn job(n: u64, max_steps: u64, seed: u64) -> NewJob {
+    let data = BallConfig {
+        rows: 400,
+        ..BallConfig::tutorial(seed)
+    }
+    .generate()
+    .unwrap();
+    let wire = pb::JobSpec {
+        dataset_id: "c".repeat(64),
+        batch_size: 40,
+        max_steps,
+        seed,
+        ..Default::default()
+    };
+    NewJob {
+        id: JobId::nth(n),
+        spec: JobSpec::from_proto(
+            &wire,
+            &SpecLimits {
+                max_params: 1 << 20,
+                max_batch: 1 << 16,
+            },
+        )
+        .unwrap(),
+        data: Arc::new(data),
+        resume: None,
+    }
+}
+
+fn steps_of(sim: &Sim, job: &JobId) -> u64 {
+    sim.progress
+        .iter()
+        .filter(|(id, _)| id == job)
+        .map(|(_, p)| p.steps)
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_job_runs_to_completion_on_two_workers() {
+    let mut sim = Sim::new();
+    sim.join("a");
+    sim.join("b");
+    sim.s.submit(job(1, 12, 1), sim.now);
+    sim.deliver_all();
+    let id = JobId::nth(1);
+    assert_eq!(sim.final_state(&id).map(|s| s.0), Some(JobState::Completed));
+    assert_eq!(steps_of(&sim, &id), 12);
+    // 240 training rows in batches of 40: 6 steps an epoch, so 2 epochs.
+    let epochs: Vec<u64> = sim.epochs.iter().map(|(_, e)| e.epoch).collect();
+    assert_eq!(epochs, [1, 2]);
+    assert!(sim.epochs.iter().all(|(_, e)| e.workers == 2));
+    assert!(
+        sim.checkpoints
+            .iter()
+            .any(|(_, k, c)| *k == CheckpointKind::Best && c.manifest.test.is_some())
+    );
+    // Both workers were released.
+    let releases = sim
+        .sent
+        .iter()
+        .filter(|(_, c)| matches!(c, Cmd::Release(_)))
+        .count();
+    assert_eq!(releases, 2);
+    assert!(sim.s.running().is_none());
+}
+
+#[test]
+fn a_worker_lost_mid_step_is_replaced_and_the_result_is_unchanged() {
+    let mut clean = Sim::new();
+    for n in ["a", "b", "c"] {
+        clean.join(n);
+    }
+    clean.s.submit(job(1, 9, 2), clean.now);
+    clean.deliver_all();
+    let reference = clean.latest_params(&JobId::nth(1));
+
+    let mut faulty = Sim::new();
+    for n in ["a", "b", "c"] {
+        faulty.join(n);
+    }
+    faulty.s.submit(job(1, 9, 2), faulty.now);
+    // Worker 2 dies when the fourth step reaches it.
+    let victim = WorkerId(2);
+    faulty.run(|_, w, cmd| match cmd {
+        Cmd::Step(s) if w == victim && s.step == 4 => Fate::Kill,
+        _ => Fate::Deliver,
+    });
+    let id = JobId::nth(1);
+    assert_eq!(
+        faulty.final_state(&id).map(|s| s.0),
+        Some(JobState::Completed)
+    );
+    assert_eq!(steps_of(&faulty, &id), 9, "no step lost or applied twice");
+    let params = faulty.latest_params(&id);
+    for (a, b) in params.iter().zip(&reference) {
+        assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-2), "{a} vs {b}");
+    }
+    // The survivors were resharded and took over.
+    assert!(faulty.epochs.last().is_some_and(|(_, e)| e.workers == 2));
+}
+
+#[test]
+fn duplicate_and_stale_results_are_discarded() {
+    let mut sim = Sim::new();
+    let a = sim.join("a");
+    sim.s.submit(job(1, 3, 3), sim.now);
+    // Deliver everything, but feed every step result twice and an old one once more.
+    let mut seen: Vec<Reply> = Vec::new();
+    loop {
+        let actions = sim.s.take_actions();
+        if actions.is_empty() {
+            break;
+        }
+        for action in actions {
+            match action {
+                Action::Send(w, m) => {
+                    if let Some(reply) = m
+                        .kind
+                        .and_then(|c| sim.workers.get_mut(&w).and_then(|e| e.handle(c)))
+                    {
+                        seen.push(reply.clone());
+                        sim.s.message(w, reply.clone(), sim.now);
+                        sim.s.message(w, reply, sim.now);
+                        if let Some(first) = seen.first() {
+                            sim.s.message(w, first.clone(), sim.now);
+                        }
+                    }
+                }
+                Action::Job(id, p) => sim.progress.push((id, p)),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(steps_of(&sim, &JobId::nth(1)), 3);
+    assert_eq!(
+        sim.final_state(&JobId::nth(1)).map(|s| s.0),
+        Some(JobState::Completed)
+    );
+    assert!(sim.s.workers().contains_key(&a));
+}
+
+#[test]
+fn silent_workers_are_dropped_after_the_heartbeat_timeout() {
+    let mut sim = Sim::new();
+    let a = sim.join("a");
+    let b = sim.join("b");
+    sim.deliver_all();
+    let later = sim.now + Duration::from_secs(2);
+    sim.s.message(a, Reply::Heartbeat(pb::Heartbeat {}), later);
+    sim.s.tick(sim.now + Duration::from_millis(3500));
+    assert!(sim.s.workers().contains_key(&a));
+    assert!(!sim.s.workers().contains_key(&b));
+    sim.deliver_all();
+    assert!(
+        sim.disconnects
+            .iter()
+            .any(|(w, r)| *w == b && r.contains("no heartbeat"))
+    );
+}
+
+#[test]
+fn a_gradient_of_the_wrong_length_drops_the_worker_and_nan_fails_the_job() {
+    let mut sim = Sim::new();
+    let a = sim.join("a");
+    sim.join("b");
+    sim.s.submit(job(1, 6, 4), sim.now);
+    let mut tampered = false;
+    // Worker a truncates its first gradient.
+    loop {
+        let actions = sim.s.take_actions();
+        if actions.is_empty() && sim.replies.is_empty() {
+            break;
+        }
+        for action in actions {
+            match action {
+                Action::Send(w, m) => {
+                    if let Some(reply) = m
+                        .kind
+                        .and_then(|c| sim.workers.get_mut(&w).and_then(|e| e.handle(c)))
+                    {
+                        let reply = match reply {
+                            Reply::StepResult(mut r) if w == a && !tampered => {
+                                tampered = true;
+                                r.grad_sum.pop();
+                                Reply::StepResult(r)
+                            }
+                            other => other,
+                        };
+                        sim.replies.push_back((w, reply));
+                    }
+                }
+                Action::Disconnect(w, reason) => {
+                    sim.workers.remove(&w);
+                    sim.disconnects.push((w, reason));
+                }
+                Action::Job(id, p) => sim.progress.push((id, p)),
+                _ => {}
+            }
+        }
+        if let Some((w, r)) = sim.replies.pop_front()
+            && sim.workers.contains_key(&w)
+        {
+            sim.s.message(w, r, sim.now);
+        }
+    }
+    assert!(
+        sim.disconnects
+            .iter()
+            .any(|(w, r)| *w == a && r.contains("gradient of 96 values for a model of 97")),
+        "{:?}",
+        sim.disconnects
+    );
+    assert_eq!(
+        sim.final_state(&JobId::nth(1)).map(|s| s.0),
+        Some(JobState::Completed)
+    );
+    assert_eq!(steps_of(&sim, &JobId::nth(1)), 6);
+
+    // A NaN gradient: the step is not applied and the job fails, naming the worker.
+    let mut sim = Sim::new();
+    let a = sim.join("a");
+    sim.s.submit(job(2, 6, 4), sim.now);
+    let actions = sim.s.take_actions();
+    for action in actions {
+        if let Action::Send(w, m) = action
+            && let Some(Reply::StepResult(mut r)) = m
+                .kind
+                .and_then(|c| sim.workers.get_mut(&w).and_then(|e| e.handle(c)))
+        {
+            r.grad_sum[3] = f32::NAN;
+            sim.s.message(a, Reply::StepResult(r), sim.now);
+        }
+    }
+    for action in sim.s.take_actions() {
+        if let Action::Job(id, p) = action {
+            sim.progress.push((id, p));
+        }
+    }
+    let (state, reason) = sim.final_state(&JobId::nth(2)).unwrap();
+    assert_eq!(state, JobState::Failed);
+    assert!(
+        reason.contains("non-finite gradient")
+            && reason.contains("w-1")
+            && reason.contains("not applied"),
+        "{reason}"
+    );
+    assert_eq!(steps_of(&sim, &JobId::nth(2)), 0);
+}
+
+#[test]
+fn cancel_releases_the_workers_and_the_next_job_starts() {
+    let mut sim = Sim::new();
+    sim.join("a");
+    sim.s.submit(job(1, 1000, 5), sim.now);
+    sim.s.submit(job(2, 3, 6), sim.now);
+    // Run the first job for a few steps, then cancel it.
+    let mut steps = 0;
+    sim.run(|_, _, cmd| {
+        if matches!(cmd, Cmd::Step(_)) {
+            steps += 1;
+        }
+        if steps > 4 { Fate::Kill } else { Fate::Deliver }
+    });
+    // The worker was "killed" to stop the run; bring one back and cancel.
+    sim.join("b");
+    assert!(sim.s.cancel(&JobId::nth(1), sim.now));
+    sim.deliver_all();
+    assert_eq!(
+        sim.final_state(&JobId::nth(1)).map(|s| s.0),
+        Some(JobState::Cancelled)
+    );
+    assert_eq!(
+        sim.final_state(&JobId::nth(2)).map(|s| s.0),
+        Some(JobState::Completed)
+    );
+    assert!(!sim.s.cancel(&JobId::nth(1), sim.now));
+}
+
+#[test]
+fn a_job_without_workers_waits_and_starts_when_one_joins() {
+    let mut sim = Sim::new();
+    sim.s.submit(job(1, 3, 7), sim.now);
+    sim.deliver_all();
+    let waiting = sim
+        .progress
+        .iter()
+        .any(|(_, p)| p.message.as_deref() == Some("waiting for workers"));
+    assert!(waiting, "{:?}", sim.progress);
+    assert!(sim.final_state(&JobId::nth(1)).is_none());
+    sim.join("late");
+    sim.deliver_all();
+    assert_eq!(
+        sim.final_state(&JobId::nth(1)).map(|s| s.0),
+        Some(JobState::Completed)
+    );
+}
