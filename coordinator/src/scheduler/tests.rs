@@ -102,10 +102,10 @@ impl Sim {
                     Action::Checkpoint(id, kind, c) => self.checkpoints.push((id, kind, *c)),
                 }
             }
-            if let Some((w, reply)) = self.replies.pop_front() {
-                if self.workers.contains_key(&w) {
-                    self.s.message(w, reply, self.now);
-                }
+            if let Some((w, reply)) = self.replies.pop_front()
+                && self.workers.contains_key(&w)
+            {
+                self.s.message(w, reply, self.now);
             }
         }
     }
