@@ -68,12 +68,27 @@ pub struct Client {
 impl Client {
     /// Connects to `address` (e.g. `http://127.0.0.1:7070`), presenting `token` if given.
     pub async fn connect(address: &str, token: Option<&str>) -> Result<Self> {
+        Self::connect_with(address, token, None).await
+    }
+
+    /// Connects with TLS settings too (the address must then be `https://`).
+    pub async fn connect_with(
+        address: &str,
+        token: Option<&str>,
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Result<Self> {
         let unreachable = |problem: String| ClientError::Unreachable {
             address: address.to_string(),
             problem,
         };
-        let endpoint = Endpoint::from_shared(address.to_string())
-            .map_err(|e| unreachable(e.to_string()))?
+        let mut endpoint =
+            Endpoint::from_shared(address.to_string()).map_err(|e| unreachable(e.to_string()))?;
+        if let Some(tls) = tls {
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| unreachable(e.to_string()))?;
+        }
+        let endpoint = endpoint
             .tcp_nodelay(true)
             .connect_timeout(std::time::Duration::from_secs(5));
         let channel = endpoint.connect().await.map_err(|e| {

@@ -25,6 +25,7 @@ pub struct LocalCluster {
     coordinator: JoinHandle<recur_coordinator::Result<()>>,
     workers: Vec<Option<LocalWorker>>,
     worker_template: WorkerConfig,
+    tls: bool,
 }
 
 impl LocalCluster {
@@ -39,8 +40,10 @@ impl LocalCluster {
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
         let addr = listener.local_addr()?;
         let data_dir = config.data_dir.clone();
-        let mut template = WorkerConfig::new(format!("http://{addr}"), "local");
-        template.token = config.worker_token.clone();
+        let tls = config.tls.is_some();
+        let scheme = if tls { "https" } else { "http" };
+        let mut template = WorkerConfig::new(format!("{scheme}://{addr}"), "local");
+        template.token = config.worker_token.as_ref().map(|t| t.expose().to_string());
         let (stop, stopped) = oneshot::channel::<()>();
         let coordinator = tokio::spawn(recur_coordinator::run(listener, config, async {
             let _ = stopped.await;
@@ -52,6 +55,7 @@ impl LocalCluster {
             coordinator,
             workers: Vec::new(),
             worker_template: template,
+            tls,
         };
         for _ in 0..workers {
             cluster.add_worker();
@@ -64,9 +68,18 @@ impl LocalCluster {
         self.addr
     }
 
-    /// The coordinator's URL.
+    /// The coordinator's URL (`https://` when it serves TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!(
+            "{}://{}",
+            if self.tls { "https" } else { "http" },
+            self.addr
+        )
+    }
+
+    /// TLS that workers started from now on use to dial the coordinator.
+    pub fn set_worker_tls(&mut self, tls: tonic::transport::ClientTlsConfig) {
+        self.worker_template.tls = Some(tls);
     }
 
     /// The coordinator's data directory.

@@ -5,6 +5,28 @@ use subtle::ConstantTimeEq;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
+/// A token; its `Debug` form hides the value so it never reaches a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a token.
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+
+    /// The token itself, to send or compare.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
 /// Which side a service serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Audience {
@@ -19,9 +41,9 @@ pub enum Audience {
 #[derive(Clone)]
 pub struct TokenCheck {
     audience: Audience,
-    expected: Option<String>,
+    expected: Option<Secret>,
     /// The other audience's token, to tell "wrong service" from "wrong token".
-    other: Option<String>,
+    other: Option<Secret>,
 }
 
 impl std::fmt::Debug for TokenCheck {
@@ -35,7 +57,7 @@ impl std::fmt::Debug for TokenCheck {
 
 impl TokenCheck {
     /// A check for `audience` with its token and the other audience's.
-    pub fn new(audience: Audience, expected: Option<String>, other: Option<String>) -> Self {
+    pub fn new(audience: Audience, expected: Option<Secret>, other: Option<Secret>) -> Self {
         Self {
             audience,
             expected,
@@ -44,8 +66,8 @@ impl TokenCheck {
     }
 }
 
-fn matches(given: &[u8], token: &str) -> bool {
-    given.ct_eq(token.as_bytes()).into()
+fn matches(given: &[u8], token: &Secret) -> bool {
+    given.ct_eq(token.expose().as_bytes()).into()
 }
 
 impl Interceptor for TokenCheck {
@@ -68,7 +90,7 @@ impl Interceptor for TokenCheck {
                 "this coordinator needs a {who} token (authorization: Bearer <token>)"
             ))),
             Some(g) if matches(g, expected) => Ok(request),
-            Some(g) if self.other.as_deref().is_some_and(|o| matches(g, o)) => Err(
+            Some(g) if self.other.as_ref().is_some_and(|o| matches(g, o)) => Err(
                 Status::permission_denied(format!("that token is not a {who} token")),
             ),
             Some(_) => Err(Status::unauthenticated(format!("wrong {who} token"))),
@@ -90,7 +112,12 @@ mod tests {
 
     #[test]
     fn tokens_are_checked_per_audience() {
-        let mut clients = TokenCheck::new(Audience::Clients, Some("c".into()), Some("w".into()));
+        let mut clients = TokenCheck::new(
+            Audience::Clients,
+            Some(Secret::new("c")),
+            Some(Secret::new("w")),
+        );
+        assert_eq!(format!("{:?}", Secret::new("c")), "Secret(<redacted>)");
         assert_eq!(call(&mut clients, Some("Bearer c")), Ok(()));
         assert_eq!(call(&mut clients, None), Err(tonic::Code::Unauthenticated));
         assert_eq!(

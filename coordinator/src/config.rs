@@ -15,6 +15,10 @@ pub struct CoordinatorConfig {
     pub data_dir: PathBuf,
     /// A worker not heard from for this long is dropped.
     pub heartbeat_timeout: Duration,
+    /// A running job left without any worker for this long fails.
+    pub no_worker_grace: Duration,
+    /// TLS for both services (rustls); `None` serves plaintext.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
     /// Limits on uploaded CSV files (bytes, rows, row length, value range).
     pub csv: CsvLimits,
     /// Uploads in progress at once.
@@ -30,9 +34,9 @@ pub struct CoordinatorConfig {
     /// Values in one `Predict` sequence.
     pub max_predict_len: usize,
     /// Bearer token clients must present, if set.
-    pub client_token: Option<String>,
+    pub client_token: Option<crate::auth::Secret>,
     /// Bearer token workers must present, if set.
-    pub worker_token: Option<String>,
+    pub worker_token: Option<crate::auth::Secret>,
 }
 
 impl CoordinatorConfig {
@@ -41,6 +45,8 @@ impl CoordinatorConfig {
         Self {
             data_dir: data_dir.into(),
             heartbeat_timeout: Duration::from_secs(3),
+            no_worker_grace: Duration::from_secs(600),
+            tls: None,
             csv: CsvLimits {
                 max_bytes: 64 << 20,
                 ..CsvLimits::default()

@@ -50,6 +50,7 @@ pub async fn run(
     });
     let scheduler = Scheduler::new(SchedulerConfig {
         heartbeat_timeout: shared.config.heartbeat_timeout,
+        no_worker_grace: shared.config.no_worker_grace,
         ..SchedulerConfig::default()
     });
     recover_jobs(&shared)?;
@@ -107,7 +108,13 @@ pub async fn run(
         tracing::info!("shutting down");
         let _ = stop.send(());
     };
-    let served = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = shared.config.tls.clone() {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| Error::InvalidArgument(format!("TLS: {e}")))?;
+    }
+    let served = builder
         .tcp_nodelay(true)
         .add_service(client)
         .add_service(workers)
@@ -144,31 +151,7 @@ fn recover_jobs(shared: &Shared) -> Result<()> {
         };
         let dir = shared.jobs_dir().join(&record.id.0);
         let resume = if record.state == JobState::Running {
-            match Checkpoint::load(&dir, "latest") {
-                Ok(latest) => {
-                    let best = Checkpoint::load(&dir, "best")
-                        .inspect_err(|e| tracing::error!(job = %record.id, error = %e, "best checkpoint unreadable"))
-                        .ok();
-                    shared
-                        .store
-                        .truncate_history(&record.id, latest.manifest.epoch)?;
-                    let history = shared.store.history(&record.id)?;
-                    tracing::info!(job = %record.id, epoch = latest.manifest.epoch, "resuming job");
-                    Some(Resume {
-                        latest,
-                        best,
-                        history,
-                    })
-                }
-                Err(e) => {
-                    if !matches!(&e, recur_core::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
-                    {
-                        tracing::error!(job = %record.id, error = %e, "latest checkpoint damaged; the job starts over");
-                    }
-                    shared.store.truncate_history(&record.id, 0)?;
-                    None
-                }
-            }
+            resume_point(shared, &record.id, &dir)?
         } else {
             None
         };
@@ -193,4 +176,67 @@ fn recover_jobs(shared: &Shared) -> Result<()> {
             .map_err(|_| Error::ShuttingDown)?;
     }
     Ok(())
+}
+
+/// The checkpoint a running job continues from: `latest`, or `previous` when `latest` is damaged
+/// (reported); `None` to start over. The history and step log are cut back to that point.
+fn resume_point(
+    shared: &Shared,
+    id: &crate::ids::JobId,
+    dir: &std::path::Path,
+) -> Result<Option<Resume>> {
+    let mut resume = None;
+    for stem in ["latest", "previous"] {
+        match Checkpoint::load(dir, stem) {
+            Ok(latest) => {
+                resume = Some(latest);
+                break;
+            }
+            Err(recur_core::Error::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::error!(job = %id, checkpoint = stem, error = %e, "checkpoint damaged; trying an older one")
+            }
+        }
+    }
+    let Some(latest) = resume else {
+        tracing::warn!(job = %id, "no usable checkpoint; the job starts over");
+        shared.store.truncate_history(id, 0)?;
+        cut_step_log(dir, 0);
+        return Ok(None);
+    };
+    let best = Checkpoint::load(dir, "best")
+        .inspect_err(|e| tracing::error!(job = %id, error = %e, "best checkpoint unreadable"))
+        .ok()
+        .filter(|b| b.manifest.step <= latest.manifest.step);
+    shared.store.truncate_history(id, latest.manifest.epoch)?;
+    cut_step_log(dir, latest.manifest.step);
+    let history = shared.store.history(id)?;
+    tracing::info!(job = %id, epoch = latest.manifest.epoch, step = latest.manifest.step, "resuming job");
+    Ok(Some(Resume {
+        latest,
+        best,
+        history,
+    }))
+}
+
+/// Keeps the step log's lines up to `step` (the steps a resumed job keeps).
+fn cut_step_log(dir: &std::path::Path, step: u64) {
+    let path = dir.join(crate::service::STEP_LOG);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return;
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .next()
+                .and_then(|s| s.parse::<u64>().ok())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if let Err(e) = recur_core::checkpoint::atomic_write(&path, kept.as_bytes()) {
+        tracing::error!(file = %path.display(), error = %e, "cannot cut the step log");
+    }
 }

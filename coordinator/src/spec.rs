@@ -223,10 +223,10 @@ impl JobSpec {
             ));
         }
         let defaults = TrainConfig::default();
-        let batch_size = if s.batch_size == 0 {
-            defaults.batch_size
-        } else {
-            s.batch_size as usize
+        let batch_size = match s.batch_size {
+            None => defaults.batch_size,
+            Some(0) => return Err(invalid("batch_size", "must be at least 1")),
+            Some(b) => b as usize,
         };
         if batch_size > limits.max_batch {
             return Err(invalid(
@@ -314,7 +314,7 @@ impl JobSpec {
             model: Some((&t.model).into()),
             optimizer: Some(optimizer_to_proto(&t.optimizer)),
             schedule: Some(schedule_to_proto(&t.schedule)),
-            batch_size: t.batch_size as u32,
+            batch_size: Some(t.batch_size as u32),
             max_epochs: t.max_epochs,
             patience: t.patience,
             target_accuracy: t.target_accuracy,

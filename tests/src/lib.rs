@@ -34,10 +34,13 @@ impl TestCluster {
         let dir = tempfile::tempdir().unwrap();
         let mut config = CoordinatorConfig::new(dir.path().join("data"));
         adjust(&mut config);
+        let token = config.client_token.as_ref().map(|t| t.expose().to_string());
         let cluster = LocalCluster::start("127.0.0.1:0", config, workers)
             .await
             .unwrap();
-        let client = Client::connect(&cluster.url(), None).await.unwrap();
+        let client = Client::connect(&cluster.url(), token.as_deref())
+            .await
+            .unwrap();
         let mut tc = Self {
             cluster,
             client,

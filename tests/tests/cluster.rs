@@ -108,7 +108,7 @@ async fn one_and_three_workers_and_one_process_agree_after_20_steps() {
     .generate()
     .unwrap();
     let job = pb::JobSpec {
-        batch_size: 50,
+        batch_size: Some(50),
         max_steps: 20,
         ..spec("", 8)
     };
@@ -138,7 +138,7 @@ async fn uneven_shards_neither_hang_nor_bias_the_gradient() {
         data.push_row(&row);
     }
     let job = pb::JobSpec {
-        batch_size: 64,
+        batch_size: Some(64),
         max_steps: 5,
         optimizer: Some(pb::OptimizerSpec {
             kind: pb::optimizer_spec::Kind::Sgd as i32,

@@ -8,10 +8,12 @@
 mod device;
 mod executor;
 mod session;
+mod tls;
 
 pub use device::DeviceSpec;
 pub use executor::Executor;
 pub use session::{WorkerConfig, run};
+pub use tls::client_tls;
 
 /// The worker protocol version this build speaks (the coordinator's must match).
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -39,6 +41,9 @@ pub enum Error {
     /// The coordinator refused this worker for good (for example a protocol mismatch).
     #[error("the coordinator refused this worker: {0}")]
     Refused(String),
+    /// A TLS file is unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The coordinator address is unusable.
     #[error("coordinator address `{address}`: {problem}")]
     Address {

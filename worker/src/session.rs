@@ -31,6 +31,8 @@ pub struct WorkerConfig {
     pub max_message_bytes: usize,
     /// Token presented as `authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// TLS towards the coordinator (its URL must then be `https://`).
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl WorkerConfig {
@@ -45,6 +47,7 @@ impl WorkerConfig {
             max_backoff: Duration::from_secs(5),
             max_message_bytes: 64 << 20,
             token: None,
+            tls: None,
         }
     }
 }
@@ -65,11 +68,16 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let device = config.device.open()?;
-    let endpoint = Endpoint::from_shared(config.coordinator.clone())
-        .map_err(|e| Error::Address {
-            address: config.coordinator.clone(),
-            problem: e.to_string(),
-        })?
+    let address_error = |e: &dyn std::fmt::Display| Error::Address {
+        address: config.coordinator.clone(),
+        problem: e.to_string(),
+    };
+    let mut endpoint =
+        Endpoint::from_shared(config.coordinator.clone()).map_err(|e| address_error(&e))?;
+    if let Some(tls) = config.tls.clone() {
+        endpoint = endpoint.tls_config(tls).map_err(|e| address_error(&e))?;
+    }
+    let endpoint = endpoint
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(1))

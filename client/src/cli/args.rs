@@ -16,6 +16,18 @@ pub struct Cli {
     /// Client token (`authorization: Bearer <token>`).
     #[arg(long, global = true, env = "RECUR_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate (PEM) of a TLS coordinator (use an https:// URL).
+    #[arg(long, global = true, env = "RECUR_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for a coordinator that requires mutual TLS.
+    #[arg(long, global = true, env = "RECUR_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM).
+    #[arg(long, global = true, env = "RECUR_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Name expected in the coordinator's certificate, when not the URL's host.
+    #[arg(long, global = true)]
+    pub tls_domain: Option<String>,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,

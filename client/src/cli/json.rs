@@ -57,7 +57,7 @@ pub fn job(j: &pb::JobInfo) -> Value {
         "message": j.message,
         "dataset_id": spec.dataset_id,
         "model": {"kind": kind, "hidden_size": model.hidden_size, "num_layers": model.num_layers, "bidirectional": model.bidirectional},
-        "batch_size": spec.batch_size,
+        "batch_size": spec.batch_size.unwrap_or(100),
         "seed": spec.seed,
         "epochs": j.epochs,
         "steps": j.steps,

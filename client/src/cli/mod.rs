@@ -80,7 +80,18 @@ type Result<T, E = CliError> = std::result::Result<T, E>;
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<()> {
-    let connect = || Client::connect(&cli.coordinator, cli.token.as_deref());
+    let tls = match &cli.tls_ca {
+        Some(ca) => Some(
+            recur_worker::client_tls(
+                ca,
+                cli.tls_cert.as_deref().zip(cli.tls_key.as_deref()),
+                cli.tls_domain.as_deref(),
+            )
+            .map_err(|e| CliError::new(e.to_string(), "check the --tls-* files"))?,
+        ),
+        None => None,
+    };
+    let connect = || Client::connect_with(&cli.coordinator, cli.token.as_deref(), tls.clone());
     match cli.command {
         Command::Demo(args) => demo::run(args, cli.json).await,
         Command::Local(args) => local(args).await,
@@ -446,7 +457,7 @@ fn train_spec(args: &TrainArgs, dataset_id: String) -> Result<pb::JobSpec> {
             lr: args.lr,
             ..Default::default()
         }),
-        batch_size: args.batch,
+        batch_size: Some(args.batch),
         max_epochs: args.epochs,
         patience: args.patience,
         target_accuracy: args.target_accuracy,

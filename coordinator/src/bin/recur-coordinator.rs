@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use recur_coordinator::CoordinatorConfig;
+use recur_coordinator::auth::Secret;
 
 /// The recur coordinator: accepts datasets and jobs, drives workers, serves predictions.
 #[derive(Debug, Parser)]
@@ -50,6 +51,18 @@ struct Args {
     /// Token workers must send.
     #[arg(long, env = "RECUR_WORKER_TOKEN", hide_env_values = true)]
     worker_token: Option<String>,
+    /// A running job with no worker for this many seconds fails.
+    #[arg(long, default_value_t = 600)]
+    no_worker_grace_s: u64,
+    /// Server certificate (PEM); with --tls-key, serves TLS only.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Server key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) whose client certificates are required (mutual TLS).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -68,8 +81,20 @@ fn main() -> anyhow::Result<()> {
     config.spec.max_params = args.max_params;
     config.max_message_bytes = args.max_message_bytes;
     config.max_predict_rows = args.max_predict_rows;
-    config.client_token = args.client_token;
-    config.worker_token = args.worker_token;
+    config.client_token = args.client_token.map(Secret::new);
+    config.worker_token = args.worker_token.map(Secret::new);
+    config.no_worker_grace = Duration::from_secs(args.no_worker_grace_s);
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        let mut tls = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(read(cert)?, read(key)?),
+        );
+        if let Some(ca) = &args.tls_client_ca {
+            tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+        }
+        config.tls = Some(tls);
+    }
     config.validate()?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {

@@ -111,6 +111,8 @@ pub(crate) struct RunningJob {
     sent_version: HashMap<WorkerId, u64>,
     phase: Phase,
     stalled: bool,
+    /// When the job lost its last worker (or started without one).
+    stalled_since: Option<Instant>,
     next_part: u32,
     next_eval: u64,
     train_acc: MetricsAccumulator,
@@ -222,6 +224,7 @@ impl RunningJob {
             sent_version: HashMap::new(),
             phase: Phase::Finished,
             stalled: false,
+            stalled_since: None,
             next_part: 0,
             next_eval: 0,
             train_acc: MetricsAccumulator::default(),
@@ -280,9 +283,11 @@ impl RunningJob {
         self.sent_version.clear();
         if self.members.is_empty() {
             self.stalled = true;
+            self.stalled_since.get_or_insert(cx.now);
             return;
         }
         self.stalled = false;
+        self.stalled_since = None;
         self.shard_version += 1;
         let n = self.members.len();
         let data = &self.data;
@@ -576,6 +581,11 @@ impl RunningJob {
         let t2 = Instant::now();
         self.version += 1;
         self.cursor += 1;
+        cx.actions.push(Action::StepApplied {
+            job: self.id.clone(),
+            step: self.version,
+            samples: sums.samples,
+        });
         self.epoch_samples += sums.samples;
         self.train_acc.add_batch(&sums);
         let total = cx
@@ -828,6 +838,22 @@ impl RunningJob {
                     })),
                 ));
             }
+        }
+    }
+
+    /// Fails the job if it has had no worker for longer than `grace`.
+    pub(crate) fn check_grace(&mut self, grace: std::time::Duration, cx: &mut Ctx<'_>) {
+        if let Some(since) = self.stalled_since
+            && !self.is_finished()
+            && cx.now.saturating_duration_since(since) > grace
+        {
+            self.fail(
+                format!(
+                    "no worker for {} s, the grace period; start workers and resubmit",
+                    grace.as_secs()
+                ),
+                cx,
+            );
         }
     }
 

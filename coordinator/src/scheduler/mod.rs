@@ -33,6 +33,8 @@ pub struct SchedulerConfig {
     pub heartbeat_timeout: Duration,
     /// Largest number of values in one `LoadShard` part.
     pub shard_part_values: usize,
+    /// A running job with no worker for this long fails.
+    pub no_worker_grace: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -40,6 +42,7 @@ impl Default for SchedulerConfig {
         Self {
             heartbeat_timeout: Duration::from_secs(3),
             shard_part_values: 1 << 18,
+            no_worker_grace: Duration::from_secs(600),
         }
     }
 }
@@ -120,6 +123,15 @@ pub enum Action {
     Epoch(JobId, pb::EpochMetrics),
     /// Write a checkpoint (atomically; `best` before `latest` when both come).
     Checkpoint(JobId, CheckpointKind, Box<Checkpoint>),
+    /// An optimizer step was applied: append it to the job's step log.
+    StepApplied {
+        /// The job.
+        job: JobId,
+        /// The step number (1-based, consecutive).
+        step: u64,
+        /// Samples in its global batch.
+        samples: u64,
+    },
 }
 
 /// A job handed to the scheduler.
@@ -346,8 +358,11 @@ impl Scheduler {
         }
     }
 
-    /// Drops workers whose heartbeats stopped.
+    /// Drops workers whose heartbeats stopped, and fails a job that has waited for workers
+    /// longer than the grace period.
     pub fn tick(&mut self, now: Instant) {
+        let grace = self.config.no_worker_grace;
+        self.with_job(now, |job, cx| job.check_grace(grace, cx));
         let timeout = self.config.heartbeat_timeout;
         let dead: Vec<WorkerId> = self
             .workers

@@ -35,6 +35,7 @@ struct Sim {
     checkpoints: Vec<(JobId, CheckpointKind, Checkpoint)>,
     disconnects: Vec<(WorkerId, String)>,
     sent: Vec<(WorkerId, Cmd)>,
+    step_log: Vec<(JobId, u64)>,
 }
 
 impl Sim {
@@ -49,6 +50,7 @@ impl Sim {
             checkpoints: Vec::new(),
             disconnects: Vec::new(),
             sent: Vec::new(),
+            step_log: Vec::new(),
         }
     }
 
@@ -100,6 +102,7 @@ impl Sim {
                     Action::Job(id, p) => self.progress.push((id, p)),
                     Action::Epoch(id, e) => self.epochs.push((id, e)),
                     Action::Checkpoint(id, kind, c) => self.checkpoints.push((id, kind, *c)),
+                    Action::StepApplied { job, step, .. } => self.step_log.push((job, step)),
                 }
             }
             if let Some((w, reply)) = self.replies.pop_front()
@@ -145,7 +148,7 @@ fn job(n: u64, max_steps: u64, seed: u64) -> NewJob {
     .unwrap();
     let wire = pb::JobSpec {
         dataset_id: "c".repeat(64),
-        batch_size: 40,
+        batch_size: Some(40),
         max_steps,
         seed,
         ..Default::default()
@@ -230,6 +233,8 @@ fn a_worker_lost_mid_step_is_replaced_and_the_result_is_unchanged() {
         Some(JobState::Completed)
     );
     assert_eq!(steps_of(&faulty, &id), 9, "no step lost or applied twice");
+    let log: Vec<u64> = faulty.step_log.iter().map(|(_, s)| *s).collect();
+    assert_eq!(log, (1..=9).collect::<Vec<_>>());
     let params = faulty.latest_params(&id);
     for (a, b) in params.iter().zip(&reference) {
         assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-2), "{a} vs {b}");
@@ -432,4 +437,35 @@ fn a_job_without_workers_waits_and_starts_when_one_joins() {
         sim.final_state(&JobId::nth(1)).map(|s| s.0),
         Some(JobState::Completed)
     );
+}
+
+#[test]
+fn a_job_left_without_workers_fails_after_the_grace_period() {
+    let mut sim = Sim::new();
+    let a = sim.join("a");
+    sim.s.submit(job(1, 1000, 8), sim.now);
+    let mut steps = 0;
+    sim.run(|_, _, cmd| {
+        if matches!(cmd, Cmd::Step(_)) {
+            steps += 1;
+        }
+        if steps > 2 { Fate::Kill } else { Fate::Deliver }
+    });
+    assert!(!sim.s.workers().contains_key(&a));
+    assert!(
+        sim.progress
+            .iter()
+            .any(|(_, p)| p.message.as_deref() == Some("waiting for workers"))
+    );
+    sim.s.tick(sim.now + Duration::from_secs(599));
+    sim.deliver_all();
+    assert!(
+        sim.final_state(&JobId::nth(1)).is_none(),
+        "still within the grace period"
+    );
+    sim.s.tick(sim.now + Duration::from_secs(601));
+    sim.deliver_all();
+    let (state, reason) = sim.final_state(&JobId::nth(1)).unwrap();
+    assert_eq!(state, JobState::Failed);
+    assert!(reason.contains("no worker for 600 s"), "{reason}");
 }

@@ -88,6 +88,7 @@ pub(crate) async fn scheduler_loop(
         WorkerId,
         mpsc::UnboundedSender<Result<pb::CoordinatorMessage, Status>>,
     > = HashMap::new();
+    let mut step_logs: HashMap<JobId, std::fs::File> = HashMap::new();
     let tick_every = (shared.config.heartbeat_timeout / 4).max(Duration::from_millis(10));
     let mut ticker = tokio::time::interval(tick_every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -117,7 +118,7 @@ pub(crate) async fn scheduler_loop(
             }
         }
         for action in scheduler.take_actions() {
-            perform(&shared, &mut streams, action);
+            perform(&shared, &mut streams, &mut step_logs, action);
         }
     }
     tracing::info!("scheduler loop stopped");
@@ -146,6 +147,7 @@ fn worker_infos(scheduler: &Scheduler, now: Instant) -> Vec<pb::WorkerInfo> {
 fn perform(
     shared: &Shared,
     streams: &mut HashMap<WorkerId, mpsc::UnboundedSender<Result<pb::CoordinatorMessage, Status>>>,
+    step_logs: &mut HashMap<JobId, std::fs::File>,
     action: Action,
 ) {
     match action {
@@ -191,8 +193,34 @@ fn perform(
                 is_final: false,
             });
         }
+        Action::StepApplied { job, step, samples } => {
+            use std::io::Write;
+            if !step_logs.contains_key(&job) {
+                let dir = shared.jobs_dir().join(&job.0);
+                let file = std::fs::create_dir_all(&dir).and_then(|()| {
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(dir.join(STEP_LOG))
+                });
+                match file {
+                    Ok(f) => {
+                        step_logs.insert(job.clone(), f);
+                    }
+                    Err(e) => tracing::error!(job = %job, error = %e, "cannot open the step log"),
+                }
+            }
+            if let Some(f) = step_logs.get_mut(&job)
+                && let Err(e) = writeln!(f, "{step} {samples}")
+            {
+                tracing::error!(job = %job, error = %e, "cannot append to the step log");
+            }
+        }
         Action::Checkpoint(id, kind, checkpoint) => {
             let dir = shared.jobs_dir().join(&id.0);
+            if kind == CheckpointKind::Latest {
+                keep_previous(&dir);
+            }
             match checkpoint.save(&dir, kind.stem()) {
                 Ok(_) => {
                     if kind == CheckpointKind::Best {
@@ -201,6 +229,29 @@ fn perform(
                 }
                 Err(e) => tracing::error!(job = %id, error = %e, "could not write checkpoint"),
             }
+        }
+    }
+}
+
+/// The file, in a job's directory, that lists every applied step as `STEP SAMPLES`.
+pub(crate) const STEP_LOG: &str = "steps.log";
+
+/// Renames the `latest` checkpoint's files to `previous` before a new `latest` is written, so a
+/// damaged `latest` found at start-up can fall back to the one before it.
+fn keep_previous(dir: &std::path::Path) {
+    let latest = recur_core::checkpoint::CheckpointPaths::new(dir, "latest");
+    let previous = recur_core::checkpoint::CheckpointPaths::new(dir, "previous");
+    // The manifest goes first: a `previous` with a stale manifest fails its step check, never
+    // passes for complete.
+    for (from, to) in [
+        (&latest.manifest, &previous.manifest),
+        (&latest.model, &previous.model),
+        (&latest.optimizer, &previous.optimizer),
+    ] {
+        if from.exists()
+            && let Err(e) = std::fs::rename(from, to)
+        {
+            tracing::warn!(file = %from.display(), error = %e, "cannot keep the previous checkpoint");
         }
     }
 }

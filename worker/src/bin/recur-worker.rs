@@ -27,6 +27,18 @@ struct Args {
     /// Token to present to the coordinator.
     #[arg(long, env = "RECUR_WORKER_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// CA certificate (PEM) that signed the coordinator's; enables TLS (use an https:// URL).
+    #[arg(long, env = "RECUR_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), for a coordinator that requires mutual TLS.
+    #[arg(long, requires = "tls_key", requires = "tls_ca")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Client key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Name expected in the coordinator's certificate, when not the URL's host.
+    #[arg(long)]
+    tls_domain: Option<String>,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -60,6 +72,14 @@ fn main() -> anyhow::Result<()> {
     config.device = args.device;
     config.threads = args.threads;
     config.token = args.token;
+    if let Some(ca) = &args.tls_ca {
+        let identity = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
+        config.tls = Some(recur_worker::client_tls(
+            ca,
+            identity,
+            args.tls_domain.as_deref(),
+        )?);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
