@@ -432,10 +432,17 @@ mod tests {
             ),
             (
                 pb::JobSpec {
-                    batch_size: 1_000_000,
+                    batch_size: Some(1_000_000),
                     ..base()
                 },
                 "batch_size",
+            ),
+            (
+                pb::JobSpec {
+                    batch_size: Some(0),
+                    ..base()
+                },
+                "batch_size must be at least 1",
             ),
             (
                 pb::JobSpec {
