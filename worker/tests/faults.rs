@@ -1,0 +1,256 @@
+//! Worker processes that die (`kill -9`) or stop (`SIGSTOP`) in the middle of a job.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use recur_client::Client;
+use recur_client::local::LocalCluster;
+use recur_coordinator::CoordinatorConfig;
+use recur_core::data::BallConfig;
+use recur_proto::v1 as pb;
+
+fn worker(url: &str, name: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_recur-worker"))
+        .args(["--coordinator", url, "--name", name])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Polls `condition` every 10 ms until it holds, for at most `secs` seconds.
+async fn wait_for(secs: u64, what: &str, mut condition: impl AsyncFnMut() -> bool) {
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let done = tokio::time::timeout(Duration::from_secs(secs), async {
+        loop {
+            tick.tick().await;
+            if condition().await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(done.is_ok(), "timed out waiting for {what}");
+}
+
+fn step_log(dir: &std::path::Path, job: &str) -> Vec<u64> {
+    let path: PathBuf = dir.join("jobs").join(job).join("steps.log");
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+async fn follow(client: &mut Client, job: &str) -> (Vec<pb::EpochMetrics>, pb::JobInfo) {
+    let mut stream = client.watch(job).await.unwrap();
+    let (mut epochs, mut last) = (Vec::new(), None);
+    while let Some(msg) = stream.message().await.unwrap() {
+        match msg.event {
+            Some(pb::watch_job_response::Event::Epoch(e)) => epochs.push(e),
+            Some(pb::watch_job_response::Event::Job(j)) => last = Some(j),
+            None => {}
+        }
+    }
+    (epochs, last.unwrap())
+}
+
+fn job_spec(dataset: &str, max_epochs: u64) -> pb::JobSpec {
+    pb::JobSpec {
+        dataset_id: dataset.into(),
+        batch_size: Some(50),
+        max_epochs,
+        patience: 1_000_000,
+        seed: 12,
+        ..Default::default()
+    }
+}
+
+const STEPS_PER_EPOCH: usize = 36; // 3,000 rows, 60 % for training, batches of 50
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_worker_processes_mid_epoch_loses_no_step() {
+    let data = BallConfig {
+        rows: 3000,
+        ..BallConfig::tutorial(12)
+    }
+    .generate()
+    .unwrap();
+    let csv = data.to_csv().into_bytes();
+
+    // The same job without faults, on in-process workers.
+    let base_dir = tempfile::tempdir().unwrap();
+    let baseline = LocalCluster::start("127.0.0.1:0", CoordinatorConfig::new(base_dir.path()), 3)
+        .await
+        .unwrap();
+    let mut client = Client::connect(&baseline.url(), None).await.unwrap();
+    wait_for(20, "3 workers", async || {
+        client.workers().await.unwrap().len() == 3
+    })
+    .await;
+    let dataset = client
+        .upload("b.csv", csv.clone(), |_| {})
+        .await
+        .unwrap()
+        .dataset_id;
+    let id = client.submit(job_spec(&dataset, 12)).await.unwrap().job_id;
+    let (_, reference) = follow(&mut client, &id).await;
+    baseline.shutdown().await.unwrap();
+
+    // The same job while worker processes are killed three times.
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start("127.0.0.1:0", CoordinatorConfig::new(dir.path()), 0)
+        .await
+        .unwrap();
+    let url = cluster.url();
+    let mut workers: Vec<Child> = (0..3).map(|i| worker(&url, &format!("p{i}"))).collect();
+    let mut client = Client::connect(&url, None).await.unwrap();
+    wait_for(30, "3 worker processes", async || {
+        client.workers().await.unwrap().len() == 3
+    })
+    .await;
+    let dataset = client
+        .upload("b.csv", csv, |_| {})
+        .await
+        .unwrap()
+        .dataset_id;
+    let id = client.submit(job_spec(&dataset, 12)).await.unwrap().job_id;
+    for (k, (epoch, offset)) in [(2, 5), (5, 17), (8, 30)].into_iter().enumerate() {
+        let at = epoch * STEPS_PER_EPOCH + offset;
+        wait_for(60, &format!("step {at}"), async || {
+            step_log(dir.path(), &id).len() >= at
+        })
+        .await;
+        let mut victim = workers.remove(0);
+        victim.kill().unwrap();
+        victim.wait().unwrap();
+        workers.push(worker(&url, &format!("replacement{k}")));
+    }
+    let (epochs, info) = follow(&mut client, &id).await;
+    for mut w in workers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    cluster.shutdown().await.unwrap();
+
+    assert_eq!(
+        pb::JobState::try_from(info.state),
+        Ok(pb::JobState::Completed),
+        "{}",
+        info.message
+    );
+    assert_eq!(
+        epochs.iter().map(|e| e.epoch).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>()
+    );
+    let log = step_log(dir.path(), &id);
+    assert_eq!(
+        log,
+        (1..=(12 * STEPS_PER_EPOCH) as u64).collect::<Vec<_>>(),
+        "every step once, in order"
+    );
+    let (test, reference_test) = (
+        info.test.unwrap().accuracy,
+        reference.test.unwrap().accuracy,
+    );
+    assert!(
+        (test - reference_test).abs() <= 0.005,
+        "test accuracy {test} vs {reference_test} without faults"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_is_dropped_and_rejoins_after_sigcont() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = CoordinatorConfig::new(dir.path());
+    config.heartbeat_timeout = Duration::from_secs(1);
+    let cluster = LocalCluster::start("127.0.0.1:0", config, 0).await.unwrap();
+    let url = cluster.url();
+    let mut workers: Vec<Child> = (0..2).map(|i| worker(&url, &format!("s{i}"))).collect();
+    let mut client = Client::connect(&url, None).await.unwrap();
+    wait_for(30, "2 worker processes", async || {
+        client.workers().await.unwrap().len() == 2
+    })
+    .await;
+    let data = BallConfig {
+        rows: 3000,
+        ..BallConfig::tutorial(13)
+    }
+    .generate()
+    .unwrap();
+    let dataset = client
+        .upload("b.csv", data.to_csv().into_bytes(), |_| {})
+        .await
+        .unwrap()
+        .dataset_id;
+    let id = client
+        .submit(job_spec(&dataset, 1_000_000))
+        .await
+        .unwrap()
+        .job_id;
+    let mut events = client.watch(&id).await.unwrap();
+    let mut next_epoch = async || loop {
+        if let Some(pb::watch_job_response::Event::Epoch(e)) =
+            events.message().await.unwrap().unwrap().event
+        {
+            return e;
+        }
+    };
+    assert_eq!(next_epoch().await.workers, 2);
+
+    signal(&workers[1], "-STOP");
+    wait_for(20, "the stopped worker to be dropped", async || {
+        client.workers().await.unwrap().len() == 1
+    })
+    .await;
+    // Training goes on without it.
+    let mut with_one = None;
+    for _ in 0..1000 {
+        let e = next_epoch().await;
+        if e.workers == 1 {
+            with_one = Some(e.epoch);
+            break;
+        }
+    }
+    assert!(with_one.is_some(), "no epoch ran on the survivor alone");
+
+    signal(&workers[1], "-CONT");
+    wait_for(30, "the worker to rejoin", async || {
+        client.workers().await.unwrap().len() == 2
+    })
+    .await;
+    let mut rejoined = false;
+    for _ in 0..1000 {
+        if next_epoch().await.workers == 2 {
+            rejoined = true;
+            break;
+        }
+    }
+    assert!(rejoined, "the rejoined worker never got a shard");
+    let info = client.cancel(&id).await.unwrap();
+    assert_eq!(
+        pb::JobState::try_from(info.state),
+        Ok(pb::JobState::Cancelled)
+    );
+    let log = step_log(dir.path(), &id);
+    assert_eq!(
+        log,
+        (1..=log.len() as u64).collect::<Vec<_>>(),
+        "every step once, in order"
+    );
+    for w in &mut workers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    cluster.shutdown().await.unwrap();
+}
