@@ -14,7 +14,13 @@ use recur_worker::WorkerConfig;
 /// A coordinator process: `recur local --workers 0` serves a real coordinator and no workers.
 fn coordinator(data_dir: &Path, port: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_recur"))
-        .args(["local", "--workers", "0", "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "local",
+            "--workers",
+            "0",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
         .arg("--data-dir")
         .arg(data_dir)
         .env("RUST_LOG", "error")
@@ -53,7 +59,11 @@ async fn epochs_done(client: &mut Client, job: &str) -> u64 {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,8 +88,17 @@ async fn a_killed_coordinator_resumes_its_job_from_the_latest_checkpoint() {
         })
         .collect();
 
-    let data = BallConfig { rows: 3000, ..BallConfig::tutorial(21) }.generate().unwrap();
-    let dataset = client.upload("b.csv", data.to_csv().into_bytes(), |_| {}).await.unwrap().dataset_id;
+    let data = BallConfig {
+        rows: 3000,
+        ..BallConfig::tutorial(21)
+    }
+    .generate()
+    .unwrap();
+    let dataset = client
+        .upload("b.csv", data.to_csv().into_bytes(), |_| {})
+        .await
+        .unwrap()
+        .dataset_id;
     let spec = pb::JobSpec {
         dataset_id: dataset,
         batch_size: Some(50),
@@ -92,7 +111,10 @@ async fn a_killed_coordinator_resumes_its_job_from_the_latest_checkpoint() {
     let job_dir = dir.path().join("jobs").join(&job);
 
     for (round, kill_after) in [4u64, 10, 16].into_iter().enumerate() {
-        wait_for(120, &format!("epoch {kill_after}"), async || epochs_done(&mut client, &job).await >= kill_after).await;
+        wait_for(120, &format!("epoch {kill_after}"), async || {
+            epochs_done(&mut client, &job).await >= kill_after
+        })
+        .await;
         process.kill().unwrap();
         process.wait().unwrap();
         if round == 1 {
@@ -102,7 +124,11 @@ async fn a_killed_coordinator_resumes_its_job_from_the_latest_checkpoint() {
         process = coordinator(dir.path(), port);
         client = connect(&url).await;
         let resumed = client.job(&job).await.unwrap();
-        assert!(resumed.epochs >= kill_after.saturating_sub(2), "round {round}: resumed at epoch {} (killed after {kill_after})", resumed.epochs);
+        assert!(
+            resumed.epochs >= kill_after.saturating_sub(2),
+            "round {round}: resumed at epoch {} (killed after {kill_after})",
+            resumed.epochs
+        );
         assert!(resumed.epochs > 1, "round {round}: started over");
     }
 
@@ -116,14 +142,27 @@ async fn a_killed_coordinator_resumes_its_job_from_the_latest_checkpoint() {
         }
     }
     let info = info.unwrap();
-    assert_eq!(pb::JobState::try_from(info.state), Ok(pb::JobState::Completed), "{}", info.message);
-    assert_eq!(epochs, (1..=24).collect::<Vec<_>>(), "the history is continuous");
+    assert_eq!(
+        pb::JobState::try_from(info.state),
+        Ok(pb::JobState::Completed),
+        "{}",
+        info.message
+    );
+    assert_eq!(
+        epochs,
+        (1..=24).collect::<Vec<_>>(),
+        "the history is continuous"
+    );
     let log: Vec<u64> = std::fs::read_to_string(job_dir.join("steps.log"))
         .unwrap()
         .lines()
         .filter_map(|l| l.split_whitespace().next()?.parse().ok())
         .collect();
-    assert_eq!(log, (1..=24 * 36).collect::<Vec<u64>>(), "every step counted once");
+    assert_eq!(
+        log,
+        (1..=24 * 36).collect::<Vec<u64>>(),
+        "every step counted once"
+    );
     assert!(info.test.unwrap().accuracy > 0.0);
 
     let _ = stop.send(true);
