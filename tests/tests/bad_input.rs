@@ -301,7 +301,8 @@ async fn every_bad_input_is_refused_by_name_and_the_server_keeps_serving() {
         tc.client.cancel(&id).await.unwrap();
         id
     };
-    let predicts: Vec<(&str, &str, Vec<Vec<f32>>, Code, &str)> = vec![
+    type PredictCase<'a> = (&'a str, &'a str, Vec<Vec<f32>>, Code, &'a str);
+    let predicts: Vec<PredictCase> = vec![
         (
             "empty row",
             job.as_str(),
