@@ -43,6 +43,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Serve an embedded coordinator and workers until Ctrl-C.
     Local(LocalArgs),
+    /// Run a worker for the --coordinator (the same as the `recur-worker` binary).
+    Worker(WorkerArgs),
     /// Generate data.
     #[command(subcommand)]
     Gen(GenCommand),
@@ -110,6 +112,23 @@ pub struct LocalArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: String,
+}
+
+/// `recur worker`.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Name shown in `recur workers` (default: host name and process id).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// `cpu` or `cuda:N` (the latter needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute threads (this process's candle pool is sized once, at start).
+    #[arg(long, default_value_t = 1)]
+    pub threads: u32,
+    /// The coordinator's worker token.
+    #[arg(long, env = "RECUR_WORKER_TOKEN", hide_env_values = true)]
+    pub worker_token: Option<String>,
 }
 
 /// `recur gen`.

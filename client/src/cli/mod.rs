@@ -95,6 +95,24 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Demo(args) => demo::run(args, cli.json).await,
         Command::Local(args) => local(args).await,
+        Command::Worker(args) => {
+            let device = args.device.parse().map_err(|e: recur_worker::Error| {
+                CliError::new(e.to_string(), "use --device cpu or cuda:N")
+            })?;
+            let name = args
+                .name
+                .unwrap_or_else(|| format!("recur-worker-{}", std::process::id()));
+            let mut config = recur_worker::WorkerConfig::new(cli.coordinator.clone(), name);
+            config.device = device;
+            config.threads = args.threads;
+            config.token = args.worker_token;
+            config.tls = tls;
+            recur_worker::run(config, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .map_err(|e| CliError::new(e.to_string(), "check --coordinator and the worker token"))
+        }
         Command::Gen(GenCommand::Ball {
             rows,
             seed,
