@@ -3,6 +3,9 @@
 //! test creates and removes its namespaces itself and is skipped, with the reason printed, when
 //! not run as root.
 
+// The helpers report failed commands on stderr, for the test's output.
+#![allow(clippy::print_stderr)]
+
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -115,6 +118,10 @@ impl Hosts {
             .output()
             .unwrap();
         if !out.status.success() {
+            eprintln!(
+                "recur {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
             return Value::Null;
         }
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
@@ -240,5 +247,5 @@ fn a_cut_worker_link_is_survived_and_a_restored_one_rejoins() {
         epoch_workers(&status(&hosts)).1 == 2
     });
     let cancelled = hosts.recur(&["cancel", &job]);
-    assert_eq!(cancelled["state"], "cancelled");
+    assert_eq!(cancelled["state"], "cancelled", "{}", status(&hosts));
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use recur_client::Client;
 use recur_core::data::BallConfig;
 use recur_proto::v1 as pb;
+use recur_tests::{follow, wait_for};
 use recur_worker::WorkerConfig;
 
 /// A coordinator process: `recur local --workers 0` serves a real coordinator and no workers.
@@ -28,20 +29,6 @@ fn coordinator(data_dir: &Path, port: u16) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
-}
-
-async fn wait_for(secs: u64, what: &str, mut condition: impl AsyncFnMut() -> bool) {
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    let done = tokio::time::timeout(Duration::from_secs(secs), async {
-        loop {
-            tick.tick().await;
-            if condition().await {
-                return;
-            }
-        }
-    })
-    .await;
-    assert!(done.is_ok(), "timed out waiting for {what}");
 }
 
 async fn connect(url: &str) -> Client {
@@ -132,16 +119,8 @@ async fn a_killed_coordinator_resumes_its_job_from_the_latest_checkpoint() {
         assert!(resumed.epochs > 1, "round {round}: started over");
     }
 
-    let mut stream = client.watch(&job).await.unwrap();
-    let (mut epochs, mut info) = (Vec::new(), None);
-    while let Some(msg) = stream.message().await.unwrap() {
-        match msg.event {
-            Some(pb::watch_job_response::Event::Epoch(e)) => epochs.push(e.epoch),
-            Some(pb::watch_job_response::Event::Job(j)) => info = Some(j),
-            None => {}
-        }
-    }
-    let info = info.unwrap();
+    let (history, info) = follow(&mut client, &job).await;
+    let epochs: Vec<u64> = history.iter().map(|e| e.epoch).collect();
     assert_eq!(
         pb::JobState::try_from(info.state),
         Ok(pb::JobState::Completed),

@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::future::Future;
 use std::time::Duration;
 
 use recur_client::Client;
@@ -52,21 +51,14 @@ impl TestCluster {
 
     /// Waits until exactly `n` workers are connected.
     pub async fn wait_for_workers(&mut self, n: usize) {
-        let client = self.client.clone();
-        wait_until(
-            Duration::from_secs(20),
-            &format!("{n} workers to join"),
-            move || {
-                let mut client = client.clone();
-                async move {
-                    client
-                        .workers()
-                        .await
-                        .map(|w| w.len() == n)
-                        .unwrap_or(false)
-                }
-            },
-        )
+        let client = &mut self.client;
+        wait_for(20, &format!("{n} workers to join"), async || {
+            client
+                .workers()
+                .await
+                .map(|w| w.len() == n)
+                .unwrap_or(false)
+        })
         .await;
     }
 
@@ -86,23 +78,7 @@ impl TestCluster {
 
     /// Follows a job to its end; returns its epochs (as delivered) and final state.
     pub async fn follow(&mut self, job: &str) -> (Vec<pb::EpochMetrics>, pb::JobInfo) {
-        let mut stream = self.client.watch(job).await.unwrap();
-        let mut epochs = Vec::new();
-        let mut last = None;
-        let deadline = Duration::from_secs(600);
-        tokio::time::timeout(deadline, async {
-            while let Some(msg) = stream.message().await.unwrap() {
-                match msg.event {
-                    Some(pb::watch_job_response::Event::Epoch(e)) => epochs.push(e),
-                    Some(pb::watch_job_response::Event::Job(j)) => last = Some(j),
-                    None => {}
-                }
-            }
-        })
-        .await
-        .expect("job did not finish in time");
-        let info = last.expect("no job state received");
-        (epochs, info)
+        follow(&mut self.client, job).await
     }
 
     /// Stops everything.
@@ -121,14 +97,10 @@ pub fn spec(dataset: &str, seed: u64) -> pb::JobSpec {
     }
 }
 
-/// Polls `condition` until it holds or `timeout` passes (then panics naming `what`).
-pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let mut tick = tokio::time::interval(Duration::from_millis(20));
-    let waited = tokio::time::timeout(timeout, async {
+/// Polls `condition` every 10 ms until it holds; panics naming `what` after `secs` seconds.
+pub async fn wait_for(secs: u64, what: &str, mut condition: impl AsyncFnMut() -> bool) {
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let waited = tokio::time::timeout(Duration::from_secs(secs), async {
         loop {
             tick.tick().await;
             if condition().await {
@@ -139,8 +111,27 @@ where
     .await;
     assert!(
         waited.is_ok(),
-        "timed out after {timeout:?} waiting for {what}"
+        "timed out after {secs} s waiting for {what}"
     );
+}
+
+/// Follows a job to its end; returns its epochs (as delivered) and final state.
+pub async fn follow(client: &mut Client, job: &str) -> (Vec<pb::EpochMetrics>, pb::JobInfo) {
+    let mut stream = client.watch(job).await.unwrap();
+    let mut epochs = Vec::new();
+    let mut last = None;
+    tokio::time::timeout(Duration::from_secs(600), async {
+        while let Some(msg) = stream.message().await.unwrap() {
+            match msg.event {
+                Some(pb::watch_job_response::Event::Epoch(e)) => epochs.push(e),
+                Some(pb::watch_job_response::Event::Job(j)) => last = Some(j),
+                None => {}
+            }
+        }
+    })
+    .await
+    .expect("job did not finish in time");
+    (epochs, last.expect("no job state received"))
 }
 
 /// The state of a job as an enum.

@@ -194,14 +194,7 @@ async fn mutual_tls_trains_end_to_end_and_plaintext_fails_cleanly() {
         .await
         .unwrap()
         .job_id;
-    let mut stream = client.watch(&job).await.unwrap();
-    let mut last = None;
-    while let Some(msg) = stream.message().await.unwrap() {
-        if let Some(pb::watch_job_response::Event::Job(j)) = msg.event {
-            last = Some(j);
-        }
-    }
-    let info = last.unwrap();
+    let (_, info) = recur_tests::follow(&mut client, &job).await;
     assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
     assert_eq!(client.workers().await.unwrap().len(), 2);
 

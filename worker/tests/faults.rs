@@ -9,6 +9,7 @@ use recur_client::local::LocalCluster;
 use recur_coordinator::CoordinatorConfig;
 use recur_core::data::BallConfig;
 use recur_proto::v1 as pb;
+use recur_tests::{follow, wait_for};
 
 fn worker(url: &str, name: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_recur-worker"))
@@ -28,21 +29,6 @@ fn signal(child: &Child, sig: &str) {
     assert!(status.success());
 }
 
-/// Polls `condition` every 10 ms until it holds, for at most `secs` seconds.
-async fn wait_for(secs: u64, what: &str, mut condition: impl AsyncFnMut() -> bool) {
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    let done = tokio::time::timeout(Duration::from_secs(secs), async {
-        loop {
-            tick.tick().await;
-            if condition().await {
-                return;
-            }
-        }
-    })
-    .await;
-    assert!(done.is_ok(), "timed out waiting for {what}");
-}
-
 fn step_log(dir: &std::path::Path, job: &str) -> Vec<u64> {
     let path: PathBuf = dir.join("jobs").join(job).join("steps.log");
     std::fs::read_to_string(path)
@@ -50,19 +36,6 @@ fn step_log(dir: &std::path::Path, job: &str) -> Vec<u64> {
         .lines()
         .filter_map(|l| l.split_whitespace().next()?.parse().ok())
         .collect()
-}
-
-async fn follow(client: &mut Client, job: &str) -> (Vec<pb::EpochMetrics>, pb::JobInfo) {
-    let mut stream = client.watch(job).await.unwrap();
-    let (mut epochs, mut last) = (Vec::new(), None);
-    while let Some(msg) = stream.message().await.unwrap() {
-        match msg.event {
-            Some(pb::watch_job_response::Event::Epoch(e)) => epochs.push(e),
-            Some(pb::watch_job_response::Event::Job(j)) => last = Some(j),
-            None => {}
-        }
-    }
-    (epochs, last.unwrap())
 }
 
 fn job_spec(dataset: &str, max_epochs: u64) -> pb::JobSpec {

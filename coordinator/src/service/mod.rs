@@ -92,6 +92,7 @@ pub(crate) async fn scheduler_loop(
     let tick_every = (shared.config.heartbeat_timeout / 4).max(Duration::from_millis(10));
     let mut ticker = tokio::time::interval(tick_every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut cancelled: Option<(oneshot::Sender<bool>, bool)> = None;
     loop {
         tokio::select! {
             _ = shutdown.recv() => break,
@@ -109,7 +110,9 @@ pub(crate) async fn scheduler_loop(
                     Event::Closed(id, reason) => scheduler.disconnect(id, reason, now),
                     Event::Submit(job) => scheduler.submit(*job, now),
                     Event::Cancel(id, reply) => {
-                        let _ = reply.send(scheduler.cancel(&id, now));
+                        // Answer only once the cancellation is stored (below), so the caller
+                        // reads the new state.
+                        cancelled = Some((reply, scheduler.cancel(&id, now)));
                     }
                     Event::Workers(reply) => {
                         let _ = reply.send(worker_infos(&scheduler, now));
@@ -119,6 +122,9 @@ pub(crate) async fn scheduler_loop(
         }
         for action in scheduler.take_actions() {
             perform(&shared, &mut streams, &mut step_logs, action);
+        }
+        if let Some((reply, found)) = cancelled.take() {
+            let _ = reply.send(found);
         }
     }
     tracing::info!("scheduler loop stopped");
