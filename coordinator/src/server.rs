@@ -155,6 +155,14 @@ fn recover_jobs(shared: &Shared) -> Result<()> {
         } else {
             None
         };
+        // The record says where the job really continues from.
+        let mut record = record;
+        record.epochs = resume.as_ref().map_or(0, |r| r.latest.manifest.epoch);
+        record.steps = resume.as_ref().map_or(0, |r| r.latest.manifest.step);
+        let best = resume.as_ref().and_then(|r| r.best.as_ref());
+        record.best_epoch = best.map_or(0, |b| b.manifest.epoch);
+        record.best_validation = best.and_then(|b| b.manifest.validation);
+        shared.store.put_job(&record)?;
         let job = NewJob {
             id: record.id.clone(),
             spec: record.spec.clone(),

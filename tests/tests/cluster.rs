@@ -322,16 +322,13 @@ async fn predict_matches_the_downloaded_checkpoint_and_names_bad_rows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_joins_mid_job_gets_a_shard_at_the_next_epoch() {
     let mut tc = TestCluster::start(1).await;
-    let data = BallConfig {
-        rows: 2000,
-        ..BallConfig::tutorial(6)
-    }
-    .generate()
-    .unwrap();
+    let data = BallConfig::tutorial(6).generate().unwrap();
     let dataset = tc.upload(&data).await;
+    // Long enough (about 150 x 60 steps) for the new worker to join well before the end.
     let job = tc
         .submit(pb::JobSpec {
-            max_epochs: 6,
+            max_epochs: 150,
+            patience: 1_000_000,
             ..spec(&dataset, 6)
         })
         .await;

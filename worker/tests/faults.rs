@@ -76,7 +76,7 @@ async fn killing_worker_processes_mid_epoch_loses_no_step() {
         .await
         .unwrap()
         .dataset_id;
-    let id = client.submit(job_spec(&dataset, 12)).await.unwrap().job_id;
+    let id = client.submit(job_spec(&dataset, 150)).await.unwrap().job_id;
     let (_, reference) = follow(&mut client, &id).await;
     baseline.shutdown().await.unwrap();
 
@@ -97,8 +97,9 @@ async fn killing_worker_processes_mid_epoch_loses_no_step() {
         .await
         .unwrap()
         .dataset_id;
-    let id = client.submit(job_spec(&dataset, 12)).await.unwrap().job_id;
-    for (k, (epoch, offset)) in [(2, 5), (5, 17), (8, 30)].into_iter().enumerate() {
+    let id = client.submit(job_spec(&dataset, 150)).await.unwrap().job_id;
+    let total = 150 * STEPS_PER_EPOCH;
+    for (k, (epoch, offset)) in [(5, 5), (60, 17), (120, 30)].into_iter().enumerate() {
         let at = epoch * STEPS_PER_EPOCH + offset;
         wait_for(60, &format!("step {at}"), async || {
             step_log(dir.path(), &id).len() >= at
@@ -107,6 +108,10 @@ async fn killing_worker_processes_mid_epoch_loses_no_step() {
         let mut victim = workers.remove(0);
         victim.kill().unwrap();
         victim.wait().unwrap();
+        assert!(
+            step_log(dir.path(), &id).len() < total,
+            "kill {k} came after the job ended"
+        );
         workers.push(worker(&url, &format!("replacement{k}")));
     }
     let (epochs, info) = follow(&mut client, &id).await;
@@ -124,17 +129,21 @@ async fn killing_worker_processes_mid_epoch_loses_no_step() {
     );
     assert_eq!(
         epochs.iter().map(|e| e.epoch).collect::<Vec<_>>(),
-        (1..=12).collect::<Vec<_>>()
+        (1..=150).collect::<Vec<_>>()
     );
     let log = step_log(dir.path(), &id);
     assert_eq!(
         log,
-        (1..=(12 * STEPS_PER_EPOCH) as u64).collect::<Vec<_>>(),
+        (1..=total as u64).collect::<Vec<_>>(),
         "every step once, in order"
     );
     let (test, reference_test) = (
         info.test.unwrap().accuracy,
         reference.test.unwrap().accuracy,
+    );
+    assert!(
+        reference_test > 0.5,
+        "the reference run should have learned: {reference_test}"
     );
     assert!(
         (test - reference_test).abs() <= 0.005,
