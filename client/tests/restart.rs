@@ -7,7 +7,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use recur_client::Client;
-use recur_core::data::BallConfig;
 use recur_proto::v1 as pb;
 use recur_tests::{follow, wait_for};
 use recur_worker::WorkerConfig;
@@ -75,17 +74,7 @@ async fn a_killed_coordinator_resumes_its_job_from_the_latest_checkpoint() {
         })
         .collect();
 
-    let data = BallConfig {
-        rows: 3000,
-        ..BallConfig::tutorial(21)
-    }
-    .generate()
-    .unwrap();
-    let dataset = client
-        .upload("b.csv", data.to_csv().into_bytes(), |_| {})
-        .await
-        .unwrap()
-        .dataset_id;
+    let dataset = recur_tests::upload_ball(&mut client, 3000, 21).await;
     let spec = pb::JobSpec {
         dataset_id: dataset,
         batch_size: Some(50),

@@ -115,6 +115,22 @@ pub async fn wait_for(secs: u64, what: &str, mut condition: impl AsyncFnMut() ->
     );
 }
 
+/// Generates `rows` rows of the tutorial's ball data with `seed` and uploads them; returns the
+/// dataset id.
+pub async fn upload_ball(client: &mut Client, rows: usize, seed: u64) -> String {
+    let data = recur_core::data::BallConfig {
+        rows,
+        ..recur_core::data::BallConfig::tutorial(seed)
+    }
+    .generate()
+    .unwrap();
+    client
+        .upload("ball.csv", data.to_csv().into_bytes(), |_| {})
+        .await
+        .unwrap()
+        .dataset_id
+}
+
 /// Follows a job to its end; returns its epochs (as delivered) and final state.
 pub async fn follow(client: &mut Client, job: &str) -> (Vec<pb::EpochMetrics>, pb::JobInfo) {
     let mut stream = client.watch(job).await.unwrap();

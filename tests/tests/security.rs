@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use recur_client::Client;
 use recur_coordinator::auth::Secret;
-use recur_core::data::BallConfig;
 use recur_proto::v1 as pb;
 use recur_tests::{TestCluster, spec, state};
 use tonic::Code;
@@ -175,17 +174,7 @@ async fn mutual_tls_trains_end_to_end_and_plaintext_fails_cleanly() {
     let mut client = Client::connect_with(&url, None, Some(client_tls(&p, true)))
         .await
         .unwrap();
-    let data = BallConfig {
-        rows: 600,
-        ..BallConfig::tutorial(9)
-    }
-    .generate()
-    .unwrap();
-    let dataset = client
-        .upload("b.csv", data.to_csv().into_bytes(), |_| {})
-        .await
-        .unwrap()
-        .dataset_id;
+    let dataset = recur_tests::upload_ball(&mut client, 600, 9).await;
     let job = client
         .submit(pb::JobSpec {
             max_epochs: 2,

@@ -164,17 +164,7 @@ async fn a_stopped_worker_is_dropped_and_rejoins_after_sigcont() {
         client.workers().await.unwrap().len() == 2
     })
     .await;
-    let data = BallConfig {
-        rows: 3000,
-        ..BallConfig::tutorial(13)
-    }
-    .generate()
-    .unwrap();
-    let dataset = client
-        .upload("b.csv", data.to_csv().into_bytes(), |_| {})
-        .await
-        .unwrap()
-        .dataset_id;
+    let dataset = recur_tests::upload_ball(&mut client, 3000, 13).await;
     let id = client
         .submit(job_spec(&dataset, 1_000_000))
         .await
