@@ -251,13 +251,14 @@ async fn predict_matches_the_downloaded_checkpoint_and_names_bad_rows() {
             ..spec(&dataset, 4)
         })
         .await;
-    // A job that has no checkpoint yet: queued behind the first.
+    // A job that has no checkpoint yet: queued behind the first, and cancelled there.
     let waiting = tc
         .submit(pb::JobSpec {
             max_epochs: 3,
             ..spec(&dataset, 5)
         })
         .await;
+    tc.client.cancel(&waiting).await.unwrap();
     let err = tc
         .client
         .predict(&waiting, vec![vec![1.0, 2.0]])
