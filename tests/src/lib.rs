@@ -81,6 +81,22 @@ impl TestCluster {
         follow(&mut self.client, job).await
     }
 
+    /// A job that can never have a checkpoint: queued behind a running job that never ends,
+    /// cancelled while still queued (the blocker is cancelled too). Returns its id.
+    pub async fn job_without_checkpoint(&mut self, dataset: &str) -> String {
+        let endless = pb::JobSpec {
+            max_epochs: 1_000_000,
+            patience: 1_000_000,
+            ..spec(dataset, 99)
+        };
+        let blocker = self.submit(endless.clone()).await;
+        let queued = self.submit(endless).await;
+        let cancelled = self.client.cancel(&queued).await.unwrap();
+        assert_eq!(cancelled.epochs, 0, "the queued job must not have run");
+        self.client.cancel(&blocker).await.unwrap();
+        queued
+    }
+
     /// Stops everything.
     pub async fn shutdown(self) {
         self.cluster.shutdown().await.unwrap();

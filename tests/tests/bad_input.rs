@@ -290,17 +290,7 @@ async fn every_bad_input_is_refused_by_name_and_the_server_keeps_serving() {
         .await;
     let (_, info) = tc.follow(&job).await;
     assert_eq!(state(&info), pb::JobState::Completed);
-    let queued = {
-        // A job with no checkpoint yet: cancelled before its first epoch ended.
-        let id = tc
-            .submit(pb::JobSpec {
-                max_epochs: 1_000_000,
-                ..base.clone()
-            })
-            .await;
-        tc.client.cancel(&id).await.unwrap();
-        id
-    };
+    let queued = tc.job_without_checkpoint(&dataset).await;
     type PredictCase<'a> = (&'a str, &'a str, Vec<Vec<f32>>, Code, &'a str);
     let predicts: Vec<PredictCase> = vec![
         (

@@ -251,22 +251,15 @@ async fn predict_matches_the_downloaded_checkpoint_and_names_bad_rows() {
             ..spec(&dataset, 4)
         })
         .await;
-    // A job that has no checkpoint yet: queued behind the first, and cancelled there.
-    let waiting = tc
-        .submit(pb::JobSpec {
-            max_epochs: 3,
-            ..spec(&dataset, 5)
-        })
-        .await;
-    tc.client.cancel(&waiting).await.unwrap();
+    let (_, info) = tc.follow(&job).await;
+    assert_eq!(state(&info), pb::JobState::Completed);
+    let waiting = tc.job_without_checkpoint(&dataset).await;
     let err = tc
         .client
         .predict(&waiting, vec![vec![1.0, 2.0]])
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
-    let (_, info) = tc.follow(&job).await;
-    assert_eq!(state(&info), pb::JobState::Completed);
 
     let histories = vec![
         vec![1.0, 2.0, 3.0],
