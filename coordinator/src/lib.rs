@@ -14,6 +14,7 @@ pub mod convert;
 mod datasets;
 mod error;
 pub mod ids;
+pub mod metrics;
 mod predict;
 pub mod scheduler;
 pub mod server;

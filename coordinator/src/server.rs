@@ -47,6 +47,8 @@ pub async fn run(
         events,
         watch,
         shutdown: stop.clone(),
+        metrics: crate::metrics::Metrics::new()
+            .map_err(|e| Error::FailedPrecondition(format!("metrics: {e}")))?,
     });
     let scheduler = Scheduler::new(SchedulerConfig {
         heartbeat_timeout: shared.config.heartbeat_timeout,
@@ -114,13 +116,26 @@ pub async fn run(
             .tls_config(tls)
             .map_err(|e| Error::InvalidArgument(format!("TLS: {e}")))?;
     }
-    let served = builder
-        .tcp_nodelay(true)
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes
         .add_service(client)
         .add_service(workers)
         .add_service(health_service)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(reflection_v1alpha);
+    // Prometheus scrapes `GET /metrics` over HTTP/1.1 on the same port; it needs no token.
+    let metrics = shared.metrics.clone();
+    let router = routes.routes().into_axum_router().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move { metrics.render() }
+        }),
+    );
+    let served = builder
+        .tcp_nodelay(true)
+        .accept_http1(true)
+        .add_routes(tonic::service::Routes::from(router))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), graceful)
         .await;
     let _ = shared.shutdown.send(());

@@ -131,6 +131,31 @@ pub async fn wait_for(secs: u64, what: &str, mut condition: impl AsyncFnMut() ->
     );
 }
 
+/// `GET /metrics` from a coordinator over plain HTTP/1.1; returns the body.
+pub async fn scrape_metrics(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: recur\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    socket.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The value of an unlabelled metric in a Prometheus text exposition.
+pub fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+}
+
 /// Generates `rows` rows of the tutorial's ball data with `seed` and uploads them; returns the
 /// dataset id.
 pub async fn upload_ball(client: &mut Client, rows: usize, seed: u64) -> String {

@@ -185,6 +185,19 @@ async fn watch_delivers_every_epoch_in_order_and_late_subscribers_get_the_histor
     assert_eq!(state(&late_info), pb::JobState::Completed);
     assert_eq!(late_info.epochs, 5);
     assert_eq!(late_info.stop_reason, "max_epochs");
+    // Prometheus metrics on the same port, no token needed.
+    let body = recur_tests::scrape_metrics(tc.cluster.addr()).await;
+    assert_eq!(
+        recur_tests::metric(&body, "recur_steps_total"),
+        Some(late_info.steps as f64),
+        "{body}"
+    );
+    assert_eq!(recur_tests::metric(&body, "recur_epochs_total"), Some(5.0));
+    assert_eq!(recur_tests::metric(&body, "recur_workers"), Some(2.0));
+    assert_eq!(
+        recur_tests::metric(&body, "recur_step_seconds_count"),
+        Some(late_info.steps as f64)
+    );
     tc.shutdown().await;
 }
 

@@ -581,11 +581,7 @@ impl RunningJob {
         let t2 = Instant::now();
         self.version += 1;
         self.cursor += 1;
-        cx.actions.push(Action::StepApplied {
-            job: self.id.clone(),
-            step: self.version,
-            samples: sums.samples,
-        });
+
         self.epoch_samples += sums.samples;
         self.train_acc.add_batch(&sums);
         let total = cx
@@ -600,6 +596,13 @@ impl RunningJob {
         self.timing.reduce += ms(t1 - t0);
         self.timing.optimizer += ms(t2 - t1);
         self.timing.total += total + ms(t2 - t0);
+        cx.actions.push(Action::StepApplied {
+            job: self.id.clone(),
+            step: self.version,
+            samples: sums.samples,
+            compute_ms: compute,
+            total_ms: total + ms(t2 - t0),
+        });
         if self.spec.max_steps.is_some_and(|m| self.version >= m) {
             self.stop = Some("max_steps");
             self.start_eval(EvalKind::Validation, cx);

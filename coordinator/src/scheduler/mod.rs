@@ -131,6 +131,10 @@ pub enum Action {
         step: u64,
         /// Samples in its global batch.
         samples: u64,
+        /// Longest worker compute time of the step, in ms.
+        compute_ms: f64,
+        /// The whole step as the coordinator saw it, in ms.
+        total_ms: f64,
     },
 }
 

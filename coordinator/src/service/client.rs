@@ -488,8 +488,12 @@ impl Recur for ClientService {
                 record.state
             )));
         }
-        let rows = req.sequences.into_iter().map(|s| s.values).collect();
+        let rows: Vec<Vec<f32>> = req.sequences.into_iter().map(|s| s.values).collect();
+        let count = rows.len() as u64;
+        let timer = self.shared.metrics.predict_seconds.start_timer();
         let (predictions, epoch) = self.shared.predictor.predict(id, rows).await?;
+        timer.observe_duration();
+        self.shared.metrics.predicted.inc_by(count);
         Ok(Response::new(pb::PredictResponse { predictions, epoch }))
     }
 }

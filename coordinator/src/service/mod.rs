@@ -57,6 +57,8 @@ pub(crate) struct Shared {
     pub uploads: tokio::sync::Semaphore,
     /// Fires once when the coordinator shuts down; long-lived streams end on it.
     pub shutdown: broadcast::Sender<()>,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Shared {
@@ -120,6 +122,7 @@ pub(crate) async fn scheduler_loop(
                 }
             }
         }
+        shared.metrics.workers.set(scheduler.workers().len() as i64);
         for action in scheduler.take_actions() {
             perform(&shared, &mut streams, &mut step_logs, action);
         }
@@ -190,6 +193,7 @@ fn perform(
             publish_job(shared, &record);
         }
         Action::Epoch(id, epoch) => {
+            shared.metrics.epochs.inc();
             if let Err(e) = shared.store.append_epoch(&id, &epoch) {
                 tracing::error!(job = %id, error = %e, "could not persist epoch");
             }
@@ -199,8 +203,21 @@ fn perform(
                 is_final: false,
             });
         }
-        Action::StepApplied { job, step, samples } => {
+        Action::StepApplied {
+            job,
+            step,
+            samples,
+            compute_ms,
+            total_ms,
+        } => {
             use std::io::Write;
+            let m = &shared.metrics;
+            m.steps.inc();
+            m.samples.inc_by(samples);
+            m.step_seconds.observe(total_ms / 1e3);
+            m.compute_seconds.observe(compute_ms / 1e3);
+            m.wait_seconds
+                .observe((total_ms - compute_ms).max(0.0) / 1e3);
             if !step_logs.contains_key(&job) {
                 let dir = shared.jobs_dir().join(&job.0);
                 let file = std::fs::create_dir_all(&dir).and_then(|()| {
