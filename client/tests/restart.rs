@@ -3,31 +3,33 @@
 //! continuous, and a damaged checkpoint falls back to the one before it.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use recur_client::Client;
 use recur_proto::v1 as pb;
-use recur_tests::{follow, wait_for};
+use recur_tests::{Process, follow, wait_for};
 use recur_worker::WorkerConfig;
 
 /// A coordinator process: `recur local --workers 0` serves a real coordinator and no workers.
-fn coordinator(data_dir: &Path, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_recur"))
-        .args([
-            "local",
-            "--workers",
-            "0",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+fn coordinator(data_dir: &Path, port: u16) -> Process {
+    Process(
+        Command::new(env!("CARGO_BIN_EXE_recur"))
+            .args([
+                "local",
+                "--workers",
+                "0",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 async fn connect(url: &str) -> Client {

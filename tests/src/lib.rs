@@ -131,6 +131,32 @@ pub async fn wait_for(secs: u64, what: &str, mut condition: impl AsyncFnMut() ->
     );
 }
 
+/// A child process that is killed and reaped when dropped, so a failing test leaves nothing
+/// running.
+#[derive(Debug)]
+pub struct Process(pub std::process::Child);
+
+impl std::ops::Deref for Process {
+    type Target = std::process::Child;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Process {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `GET /metrics` from a coordinator over plain HTTP/1.1; returns the body.
 pub async fn scrape_metrics(addr: std::net::SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

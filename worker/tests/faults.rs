@@ -9,16 +9,18 @@ use recur_client::local::LocalCluster;
 use recur_coordinator::CoordinatorConfig;
 use recur_core::data::BallConfig;
 use recur_proto::v1 as pb;
-use recur_tests::{follow, wait_for};
+use recur_tests::{Process, follow, wait_for};
 
-fn worker(url: &str, name: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_recur-worker"))
-        .args(["--coordinator", url, "--name", name])
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+fn worker(url: &str, name: &str) -> Process {
+    Process(
+        Command::new(env!("CARGO_BIN_EXE_recur-worker"))
+            .args(["--coordinator", url, "--name", name])
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -86,7 +88,7 @@ async fn killing_worker_processes_mid_epoch_loses_no_step() {
         .await
         .unwrap();
     let url = cluster.url();
-    let mut workers: Vec<Child> = (0..3).map(|i| worker(&url, &format!("p{i}"))).collect();
+    let mut workers: Vec<Process> = (0..3).map(|i| worker(&url, &format!("p{i}"))).collect();
     let mut client = Client::connect(&url, None).await.unwrap();
     wait_for(30, "3 worker processes", async || {
         client.workers().await.unwrap().len() == 3
@@ -158,7 +160,7 @@ async fn a_stopped_worker_is_dropped_and_rejoins_after_sigcont() {
     config.heartbeat_timeout = Duration::from_secs(1);
     let cluster = LocalCluster::start("127.0.0.1:0", config, 0).await.unwrap();
     let url = cluster.url();
-    let mut workers: Vec<Child> = (0..2).map(|i| worker(&url, &format!("s{i}"))).collect();
+    let mut workers: Vec<Process> = (0..2).map(|i| worker(&url, &format!("s{i}"))).collect();
     let mut client = Client::connect(&url, None).await.unwrap();
     wait_for(30, "2 worker processes", async || {
         client.workers().await.unwrap().len() == 2
