@@ -2,7 +2,6 @@
 //! `recur local` and the whole-cluster tests run on it.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use recur_coordinator::CoordinatorConfig;
 use recur_worker::WorkerConfig;
@@ -20,7 +19,6 @@ struct LocalWorker {
 #[derive(Debug)]
 pub struct LocalCluster {
     addr: SocketAddr,
-    data_dir: PathBuf,
     stop: Option<oneshot::Sender<()>>,
     coordinator: JoinHandle<recur_coordinator::Result<()>>,
     workers: Vec<Option<LocalWorker>>,
@@ -39,7 +37,6 @@ impl LocalCluster {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
         let addr = listener.local_addr()?;
-        let data_dir = config.data_dir.clone();
         let tls = config.tls.is_some();
         let scheme = if tls { "https" } else { "http" };
         let mut template = WorkerConfig::new(format!("{scheme}://{addr}"), "local");
@@ -50,7 +47,6 @@ impl LocalCluster {
         }));
         let mut cluster = Self {
             addr,
-            data_dir,
             stop: Some(stop),
             coordinator,
             workers: Vec::new(),
@@ -80,11 +76,6 @@ impl LocalCluster {
     /// TLS that workers started from now on use to dial the coordinator.
     pub fn set_worker_tls(&mut self, tls: tonic::transport::ClientTlsConfig) {
         self.worker_template.tls = Some(tls);
-    }
-
-    /// The coordinator's data directory.
-    pub fn data_dir(&self) -> &PathBuf {
-        &self.data_dir
     }
 
     /// Starts another worker; returns its index.

@@ -97,6 +97,8 @@ pub(crate) struct RunningJob {
     data: Dataset,
     scale: f32,
     split: Split,
+    /// The evaluation batch of every validation and test row, by dataset row.
+    eval_batch: Vec<u32>,
     params: Vec<f32>,
     version: u64,
     optimizer: Optimizer,
@@ -169,6 +171,13 @@ impl RunningJob {
         let t = &job.spec.train;
         let scale = t.scale.resolve(&job.data).map_err(|e| e.to_string())?;
         let split = Split::new(job.data.len(), t.seed, t.split).map_err(|e| e.to_string())?;
+        // Evaluation batches are the split's rows in order, `batch_size` at a time.
+        let mut eval_batch = vec![0u32; job.data.len()];
+        for rows in [&split.validation, &split.test] {
+            for (i, &r) in rows.iter().enumerate() {
+                eval_batch[r] = (i / t.batch_size) as u32;
+            }
+        }
         if split.validation.is_empty() || split.test.is_empty() {
             return Err(format!(
                 "the dataset's {} rows leave an empty validation or test split",
@@ -210,6 +219,7 @@ impl RunningJob {
             data: job.data.scaled(scale),
             scale,
             split,
+            eval_batch,
             params,
             version,
             optimizer,
@@ -320,15 +330,6 @@ impl RunningJob {
     }
 
     fn shard_messages(&self, shard: &Shard, part_values: usize) -> Vec<pb::LoadShard> {
-        let batch = self.spec.train.batch_size;
-        let position = |rows: &[usize]| -> HashMap<usize, u32> {
-            rows.iter()
-                .enumerate()
-                .map(|(i, &r)| (r, (i / batch) as u32))
-                .collect()
-        };
-        let val_batch = position(&self.split.validation);
-        let test_batch = position(&self.split.test);
         let mut parts = Vec::new();
         let mut current = self.empty_shard_part();
         let mut values = 0;
@@ -348,11 +349,11 @@ impl RunningJob {
                 let block = match which {
                     TRAIN => current.train.get_or_insert_default(),
                     VALIDATION => {
-                        current.validation_batches.push(val_batch[&r]);
+                        current.validation_batches.push(self.eval_batch[r]);
                         current.validation.get_or_insert_default()
                     }
                     _ => {
-                        current.test_batches.push(test_batch[&r]);
+                        current.test_batches.push(self.eval_batch[r]);
                         current.test.get_or_insert_default()
                     }
                 };

@@ -227,11 +227,6 @@ impl Scheduler {
         &self.workers
     }
 
-    /// Jobs waiting to run.
-    pub fn queued(&self) -> usize {
-        self.queue.len()
-    }
-
     /// The running job's id.
     pub fn running(&self) -> Option<&JobId> {
         self.running.as_ref().map(RunningJob::id)

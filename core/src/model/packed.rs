@@ -118,11 +118,6 @@ impl PackedBatch {
         self.input_size
     }
 
-    /// Steps of the longest sequence.
-    pub fn max_len(&self) -> usize {
-        self.batch_sizes.len()
-    }
-
     /// Sequences still running at each step.
     pub fn batch_sizes(&self) -> &[usize] {
         &self.batch_sizes
@@ -131,11 +126,6 @@ impl PackedBatch {
     /// `order[k]` is the input index of the `k`-th sequence in sorted order.
     pub fn order(&self) -> &[usize] {
         &self.order
-    }
-
-    /// Total real steps in the batch.
-    pub fn total_steps(&self) -> usize {
-        self.batch_sizes.iter().sum()
     }
 
     /// Step `t` of the running sequences with the ones column: `(batch_sizes[t], input_size + 1)`.
