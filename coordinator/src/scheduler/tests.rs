@@ -36,6 +36,8 @@ struct Sim {
     disconnects: Vec<(WorkerId, String)>,
     sent: Vec<(WorkerId, Cmd)>,
     step_log: Vec<(JobId, u64)>,
+    /// Rewrites replies on their way back to the scheduler (a misbehaving worker).
+    tamper: Box<dyn FnMut(WorkerId, Reply) -> Reply>,
 }
 
 impl Sim {
@@ -51,6 +53,7 @@ impl Sim {
             disconnects: Vec::new(),
             sent: Vec::new(),
             step_log: Vec::new(),
+            tamper: Box::new(|_, reply| reply),
         }
     }
 
@@ -86,6 +89,7 @@ impl Sim {
                                 if let Some(reply) =
                                     self.workers.get_mut(&w).and_then(|e| e.handle(cmd))
                                 {
+                                    let reply = (self.tamper)(w, reply);
                                     self.replies.push_back((w, reply));
                                 }
                             }
@@ -308,45 +312,17 @@ fn a_gradient_of_the_wrong_length_drops_the_worker_and_nan_fails_the_job() {
     let a = sim.join("a");
     sim.join("b");
     sim.s.submit(job(1, 6, 4), sim.now);
-    let mut tampered = false;
     // Worker a truncates its first gradient.
-    loop {
-        let actions = sim.s.take_actions();
-        if actions.is_empty() && sim.replies.is_empty() {
-            break;
+    let mut tampered = false;
+    sim.tamper = Box::new(move |w, reply| match reply {
+        Reply::StepResult(mut r) if w == a && !tampered => {
+            tampered = true;
+            r.grad_sum.pop();
+            Reply::StepResult(r)
         }
-        for action in actions {
-            match action {
-                Action::Send(w, m) => {
-                    if let Some(reply) = m
-                        .kind
-                        .and_then(|c| sim.workers.get_mut(&w).and_then(|e| e.handle(c)))
-                    {
-                        let reply = match reply {
-                            Reply::StepResult(mut r) if w == a && !tampered => {
-                                tampered = true;
-                                r.grad_sum.pop();
-                                Reply::StepResult(r)
-                            }
-                            other => other,
-                        };
-                        sim.replies.push_back((w, reply));
-                    }
-                }
-                Action::Disconnect(w, reason) => {
-                    sim.workers.remove(&w);
-                    sim.disconnects.push((w, reason));
-                }
-                Action::Job(id, p) => sim.progress.push((id, p)),
-                _ => {}
-            }
-        }
-        if let Some((w, r)) = sim.replies.pop_front()
-            && sim.workers.contains_key(&w)
-        {
-            sim.s.message(w, r, sim.now);
-        }
-    }
+        other => other,
+    });
+    sim.deliver_all();
     assert!(
         sim.disconnects
             .iter()
