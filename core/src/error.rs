@@ -53,6 +53,11 @@ pub enum Error {
         expected: usize,
     },
 
+    /// A fused recurrent kernel was handed shapes that do not fit together, or its device
+    /// backend failed.
+    #[error("recurrent kernel: {0}")]
+    Kernel(String),
+
     /// A checkpoint is missing a tensor, has a tensor of the wrong shape, or a bad manifest.
     #[error("checkpoint {path}: {problem}")]
     Checkpoint {

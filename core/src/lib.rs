@@ -3,6 +3,8 @@
 //!
 //! - [`model`]: RNN (tanh/relu), LSTM and GRU with PyTorch's math, names and initialisation,
 //!   exact on variable-length batches.
+//! - [`fused`]: the compute engine under the models: one candle op per layer and direction,
+//!   with hand-written backward passes and vectorised activations, on CPU and CUDA.
 //! - [`data`]: the CSV reader, the ball-data generator, normalisation, splits, shards, batches.
 //! - [`metrics`]: the tutorial's accuracy, MSE, MAE and exact-integer share.
 //! - [`optim`]: SGD, Adam, AdamW, Adadelta on flat vectors, and learning-rate schedules.
@@ -16,6 +18,7 @@ pub mod checkpoint;
 pub mod convert;
 pub mod data;
 mod error;
+pub mod fused;
 pub mod metrics;
 pub mod model;
 pub mod optim;

@@ -85,15 +85,10 @@ pub fn evaluate(model: &SeqModel, batch: &Batch, scale: f32) -> Result<BatchSums
 
 /// Forward only: the head's outputs in **input** order, `output_size` values per sequence.
 pub fn predict(model: &SeqModel, batch: &Batch) -> Result<Vec<f32>> {
-    let out = model.forward(&batch.packed, false)?;
-    Ok(batch
-        .packed
-        .unsort(&out.ys)?
-        .flatten_all()?
-        .to_vec1::<f32>()?)
+    let ys = model.infer(&batch.packed)?;
+    Ok(batch.packed.unsort(&ys)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
 fn predict_sorted(model: &SeqModel, packed: &PackedBatch) -> Result<Vec<f32>> {
-    let out = model.forward(packed, false)?;
-    Ok(out.ys.flatten_all()?.to_vec1::<f32>()?)
+    Ok(model.infer(packed)?.flatten_all()?.to_vec1::<f32>()?)
 }

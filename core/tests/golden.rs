@@ -170,10 +170,8 @@ fn forward_states_and_gradients_match_pytorch() {
         );
         let grads = loss(&case, &batch, &out.ys).backward().unwrap();
         let params = model.params();
-        for (name, var) in params.named() {
-            let grad = grads
-                .get(var)
-                .unwrap_or_else(|| panic!("{}: no grad for {name}", case.name));
+        for (name, grad) in params.grads_named(&grads).unwrap() {
+            let grad = &grad;
             assert_close(
                 &case.name,
                 &format!("grad of {name}"),

@@ -1,20 +1,23 @@
 //! A batch of variable-length sequences laid out as PyTorch's `PackedSequence`.
 
+use std::sync::Arc;
+
 use candle_core::{Device, Tensor};
 
+use crate::fused::Steps;
 use crate::{Error, Result};
 
 /// Sequences sorted by length (longest first, ties in input order) and stored time-major, so
 /// that step `t` is a contiguous block of the `batch_sizes[t]` sequences still running.
 ///
-/// `data` is `(sum(batch_sizes), input_size + 1)`: the last column is all ones, which lets a cell
-/// fold its biases into its single matmul. Nothing here is tracked for gradients.
+/// `data` is `(sum(batch_sizes), input_size)`. Nothing here is tracked for gradients.
 #[derive(Debug, Clone)]
 pub struct PackedBatch {
     data: Tensor,
     ones: Tensor,
-    batch_sizes: Vec<usize>,
-    offsets: Vec<usize>,
+    steps: Arc<Steps>,
+    /// Packed row of each sorted sequence's last step.
+    last_rows: Tensor,
     order: Vec<usize>,
     unsort: Tensor,
     input_size: usize,
@@ -50,29 +53,31 @@ impl PackedBatch {
         order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
         let max_len = lengths[order[0]];
         let mut batch_sizes = Vec::with_capacity(max_len);
-        let mut offsets = Vec::with_capacity(max_len);
-        let width = input_size + 1;
         let total: usize = lengths.iter().sum();
-        let mut data = Vec::with_capacity(total * width);
+        let mut data = Vec::with_capacity(total * input_size);
         for t in 0..max_len {
-            offsets.push(data.len() / width);
             let running = order.iter().take_while(|&&i| lengths[i] > t).count();
             for &i in &order[..running] {
                 data.extend_from_slice(&seqs[i][t * input_size..(t + 1) * input_size]);
-                data.push(1.0);
             }
             batch_sizes.push(running);
         }
+        let steps = Steps::new(batch_sizes)?;
+        let last_rows: Vec<u32> = order
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| (steps.offsets()[lengths[i] - 1] + k) as u32)
+            .collect();
         let mut unsort = vec![0u32; order.len()];
         for (sorted_pos, &i) in order.iter().enumerate() {
             unsort[i] = sorted_pos as u32;
         }
         let b_sz = seqs.len();
         Ok(Self {
-            data: Tensor::from_vec(data, (total, width), device)?,
+            data: Tensor::from_vec(data, (total, input_size), device)?,
             ones: Tensor::ones((b_sz, 1), candle_core::DType::F32, device)?,
-            batch_sizes,
-            offsets,
+            last_rows: Tensor::from_vec(last_rows, b_sz, device)?,
+            steps: Arc::new(steps),
             unsort: Tensor::from_vec(unsort, b_sz, device)?,
             order,
             input_size,
@@ -120,7 +125,22 @@ impl PackedBatch {
 
     /// Sequences still running at each step.
     pub fn batch_sizes(&self) -> &[usize] {
-        &self.batch_sizes
+        self.steps.batch_sizes()
+    }
+
+    /// The time structure the fused layers run on.
+    pub fn steps(&self) -> &Arc<Steps> {
+        &self.steps
+    }
+
+    /// Every packed row: `(sum(batch_sizes), input_size)`.
+    pub fn data(&self) -> &Tensor {
+        &self.data
+    }
+
+    /// Packed row of each sorted sequence's last step: `(b_sz,)`, u32.
+    pub(crate) fn last_rows(&self) -> &Tensor {
+        &self.last_rows
     }
 
     /// `order[k]` is the input index of the `k`-th sequence in sorted order.
@@ -128,9 +148,11 @@ impl PackedBatch {
         &self.order
     }
 
-    /// Step `t` of the running sequences with the ones column: `(batch_sizes[t], input_size + 1)`.
+    /// Step `t` of the running sequences: `(batch_sizes[t], input_size)`.
     pub(crate) fn step(&self, t: usize) -> Result<Tensor> {
-        Ok(self.data.narrow(0, self.offsets[t], self.batch_sizes[t])?)
+        Ok(self
+            .data
+            .narrow(0, self.steps.offsets()[t], self.batch_sizes()[t])?)
     }
 
     /// A column of ones for the first `rows` sorted sequences: `(rows, 1)`.
@@ -165,7 +187,8 @@ mod tests {
         assert_eq!(p.order(), [1, 0, 2]);
         assert_eq!(p.batch_sizes(), [3, 2, 2, 1, 1]);
         let step1 = p.step(1).unwrap().to_vec2::<f32>().unwrap();
-        assert_eq!(step1, [[20.0, 1.0], [2.0, 1.0]]);
+        assert_eq!(step1, [[20.0], [2.0]]);
+        assert_eq!(p.last_rows().to_vec1::<u32>().unwrap(), [8, 6, 2]);
         assert_eq!(p.sort_values(&[7, 8, 9], 1), [8, 7, 9]);
         assert!(PackedBatch::new(&[&a, &[]], 1, &Device::Cpu).is_err());
     }

@@ -10,13 +10,14 @@ use rand_chacha::ChaCha8Rng;
 use super::{ModelConfig, ParamLayout};
 use crate::{Error, Result};
 
-/// Every parameter of a model, as trainable candle variables in sorted-name order.
+/// Every parameter of a model as one trainable candle variable, the flat vector in layout order
+/// (sorted by name). Each named tensor is a view into it, so a gradient is one contiguous
+/// vector, and parameters and gradients cross a device boundary as one buffer each.
 #[derive(Debug, Clone)]
 pub struct Params {
     config: ModelConfig,
     layout: ParamLayout,
-    vars: Vec<Var>,
-    device: Device,
+    flat: Var,
 }
 
 impl Params {
@@ -46,23 +47,11 @@ impl Params {
         config.validate()?;
         let layout = config.layout();
         check_len("parameters", flat.len(), layout.total())?;
-        let vars = layout
-            .entries()
-            .iter()
-            .map(|e| {
-                let t = Tensor::from_slice(
-                    &flat[e.offset..e.offset + e.len],
-                    e.shape.as_slice(),
-                    device,
-                )?;
-                Ok(Var::from_tensor(&t)?)
-            })
-            .collect::<Result<_>>()?;
+        let flat = Var::from_tensor(&Tensor::from_slice(flat, flat.len(), device)?)?;
         Ok(Self {
             config,
             layout,
-            vars,
-            device: device.clone(),
+            flat,
         })
     }
 
@@ -81,7 +70,7 @@ impl Params {
                 config.kind
             ));
         }
-        let mut vars = Vec::with_capacity(layout.entries().len());
+        let mut flat = Vec::with_capacity(layout.total());
         for e in layout.entries() {
             let t = tensors
                 .get(&e.name)
@@ -94,18 +83,14 @@ impl Params {
                     e.shape
                 ));
             }
-            let t = t
+            let values = t
                 .to_dtype(DType::F32)
-                .and_then(|t| t.to_device(device))
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
                 .map_err(|err| format!("tensor `{}`: {err}", e.name))?;
-            vars.push(Var::from_tensor(&t).map_err(|err| err.to_string())?);
+            flat.extend(values);
         }
-        Ok(Self {
-            config,
-            layout,
-            vars,
-            device: device.clone(),
-        })
+        Self::from_flat(config, &flat, device).map_err(|e| e.to_string())
     }
 
     /// The model shape these parameters belong to.
@@ -120,64 +105,70 @@ impl Params {
 
     /// The device the parameters live on.
     pub fn device(&self) -> &Device {
-        &self.device
+        self.flat.device()
     }
 
-    /// The variable with this name.
-    pub fn get(&self, name: &str) -> Result<&Var> {
-        self.layout
-            .entries()
-            .binary_search_by(|e| e.name.as_str().cmp(name))
-            .map(|i| &self.vars[i])
-            .map_err(|_| Error::InvalidConfig {
-                field: "parameters",
-                problem: format!("no parameter `{name}` in a {} model", self.config.kind),
-            })
+    /// The flat vector, `(total,)`, as the one trainable variable.
+    pub fn flat(&self) -> &Var {
+        &self.flat
     }
 
-    /// Names with their tensors, in sorted-name order.
-    pub fn named(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+    /// The tensor with this name: a view of the flat variable, so gradients flow into it.
+    pub fn get(&self, name: &str) -> Result<Tensor> {
+        let e = self.layout.get(name).ok_or_else(|| Error::InvalidConfig {
+            field: "parameters",
+            problem: format!("no parameter `{name}` in a {} model", self.config.kind),
+        })?;
+        Ok(self
+            .flat
+            .narrow(0, e.offset, e.len)?
+            .reshape(e.shape.as_slice())?)
+    }
+
+    /// Names with their tensors (views of the flat variable), in sorted-name order.
+    pub fn named(&self) -> Result<Vec<(&str, Tensor)>> {
         self.layout
             .entries()
             .iter()
-            .zip(&self.vars)
-            .map(|(e, v)| (e.name.as_str(), v.as_tensor()))
+            .map(|e| Ok((e.name.as_str(), self.get(&e.name)?)))
+            .collect()
     }
 
     /// All values in layout order.
     pub fn to_flat(&self) -> Result<Vec<f32>> {
-        let mut flat = Vec::with_capacity(self.layout.total());
-        for v in &self.vars {
-            flat.extend(v.as_tensor().flatten_all()?.to_vec1::<f32>()?);
-        }
-        Ok(flat)
+        Ok(self.flat.to_vec1::<f32>()?)
     }
 
-    /// Overwrites every value from a flat vector in layout order.
+    /// Overwrites every value from a flat vector in layout order (one copy to the device).
     pub fn set_flat(&self, flat: &[f32]) -> Result<()> {
         check_len("parameters", flat.len(), self.layout.total())?;
-        for (e, v) in self.layout.entries().iter().zip(&self.vars) {
-            let t = Tensor::from_slice(
-                &flat[e.offset..e.offset + e.len],
-                e.shape.as_slice(),
-                &self.device,
-            )?;
-            v.set(&t)?;
-        }
+        self.flat
+            .set(&Tensor::from_slice(flat, flat.len(), self.flat.device())?)?;
         Ok(())
     }
 
-    /// The gradient of every parameter from a backward pass, flattened in layout order. A
-    /// parameter the loss does not depend on gets zeros.
+    /// The gradient of every parameter from a backward pass, flattened in layout order (one
+    /// copy from the device). Zeros when the loss does not depend on the parameters.
     pub fn grads_flat(&self, grads: &GradStore) -> Result<Vec<f32>> {
-        let mut flat = Vec::with_capacity(self.layout.total());
-        for (e, v) in self.layout.entries().iter().zip(&self.vars) {
-            match grads.get(v.as_tensor()) {
-                Some(g) => flat.extend(g.flatten_all()?.to_vec1::<f32>()?),
-                None => flat.extend(std::iter::repeat_n(0.0, e.len)),
-            }
+        match grads.get(self.flat.as_tensor()) {
+            Some(g) => Ok(g.to_vec1::<f32>()?),
+            None => Ok(vec![0.0; self.layout.total()]),
         }
-        Ok(flat)
+    }
+
+    /// The gradient of each named tensor, in sorted-name order, shaped like the tensor.
+    pub fn grads_named(&self, grads: &GradStore) -> Result<Vec<(&str, Tensor)>> {
+        let flat = Tensor::from_vec(self.grads_flat(grads)?, self.layout.total(), &Device::Cpu)?;
+        self.layout
+            .entries()
+            .iter()
+            .map(|e| {
+                Ok((
+                    e.name.as_str(),
+                    flat.narrow(0, e.offset, e.len)?.reshape(e.shape.as_slice())?,
+                ))
+            })
+            .collect()
     }
 }
 
@@ -225,12 +216,7 @@ mod tests {
         let flat: Vec<f32> = (0..config.layout().total()).map(|i| i as f32).collect();
         p.set_flat(&flat).unwrap();
         assert_eq!(p.to_flat().unwrap(), flat);
-        let bias = p
-            .get("linear.bias")
-            .unwrap()
-            .as_tensor()
-            .to_vec1::<f32>()
-            .unwrap();
+        let bias = p.get("linear.bias").unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(bias, [0.0]);
         assert!(p.set_flat(&flat[1..]).is_err());
     }

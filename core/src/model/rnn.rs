@@ -1,14 +1,11 @@
-//! The recurrent network with its linear head, run over a [`PackedBatch`].
-//!
-//! Each step of each direction is one matmul: the step input, a ones column and the previous
-//! hidden state are concatenated, and the cell's input weights, folded biases and hidden weights
-//! are concatenated once per forward pass to match. The batch is sorted by length and narrowed as
-//! sequences end, like PyTorch's packed sequences, so padding never enters the computation.
+//! The recurrent network with its linear head, run over a [`PackedBatch`] with one fused op per
+//! layer and direction ([`crate::fused`]).
 
-use candle_core::{D, Tensor};
+use candle_core::Tensor;
 
-use super::{ModelConfig, ModelKind, PackedBatch, Params};
-use crate::Result;
+use super::{ModelConfig, PackedBatch, Params};
+use crate::fused::{self, LayerParams, LayerSpec};
+use crate::{Error, Result};
 
 /// What a forward pass returns. Every tensor is in **sorted** order (see
 /// [`PackedBatch::order`]); use [`PackedBatch::unsort`] to get input order.
@@ -26,29 +23,52 @@ pub struct Forward {
     pub outputs: Vec<Tensor>,
 }
 
-/// Recurrent state of one direction while it runs.
-struct State {
-    h: Tensor,
-    c: Option<Tensor>,
-}
-
-/// One layer-direction's weights, prepared for the fused step.
-struct CellWeights {
-    /// `(layer_in + 1 + hidden, gates)`: rows match the step input `[x, 1, h]`. The gate columns
-    /// are (i, f, o, g) for LSTM and (r, z, n_input, n_hidden) for GRU.
-    w: Tensor,
-}
-
 /// A recurrent model over its parameters. Cheap to build; the parameters are shared.
 #[derive(Debug, Clone)]
 pub struct SeqModel {
     params: Params,
+    /// Every layer-direction, in `h_n` order.
+    layers: Vec<LayerSpec>,
+    head_weight: usize,
+    head_bias: usize,
 }
 
 impl SeqModel {
     /// Wraps parameters as a model.
     pub fn new(params: Params) -> Self {
-        Self { params }
+        let config = *params.config();
+        let layout = params.layout();
+        // A name the layout lacks cannot happen for a validated config; if it did, the offset
+        // is out of range and the first forward pass says so.
+        let offset = |name: String| layout.get(&name).map_or(usize::MAX, |e| e.offset);
+        let mut layers = Vec::with_capacity(config.num_layers * config.directions());
+        for layer in 0..config.num_layers {
+            for (d, suffix) in ["", "_reverse"].iter().take(config.directions()).enumerate() {
+                layers.push(LayerSpec {
+                    kind: config.kind,
+                    input: if layer == 0 {
+                        config.input_size
+                    } else {
+                        config.head_input()
+                    },
+                    hidden: config.hidden_size,
+                    reverse: d == 1,
+                    params: LayerParams {
+                        w_ih: offset(format!("rnn.weight_ih_l{layer}{suffix}")),
+                        w_hh: offset(format!("rnn.weight_hh_l{layer}{suffix}")),
+                        b_ih: offset(format!("rnn.bias_ih_l{layer}{suffix}")),
+                        b_hh: offset(format!("rnn.bias_hh_l{layer}{suffix}")),
+                    },
+                    param_len: layout.total(),
+                });
+            }
+        }
+        Self {
+            head_weight: offset("linear.weight".into()),
+            head_bias: offset("linear.bias".into()),
+            params,
+            layers,
+        }
     }
 
     /// The parameters.
@@ -61,12 +81,22 @@ impl SeqModel {
         self.params.config()
     }
 
-    /// Runs the batch and the head. With `keep_outputs`, also returns the top layer's per-step
-    /// output.
+    /// Runs the batch and the head as part of candle's graph, keeping what a backward pass
+    /// needs. With `keep_outputs`, also returns the top layer's per-step output.
     pub fn forward(&self, batch: &PackedBatch, keep_outputs: bool) -> Result<Forward> {
+        self.run(batch, true, keep_outputs)
+    }
+
+    /// The forward-only path for prediction and evaluation: no graph, no saved activations.
+    /// Returns the head's output `(b_sz, output_size)` in sorted order.
+    pub fn infer(&self, batch: &PackedBatch) -> Result<Tensor> {
+        Ok(self.run(batch, false, false)?.ys)
+    }
+
+    fn run(&self, batch: &PackedBatch, train: bool, keep_outputs: bool) -> Result<Forward> {
         let config = *self.config();
         if batch.input_size() != config.input_size {
-            return Err(crate::Error::BadRow {
+            return Err(Error::BadRow {
                 row: 0,
                 problem: format!(
                     "steps have {} features, the model takes {}",
@@ -75,253 +105,71 @@ impl SeqModel {
                 ),
             });
         }
-        let mut h_n = Vec::new();
-        let mut c_n = Vec::new();
-        let mut below: Vec<Tensor> = Vec::new();
-        let mut last = Vec::new();
-        for layer in 0..config.num_layers {
-            let fwd_w = self.cell_weights(layer, "")?;
-            let (fwd_out, fwd_state) = run_forward(&config, batch, &below, &fwd_w)?;
-            h_n.push(fwd_state.h.clone());
-            c_n.extend(fwd_state.c.clone());
-            last = vec![fwd_state.h];
-            let outputs = if config.bidirectional {
-                let bwd_w = self.cell_weights(layer, "_reverse")?;
-                let (bwd_out, bwd_state) = run_backward(&config, batch, &below, &bwd_w)?;
-                h_n.push(bwd_state.h.clone());
-                c_n.extend(bwd_state.c.clone());
-                last.push(bwd_state.h);
-                fwd_out
-                    .iter()
-                    .zip(&bwd_out)
-                    .map(|(f, b)| Tensor::cat(&[f, b], 1))
-                    .collect::<candle_core::Result<Vec<_>>>()?
-            } else {
-                fwd_out
-            };
-            below = outputs;
-        }
-        let top = if last.len() == 1 {
-            last.swap_remove(0)
+        let flat = if train {
+            self.params.flat().as_tensor().clone()
         } else {
-            Tensor::cat(&last, 1)?
+            self.params.flat().as_tensor().detach()
         };
-        let w = self.params.get("linear.weight")?.as_tensor();
-        let b = self.params.get("linear.bias")?.as_tensor();
-        let ys = top.matmul(&w.t()?)?.broadcast_add(b)?;
+        let steps = batch.steps();
+        let (b_sz, total) = (steps.sequences(), steps.total());
+        let dirs = config.directions();
+        let mut x = batch.data().clone();
+        let mut h_n = Vec::with_capacity(self.layers.len());
+        let mut c_n = Vec::new();
+        for layer in self.layers.chunks(dirs) {
+            let mut outputs = Vec::with_capacity(dirs);
+            for spec in layer {
+                let out = fused::layer(&x, &flat, spec, steps, train)?;
+                // Backward directions end at step 0, forward ones at each sequence's last step.
+                let last = |m: &Tensor| -> Result<Tensor> {
+                    Ok(if spec.reverse {
+                        m.narrow(0, 0, b_sz)?
+                    } else {
+                        m.index_select(batch.last_rows(), 0)?
+                    })
+                };
+                let h = if spec.planes() == 2 {
+                    c_n.push(last(&out.narrow(0, total, total)?)?);
+                    out.narrow(0, 0, total)?
+                } else {
+                    out
+                };
+                h_n.push(last(&h)?);
+                outputs.push(h);
+            }
+            x = if outputs.len() == 1 {
+                outputs.swap_remove(0)
+            } else {
+                Tensor::cat(&outputs, 1)?
+            };
+        }
+        let top_states = &h_n[h_n.len() - dirs..];
+        let top = if dirs == 1 {
+            top_states[0].clone()
+        } else {
+            Tensor::cat(top_states, 1)?
+        };
+        let head_in = config.head_input();
+        let w = flat
+            .narrow(0, self.head_weight, config.output_size * head_in)?
+            .reshape((config.output_size, head_in))?;
+        let b = flat.narrow(0, self.head_bias, config.output_size)?;
+        let ys = top.matmul(&w.t()?)?.broadcast_add(&b)?;
+        let outputs = if keep_outputs {
+            steps
+                .offsets()
+                .iter()
+                .zip(steps.batch_sizes())
+                .map(|(&at, &rows)| x.narrow(0, at, rows))
+                .collect::<candle_core::Result<_>>()?
+        } else {
+            Vec::new()
+        };
         Ok(Forward {
             ys,
             h_n,
             c_n,
-            outputs: if keep_outputs { below } else { Vec::new() },
+            outputs,
         })
     }
-
-    /// Builds the fused weight of one layer and direction; see [`CellWeights::w`].
-    fn cell_weights(&self, layer: usize, suffix: &str) -> Result<CellWeights> {
-        let get = |name: &str| -> Result<Tensor> {
-            Ok(self
-                .params
-                .get(&format!("rnn.{name}_l{layer}{suffix}"))?
-                .as_tensor()
-                .clone())
-        };
-        let (w_ih, w_hh, b_ih, b_hh) = (
-            get("weight_ih")?,
-            get("weight_hh")?,
-            get("bias_ih")?,
-            get("bias_hh")?,
-        );
-        let h = self.config().hidden_size;
-        let w = match self.config().kind {
-            ModelKind::RnnTanh | ModelKind::RnnRelu => {
-                let b = (b_ih + b_hh)?.unsqueeze(1)?;
-                Tensor::cat(&[&w_ih, &b, &w_hh], 1)?
-            }
-            ModelKind::Lstm => {
-                let b = (b_ih + b_hh)?.unsqueeze(1)?;
-                let w = Tensor::cat(&[&w_ih, &b, &w_hh], 1)?;
-                // PyTorch's rows are (i, f, g, o); the sigmoid gates go first here.
-                Tensor::cat(
-                    &[
-                        w.narrow(0, 0, 2 * h)?,
-                        w.narrow(0, 3 * h, h)?,
-                        w.narrow(0, 2 * h, h)?,
-                    ],
-                    0,
-                )?
-            }
-            ModelKind::Gru => {
-                let layer_in = w_ih.dim(1)?;
-                let dev = w_ih.device();
-                let rz = Tensor::cat(
-                    &[
-                        w_ih.narrow(0, 0, 2 * h)?,
-                        (b_ih.narrow(0, 0, 2 * h)? + b_hh.narrow(0, 0, 2 * h)?)?.unsqueeze(1)?,
-                        w_hh.narrow(0, 0, 2 * h)?,
-                    ],
-                    1,
-                )?;
-                let n_in = Tensor::cat(
-                    &[
-                        w_ih.narrow(0, 2 * h, h)?,
-                        b_ih.narrow(0, 2 * h, h)?.unsqueeze(1)?,
-                        Tensor::zeros((h, h), w_ih.dtype(), dev)?,
-                    ],
-                    1,
-                )?;
-                let n_hid = Tensor::cat(
-                    &[
-                        Tensor::zeros((h, layer_in), w_ih.dtype(), dev)?,
-                        b_hh.narrow(0, 2 * h, h)?.unsqueeze(1)?,
-                        w_hh.narrow(0, 2 * h, h)?,
-                    ],
-                    1,
-                )?;
-                Tensor::cat(&[rz, n_in, n_hid], 0)?
-            }
-        };
-        Ok(CellWeights {
-            w: w.t()?.contiguous()?,
-        })
-    }
-}
-
-/// The input of step `t` with its ones column: the packed data for the first layer, the layer
-/// below's output otherwise.
-fn step_input(batch: &PackedBatch, below: &[Tensor], t: usize) -> Result<Vec<Tensor>> {
-    if below.is_empty() {
-        Ok(vec![batch.step(t)?])
-    } else {
-        let x = &below[t];
-        Ok(vec![x.clone(), batch.ones(x.dim(0)?)?])
-    }
-}
-
-/// One cell step: `(rows, hidden)` state in, new state out.
-fn cell(kind: ModelKind, mut xs: Vec<Tensor>, state: &State, w: &CellWeights) -> Result<State> {
-    let hidden = state.h.dim(D::Minus1)?;
-    xs.push(state.h.clone());
-    let gates = Tensor::cat(&xs, 1)?.matmul(&w.w)?;
-    Ok(match kind {
-        ModelKind::RnnTanh => State {
-            h: gates.tanh()?,
-            c: None,
-        },
-        ModelKind::RnnRelu => State {
-            h: gates.relu()?,
-            c: None,
-        },
-        ModelKind::Lstm => {
-            let c = state
-                .c
-                .as_ref()
-                .ok_or_else(|| crate::Error::setting("state", "an LSTM step needs a cell state"))?;
-            let ifo = candle_nn::ops::sigmoid(&gates.narrow(1, 0, 3 * hidden)?)?;
-            let g = gates.narrow(1, 3 * hidden, hidden)?.tanh()?;
-            let i = ifo.narrow(1, 0, hidden)?;
-            let f = ifo.narrow(1, hidden, hidden)?;
-            let o = ifo.narrow(1, 2 * hidden, hidden)?;
-            let c = ((f * c)? + (i * g)?)?;
-            State {
-                h: (o * c.tanh()?)?,
-                c: Some(c),
-            }
-        }
-        ModelKind::Gru => {
-            let rz = candle_nn::ops::sigmoid(&gates.narrow(1, 0, 2 * hidden)?)?;
-            let r = rz.narrow(1, 0, hidden)?;
-            let z = rz.narrow(1, hidden, hidden)?;
-            let n_in = gates.narrow(1, 2 * hidden, hidden)?;
-            let n_hid = gates.narrow(1, 3 * hidden, hidden)?;
-            let n = (n_in + (r * n_hid)?)?.tanh()?;
-            // h' = (1 - z) * n + z * h = n + z * (h - n)
-            let h = (&n + (z * (&state.h - &n)?)?)?;
-            State { h, c: None }
-        }
-    })
-}
-
-fn zero_state(config: &ModelConfig, rows: usize, like: &Tensor) -> Result<State> {
-    let h = Tensor::zeros((rows, config.hidden_size), like.dtype(), like.device())?;
-    let c = (config.kind == ModelKind::Lstm).then(|| h.clone());
-    Ok(State { h, c })
-}
-
-/// Runs one layer forwards. Returns the per-step outputs and each sequence's state at its own
-/// last step (sorted order).
-fn run_forward(
-    config: &ModelConfig,
-    batch: &PackedBatch,
-    below: &[Tensor],
-    w: &CellWeights,
-) -> Result<(Vec<Tensor>, State)> {
-    let sizes = batch.batch_sizes();
-    let mut state = zero_state(config, sizes[0], &w.w)?;
-    let mut outputs = Vec::with_capacity(sizes.len());
-    // States of sequences that ended, shortest (bottom rows) first.
-    let mut done_h = Vec::new();
-    let mut done_c = Vec::new();
-    for (t, &rows) in sizes.iter().enumerate() {
-        let running = state.h.dim(0)?;
-        if rows < running {
-            done_h.push(state.h.narrow(0, rows, running - rows)?);
-            state.h = state.h.narrow(0, 0, rows)?;
-            if let Some(c) = &state.c {
-                done_c.push(c.narrow(0, rows, running - rows)?);
-                state.c = Some(c.narrow(0, 0, rows)?);
-            }
-        }
-        state = cell(config.kind, step_input(batch, below, t)?, &state, w)?;
-        outputs.push(state.h.clone());
-    }
-    done_h.push(state.h);
-    done_h.reverse();
-    let h = cat_rows(done_h)?;
-    let c = match state.c {
-        Some(c) => {
-            done_c.push(c);
-            done_c.reverse();
-            Some(cat_rows(done_c)?)
-        }
-        None => None,
-    };
-    Ok((outputs, State { h, c }))
-}
-
-/// Runs one layer backwards: each sequence starts from zeros at its own last real step. Returns
-/// the per-step outputs (indexed by time) and the state after step 0 (sorted order).
-fn run_backward(
-    config: &ModelConfig,
-    batch: &PackedBatch,
-    below: &[Tensor],
-    w: &CellWeights,
-) -> Result<(Vec<Tensor>, State)> {
-    let sizes = batch.batch_sizes();
-    let steps = sizes.len();
-    let mut state = zero_state(config, sizes[steps - 1], &w.w)?;
-    let mut outputs = vec![None; steps];
-    for t in (0..steps).rev() {
-        let rows = sizes[t];
-        let running = state.h.dim(0)?;
-        if rows > running {
-            let fresh = zero_state(config, rows - running, &w.w)?;
-            state.h = Tensor::cat(&[&state.h, &fresh.h], 0)?;
-            if let (Some(c), Some(fresh_c)) = (&state.c, &fresh.c) {
-                state.c = Some(Tensor::cat(&[c, fresh_c], 0)?);
-            }
-        }
-        state = cell(config.kind, step_input(batch, below, t)?, &state, w)?;
-        outputs[t] = Some(state.h.clone());
-    }
-    let outputs = outputs.into_iter().flatten().collect();
-    Ok((outputs, state))
-}
-
-fn cat_rows(mut parts: Vec<Tensor>) -> Result<Tensor> {
-    Ok(if parts.len() == 1 {
-        parts.swap_remove(0)
-    } else {
-        Tensor::cat(&parts, 0)?
-    })
 }

@@ -1,0 +1,398 @@
+//! Fused recurrent layers: one candle op per layer and direction.
+//!
+//! [`layer`] runs a whole layer-direction over a packed batch as one node of candle's graph.
+//! Inside, the input projection of every time step is one matrix product
+//! (`X · W_ihᵀ`, all packed rows at once); then, step by step, one product `h · W_hhᵀ` on the
+//! rows that carry a state from the previous step and one fused gate kernel that adds the biases,
+//! applies the activations and writes h (and c), keeping what the backward pass needs. The
+//! backward pass is written by hand: a reverse loop of the fused gate-gradient kernel and one
+//! product `dG · W_hh` per step, then the weight gradients as single products over all steps.
+//!
+//! The op takes `(x, params)`: `x` is the layer's packed input `(total, input)` and `params` the
+//! model's whole flat parameter vector, of which the op reads its four tensors (see
+//! [`LayerParams`]). Its output is `(planes * total, hidden)`: the hidden state at every packed
+//! row, then (LSTM only) the cell state. Its gradient with respect to `params` is a full-length
+//! vector that is zero outside the layer's four tensors.
+//!
+//! The math is PyTorch's, gate order and all; [`crate::model::reference`] is the per-step
+//! implementation it is tested against.
+
+pub mod act;
+mod blas;
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::op::BackpropOp;
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
+
+use crate::model::ModelKind;
+use crate::{Error, Result};
+
+/// Where one layer-direction's tensors start in the flat parameter vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerParams {
+    /// `weight_ih`: `(gates * hidden, input)`, row-major.
+    pub w_ih: usize,
+    /// `weight_hh`: `(gates * hidden, hidden)`, row-major.
+    pub w_hh: usize,
+    /// `bias_ih`: `gates * hidden`.
+    pub b_ih: usize,
+    /// `bias_hh`: `gates * hidden`.
+    pub b_hh: usize,
+}
+
+/// One layer-direction: its cell, sizes, direction and parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerSpec {
+    /// The cell.
+    pub kind: ModelKind,
+    /// Features of the layer's input per step.
+    pub input: usize,
+    /// Hidden units.
+    pub hidden: usize,
+    /// Runs from each sequence's last step to its first.
+    pub reverse: bool,
+    /// Offsets of the layer's tensors in the flat parameter vector.
+    pub params: LayerParams,
+    /// Length of the whole flat parameter vector.
+    pub param_len: usize,
+}
+
+impl LayerSpec {
+    /// Gate pre-activations per row: `gates * hidden`.
+    pub fn gate_width(&self) -> usize {
+        self.kind.gates() * self.hidden
+    }
+
+    /// Planes of the output: h, and c for an LSTM.
+    pub fn planes(&self) -> usize {
+        if self.kind == ModelKind::Lstm { 2 } else { 1 }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.input == 0 || self.hidden == 0 {
+            return Err(Error::Kernel(format!(
+                "a layer needs input and hidden sizes of at least 1, got {} and {}",
+                self.input, self.hidden
+            )));
+        }
+        let g = self.gate_width();
+        let p = self.params;
+        for (name, start, len) in [
+            ("weight_ih", p.w_ih, g * self.input),
+            ("weight_hh", p.w_hh, g * self.hidden),
+            ("bias_ih", p.b_ih, g),
+            ("bias_hh", p.b_hh, g),
+        ] {
+            if start.checked_add(len).is_none_or(|end| end > self.param_len) {
+                return Err(Error::Kernel(format!(
+                    "{name} at {start}..{} lies outside the {} parameters",
+                    start.saturating_add(len),
+                    self.param_len
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The time structure of a packed batch: `batch_sizes[t]` sequences run at step `t`, and their
+/// rows are `offsets[t] .. offsets[t] + batch_sizes[t]` (longest sequence first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Steps {
+    batch_sizes: Vec<usize>,
+    offsets: Vec<usize>,
+    total: usize,
+}
+
+impl Steps {
+    /// Checks that the sizes are those of a packed batch: at least one step, none empty, none
+    /// larger than the one before.
+    pub fn new(batch_sizes: Vec<usize>) -> Result<Self> {
+        if batch_sizes.first().is_none_or(|&b| b == 0) {
+            return Err(Error::Kernel("a packed batch needs at least one row".into()));
+        }
+        if let Some(t) = batch_sizes.windows(2).position(|w| w[1] > w[0] || w[1] == 0) {
+            return Err(Error::Kernel(format!(
+                "batch sizes must not grow or reach zero, but step {} has {} rows after {}",
+                t + 1,
+                batch_sizes[t + 1],
+                batch_sizes[t]
+            )));
+        }
+        let mut offsets = Vec::with_capacity(batch_sizes.len());
+        let mut total = 0;
+        for &b in &batch_sizes {
+            offsets.push(total);
+            total += b;
+        }
+        Ok(Self {
+            batch_sizes,
+            offsets,
+            total,
+        })
+    }
+
+    /// Rows running at each step.
+    pub fn batch_sizes(&self) -> &[usize] {
+        &self.batch_sizes
+    }
+
+    /// First packed row of each step.
+    pub fn offsets(&self) -> &[usize] {
+        &self.offsets
+    }
+
+    /// Packed rows in all.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Sequences in the batch (the rows of the first step).
+    pub fn sequences(&self) -> usize {
+        self.batch_sizes[0]
+    }
+
+    /// Steps in the order a direction visits them.
+    fn order(&self, reverse: bool) -> Box<dyn Iterator<Item = usize>> {
+        let n = self.batch_sizes.len();
+        if reverse {
+            Box::new((0..n).rev())
+        } else {
+            Box::new(0..n)
+        }
+    }
+
+    /// The step whose state feeds step `t`, as `(rows, first row)`: the first `rows` rows of
+    /// step `t` have a previous state, the others start from zeros. `(0, 0)` for none.
+    fn prev(&self, t: usize, reverse: bool) -> (usize, usize) {
+        let n = self.batch_sizes.len();
+        if reverse {
+            if t + 1 < n {
+                (self.batch_sizes[t + 1], self.offsets[t + 1])
+            } else {
+                (0, 0)
+            }
+        } else if t > 0 {
+            (self.batch_sizes[t], self.offsets[t - 1])
+        } else {
+            (0, 0)
+        }
+    }
+}
+
+/// What the forward pass keeps for the backward pass, beside its output.
+#[derive(Debug)]
+enum Saved {
+    Cpu(cpu::Saved),
+    #[cfg(feature = "cuda")]
+    Cuda(cuda::Saved),
+}
+
+/// The layer as a candle op; see the module docs.
+struct LayerOp {
+    spec: LayerSpec,
+    steps: Arc<Steps>,
+    /// Keep activations for a backward pass.
+    train: bool,
+    saved: Mutex<Option<Arc<Saved>>>,
+}
+
+/// Runs one layer-direction over the packed input `x` (`(total, input)`) with the parameters in
+/// `params` (the whole flat vector). Returns `(planes * total, hidden)`: h at every packed row,
+/// then c for an LSTM. With `train`, the op joins candle's graph and keeps what its backward
+/// pass needs; without, it keeps nothing and tracks nothing (inference).
+pub fn layer(
+    x: &Tensor,
+    params: &Tensor,
+    spec: &LayerSpec,
+    steps: &Arc<Steps>,
+    train: bool,
+) -> Result<Tensor> {
+    spec.validate()?;
+    if x.dims() != [steps.total(), spec.input] {
+        return Err(Error::Kernel(format!(
+            "layer input has shape {:?}, the batch needs ({}, {})",
+            x.dims(),
+            steps.total(),
+            spec.input
+        )));
+    }
+    if params.dims() != [spec.param_len] {
+        return Err(Error::Kernel(format!(
+            "parameters have shape {:?}, expected ({},)",
+            params.dims(),
+            spec.param_len
+        )));
+    }
+    if !x.device().same_device(params.device()) {
+        return Err(Error::Kernel(
+            "layer input and parameters are on different devices".into(),
+        ));
+    }
+    let op = LayerOp {
+        spec: *spec,
+        steps: steps.clone(),
+        train,
+        saved: Mutex::new(None),
+    };
+    let x = x.contiguous()?;
+    Ok(if train {
+        x.apply_op2_arc(params, Arc::new(Box::new(op)))?
+    } else {
+        x.apply_op2_no_bwd(params, &op)?
+    })
+}
+
+/// Threads for the matrix products: the process's compute pool, read once.
+fn threads() -> usize {
+    static THREADS: OnceLock<usize> = OnceLock::new();
+    *THREADS.get_or_init(candle_core::utils::get_num_threads)
+}
+
+/// The contiguous f32 values a layout addresses.
+fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let all = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&all[start..end]),
+        None => Err(candle_core::Error::Msg(format!(
+            "recurrent kernel: {what} is not contiguous"
+        ))),
+    }
+}
+
+fn kernel_err(e: Error) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+impl LayerOp {
+    fn out_shape(&self) -> Shape {
+        Shape::from((self.spec.planes() * self.steps.total(), self.spec.hidden))
+    }
+
+    fn keep(&self, saved: Saved) -> candle_core::Result<()> {
+        let mut slot = self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("recurrent kernel: poisoned state".into()))?;
+        *slot = Some(Arc::new(saved));
+        Ok(())
+    }
+}
+
+impl CustomOp2 for LayerOp {
+    fn name(&self) -> &'static str {
+        "recur-fused-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(s1, l1, "layer input")?;
+        let params = contiguous(s2, l2, "parameters")?;
+        let (out, saved) = cpu::forward(&self.spec, &self.steps, x, params, self.train, threads())
+            .map_err(kernel_err)?;
+        if let Some(saved) = saved {
+            self.keep(Saved::Cpu(saved))?;
+        }
+        Ok((CpuStorage::F32(out), self.out_shape()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (out, saved) = cuda::forward(&self.spec, &self.steps, s1, l1, s2, l2, self.train)
+            .map_err(kernel_err)?;
+        if let Some(saved) = saved {
+            self.keep(Saved::Cuda(saved))?;
+        }
+        Ok((out, self.out_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let saved = self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("recurrent kernel: poisoned state".into()))?
+            .clone()
+            .ok_or_else(|| {
+                candle_core::Error::Msg(
+                    "recurrent kernel: backward pass of a layer run without `train`".into(),
+                )
+            })?;
+        let want_dx = x.track_op();
+        let grad = grad.contiguous()?;
+        let (xs, xl) = x.storage_and_layout();
+        let (ps, pl) = params.storage_and_layout();
+        let (rs, rl) = res.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (dx, dparams): (Option<Storage>, Storage) = match (&*xs, &*ps, &*rs, &*gs, &*saved) {
+            (Storage::Cpu(xs), Storage::Cpu(ps), Storage::Cpu(rs), Storage::Cpu(gs), Saved::Cpu(sv)) => {
+                let (dx, dp) = cpu::backward(
+                    &self.spec,
+                    &self.steps,
+                    cpu::BackwardInputs {
+                        x: contiguous(xs, xl, "layer input")?,
+                        params: contiguous(ps, pl, "parameters")?,
+                        out: contiguous(rs, rl, "layer output")?,
+                        grad: contiguous(gs, gl, "output gradient")?,
+                        saved: sv,
+                    },
+                    want_dx,
+                    threads(),
+                )
+                .map_err(kernel_err)?;
+                (
+                    dx.map(|v| Storage::Cpu(CpuStorage::F32(v))),
+                    Storage::Cpu(CpuStorage::F32(dp)),
+                )
+            }
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(xs), Storage::Cuda(ps), Storage::Cuda(rs), Storage::Cuda(gs), Saved::Cuda(sv)) => {
+                let (dx, dp) = cuda::backward(
+                    &self.spec,
+                    &self.steps,
+                    cuda::BackwardInputs {
+                        x: (xs, xl),
+                        params: (ps, pl),
+                        out: (rs, rl),
+                        grad: (gs, gl),
+                        saved: sv,
+                    },
+                    want_dx,
+                )
+                .map_err(kernel_err)?;
+                (dx.map(Storage::Cuda), Storage::Cuda(dp))
+            }
+            _ => {
+                return Err(candle_core::Error::Msg(
+                    "recurrent kernel: backward pass with tensors on different devices".into(),
+                ));
+            }
+        };
+        let dx = dx.map(|s| {
+            Tensor::from_storage(s, (self.steps.total(), self.spec.input), BackpropOp::none(), false)
+        });
+        let dparams =
+            Tensor::from_storage(dparams, self.spec.param_len, BackpropOp::none(), false);
+        Ok((dx, Some(dparams)))
+    }
+}
