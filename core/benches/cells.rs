@@ -1,16 +1,23 @@
-//! Training throughput of recur's cells, side by side with candle-nn's LSTM and GRU on the same
-//! batches in the same process.
+//! Training throughput of recur's fused layers, side by side in one process with the per-step
+//! reference implementation and candle-nn's LSTM and GRU on the same batches, and with the
+//! matrix-product peak of the same thread.
 //!
 //! ```text
-//! CANDLE_NUM_THREADS=1 RAYON_NUM_THREADS=1 cargo bench -p recur-core --bench cells
+//! cargo bench -p recur-core --bench cells                 # every workload and cell
+//! cargo bench -p recur-core --bench cells -- W2 lstm      # filters: workload, then cell
+//! cargo bench -p recur-core --bench cells -- W2 lstm fused  # and only one implementation
+//! cargo bench -p recur-core --bench cells -- --json       # one JSON object per line as well
 //! ```
-//! (`.cargo/config.toml` sets both to 1 unless the environment says otherwise.)
+//! (`.cargo/config.toml` sets `CANDLE_NUM_THREADS` and `RAYON_NUM_THREADS` to 1 unless the
+//! environment says otherwise.)
 //!
-//! Workloads: the tutorial's (hidden 8, batch 100, ball rows of 5-10 values) and W2 (hidden 128,
-//! batch 256, 32,768 generated rows of 10-50 values). Each measured step is forward, backward
-//! and an Adam update. recur runs packed, exact batches; candle-nn runs the padded batch to its
-//! longest row (it has no masking), so its numbers are for less exact work. Figures are samples
-//! per second, with recur's step split into forward / backward / update time.
+//! Workloads: the tutorial's shape as one worker of two sees it (hidden 8, 50 rows of 5-10
+//! values) and W2 (hidden 128, batch 256, 32,768 generated rows of 10-50 values). A measured
+//! step is forward, backward and an Adam update. recur (fused and reference) runs packed, exact
+//! batches; candle-nn runs the padded batch to its longest row (it has no masking), so its
+//! figures are for less exact work. `% peak` is the step's matrix-product work (multiply-adds
+//! × 2) over its time, against one thread's 1024² f32 product measured first; `peak MiB` is the
+//! growth of the resident set during one step (Linux).
 
 #![allow(clippy::print_stdout)]
 
@@ -19,7 +26,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Module, Optimizer as _, RNN, VarBuilder, VarMap};
 use recur_core::data::{BallConfig, Dataset, epoch_batches};
-use recur_core::model::{ModelConfig, ModelKind, Params, SeqModel};
+use recur_core::model::{ModelConfig, ModelKind, Params, ReferenceModel, SeqModel};
 use recur_core::optim::{Optimizer, OptimizerConfig};
 use recur_core::step::{Batch, grad_sum};
 
@@ -32,11 +39,19 @@ struct Workload {
     measured: usize,
 }
 
+/// Time of the measured steps, split by phase.
 #[derive(Default)]
-struct Split {
+struct Timing {
     forward: Duration,
     backward: Duration,
     update: Duration,
+    peak_bytes: u64,
+}
+
+impl Timing {
+    fn total(&self) -> Duration {
+        self.forward + self.backward + self.update
+    }
 }
 
 fn batches(w: &Workload) -> Vec<Vec<usize>> {
@@ -48,47 +63,144 @@ fn batches(w: &Workload) -> Vec<Vec<usize>> {
         .collect()
 }
 
-/// recur: returns samples/s and the time split of the measured steps.
-fn bench_recur(w: &Workload, kind: ModelKind, batches: &[Vec<usize>]) -> (f64, Split) {
-    let config = ModelConfig {
+fn config(w: &Workload, kind: ModelKind) -> ModelConfig {
+    ModelConfig {
         kind,
         hidden_size: w.hidden,
         ..ModelConfig::tutorial()
+    }
+}
+
+/// Multiply-adds × 2 of one training step of a one-layer unidirectional model on `batch`:
+/// forward (input projection, recurrent products) and backward (the recurrent products again,
+/// weight gradients of both).
+fn step_flops(kind: ModelKind, hidden: usize, batch: &Batch) -> f64 {
+    let sizes = batch.packed().batch_sizes();
+    let total: usize = sizes.iter().sum();
+    let with_prev: usize = sizes.iter().skip(1).sum();
+    let g = (kind.gates() * hidden) as f64;
+    let h = hidden as f64;
+    let recurrent = 2.0 * with_prev as f64 * h * g;
+    let projection = 2.0 * total as f64 * g;
+    // forward: recurrent + projection; backward: dh (recurrent), dW_hh (recurrent), dW_ih.
+    3.0 * recurrent + 2.0 * projection
+}
+
+/// Resident-set bytes now and the peak since the last reset (Linux; zeros elsewhere).
+fn rss() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
     };
-    let params = Params::init(config, 0, &Device::Cpu).unwrap();
-    let mut flat = params.to_flat().unwrap();
-    let model = SeqModel::new(params);
-    let mut opt = Optimizer::new(OptimizerConfig::adam(1e-3), flat.len()).unwrap();
-    let packed: Vec<Batch> = batches
-        .iter()
-        .map(|rows| Batch::from_rows(&w.data, rows, &Device::Cpu).unwrap())
-        .collect();
-    let mut split = Split::default();
-    let mut start = Instant::now();
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn reset_peak_rss() {
+    // "5" resets the peak resident set to the current one.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// One training step of a model, with its phases timed.
+trait Trainee {
+    fn forward_backward(&mut self, batch: &Batch, t: &mut Timing);
+    fn update(&mut self);
+}
+
+struct Recur<M> {
+    model: M,
+    flat: Vec<f32>,
+    grads: Vec<f32>,
+    opt: Optimizer,
+}
+
+impl Trainee for Recur<SeqModel> {
+    fn forward_backward(&mut self, batch: &Batch, t: &mut Timing) {
+        let t0 = Instant::now();
+        let out = self.model.forward(batch.packed(), false).unwrap();
+        let t1 = Instant::now();
+        drop(out);
+        // grad_sum runs its own forward; subtract the one just measured.
+        self.grads = grad_sum(&self.model, batch, 1.0).unwrap().grads;
+        let t2 = Instant::now();
+        t.forward += t1 - t0;
+        t.backward += (t2 - t1).saturating_sub(t1 - t0);
+    }
+
+    fn update(&mut self) {
+        self.opt.step(&mut self.flat, &self.grads).unwrap();
+        self.model.params().set_flat(&self.flat).unwrap();
+    }
+}
+
+impl Trainee for Recur<ReferenceModel> {
+    fn forward_backward(&mut self, batch: &Batch, t: &mut Timing) {
+        let t0 = Instant::now();
+        let out = self.model.forward(batch.packed(), false).unwrap();
+        let t1 = Instant::now();
+        let targets = Tensor::from_slice(
+            &vec![0.5f32; out.ys.dim(0).unwrap()],
+            out.ys.shape(),
+            out.ys.device(),
+        )
+        .unwrap();
+        let loss = (&out.ys - targets)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        self.grads = self
+            .model
+            .params()
+            .grads_flat(&loss.backward().unwrap())
+            .unwrap();
+        t.forward += t1 - t0;
+        t.backward += t1.elapsed();
+    }
+
+    fn update(&mut self) {
+        self.opt.step(&mut self.flat, &self.grads).unwrap();
+        self.model.params().set_flat(&self.flat).unwrap();
+    }
+}
+
+fn recur<M>(w: &Workload, kind: ModelKind, wrap: fn(Params) -> M) -> Recur<M> {
+    let params = Params::init(config(w, kind), 0, &Device::Cpu).unwrap();
+    let flat = params.to_flat().unwrap();
+    Recur {
+        opt: Optimizer::new(OptimizerConfig::adam(1e-3), flat.len()).unwrap(),
+        grads: vec![0.0; flat.len()],
+        model: wrap(params),
+        flat,
+    }
+}
+
+/// Runs warm-up and measured steps; returns the timing of the measured ones.
+fn run(w: &Workload, trainee: &mut dyn Trainee, packed: &[Batch]) -> Timing {
+    let mut t = Timing::default();
     for (i, batch) in packed.iter().enumerate() {
         if i == w.warmup {
-            split = Split::default();
-            start = Instant::now();
+            t = Timing::default();
         }
+        let (before, _) = rss();
+        reset_peak_rss();
+        trainee.forward_backward(batch, &mut t);
         let t0 = Instant::now();
-        let out = model.forward(batch.packed(), false).unwrap();
-        let t1 = Instant::now();
-        split.forward += t1 - t0;
-        // grad_sum repeats the forward; subtract it to get the backward share.
-        let g = grad_sum(&model, batch, 1.0).unwrap();
-        let t2 = Instant::now();
-        split.backward += (t2 - t1).saturating_sub(t1 - t0);
-        opt.step(&mut flat, &g.grads).unwrap();
-        model.params().set_flat(&flat).unwrap();
-        split.update += t2.elapsed();
-        drop(out);
+        trainee.update();
+        t.update += t0.elapsed();
+        let (_, peak) = rss();
+        t.peak_bytes = t.peak_bytes.max(peak.saturating_sub(before));
     }
-    let secs = (start.elapsed() - split.forward).as_secs_f64();
-    ((w.measured * w.batch) as f64 / secs, split)
+    t
 }
 
 /// candle-nn's LSTM or GRU over the padded batch, with a linear head and candle-nn's AdamW
-/// (weight decay 0, i.e. Adam).
+/// (weight decay 0, i.e. Adam). Returns seconds of the measured steps.
 fn bench_candle_nn(w: &Workload, kind: ModelKind, batches: &[Vec<usize>]) -> f64 {
     let dev = Device::Cpu;
     let varmap = VarMap::new();
@@ -144,22 +256,75 @@ fn bench_candle_nn(w: &Workload, kind: ModelKind, batches: &[Vec<usize>]) -> f64
         let loss = (pred - ys).unwrap().sqr().unwrap().mean_all().unwrap();
         opt.backward_step(&loss).unwrap();
     }
-    (w.measured * w.batch) as f64 / start.elapsed().as_secs_f64()
+    start.elapsed().as_secs_f64()
+}
+
+/// Writes the batches (each row's normalised values, target last) as JSON, for
+/// `bench/pytorch_w2.py` to run PyTorch on exactly the same work.
+fn dump_batches(path: &str, w: &Workload, batches: &[Vec<usize>]) {
+    let rows = |b: &Vec<usize>| -> Vec<Vec<f32>> {
+        b.iter()
+            .map(|&r| {
+                let mut v = w.data.input(r).to_vec();
+                v.push(w.data.target(r));
+                v
+            })
+            .collect()
+    };
+    let body = serde_json::json!({
+        "workload": w.name,
+        "hidden": w.hidden,
+        "warmup": w.warmup,
+        "batches": batches.iter().map(rows).collect::<Vec<_>>(),
+    });
+    std::fs::write(path, body.to_string()).unwrap();
+}
+
+/// GFLOP/s of one 1024² f32 matrix product on this thread, best of a few.
+fn matmul_peak() -> f64 {
+    let n = 1024;
+    let a = Tensor::rand(-1f32, 1f32, (n, n), &Device::Cpu).unwrap();
+    let b = Tensor::rand(-1f32, 1f32, (n, n), &Device::Cpu).unwrap();
+    let mut best = f64::MAX;
+    for _ in 0..8 {
+        let t = Instant::now();
+        let c = a.matmul(&b).unwrap();
+        best = best.min(t.elapsed().as_secs_f64());
+        drop(c);
+    }
+    2.0 * (n * n * n) as f64 / best / 1e9
 }
 
 fn main() {
+    // Positional filters (workload, cell, implementation), `--json`, `--dump-batches FILE`;
+    // cargo's own `--bench` is ignored.
+    let mut json = false;
+    let mut dump = None;
+    let mut filters: Vec<String> = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--json" => json = true,
+            "--dump-batches" => dump = args.next(),
+            _ if a.starts_with("--") => {}
+            _ => filters.push(a),
+        }
+    }
+    let filters: Vec<&str> = filters.iter().map(String::as_str).collect();
     let threads = std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "unset".into());
+    let peak = matmul_peak();
     println!(
-        "recur-core cell benchmark (CANDLE_NUM_THREADS={threads}); samples/s of forward+backward+Adam"
+        "recur-core cell benchmark (CANDLE_NUM_THREADS={threads}); forward+backward+Adam per step"
     );
+    println!("matmul peak of this thread (1024² f32): {peak:.1} GFLOP/s");
     let workloads = [
         Workload {
-            name: "tutorial h8 b100",
+            name: "tutorial h8 b50",
             data: BallConfig::tutorial(0).generate().unwrap().scaled(50.0),
             hidden: 8,
-            batch: 100,
-            warmup: 10,
-            measured: 90,
+            batch: 50,
+            warmup: 50,
+            measured: 150,
         },
         Workload {
             name: "W2 h128 b256",
@@ -171,27 +336,84 @@ fn main() {
         },
     ];
     println!(
-        "{:<18} {:<9} {:>12} {:>14} {:>8}   {:>8} {:>9} {:>7}",
-        "workload", "cell", "recur", "candle-nn", "ratio", "fwd ms", "bwd ms", "upd ms"
+        "{:<16} {:<9} {:>11} {:>11} {:>11} {:>7} {:>7}   {:>9} {:>9} {:>8} {:>7} {:>9}",
+        "workload",
+        "cell",
+        "fused/s",
+        "reference/s",
+        "candle-nn/s",
+        "÷ref",
+        "÷nn",
+        "µs/step",
+        "fwd µs",
+        "bwd µs",
+        "% peak",
+        "peak MiB"
     );
     for w in &workloads {
+        if filters.first().is_some_and(|f| !w.name.contains(f)) {
+            continue;
+        }
         let batches = batches(w);
+        if let Some(path) = &dump {
+            dump_batches(path, w, &batches);
+        }
+        let packed: Vec<Batch> = batches
+            .iter()
+            .map(|rows| Batch::from_rows(&w.data, rows, &Device::Cpu).unwrap())
+            .collect();
         for kind in [ModelKind::RnnTanh, ModelKind::Lstm, ModelKind::Gru] {
-            let (ours, split) = bench_recur(w, kind, &batches);
-            let reference =
-                (kind != ModelKind::RnnTanh).then(|| bench_candle_nn(w, kind, &batches));
-            let per = |d: Duration| d.as_secs_f64() * 1e3 / w.measured as f64;
+            if filters.get(1).is_some_and(|f| !f.is_empty() && kind.as_str() != *f) {
+                continue;
+            }
+            let only = |name: &str| filters.get(2).is_none_or(|f| *f == name);
+            let fused = run(w, &mut recur(w, kind, SeqModel::new), &packed);
+            let reference = if only("reference") {
+                run(w, &mut recur(w, kind, ReferenceModel::new), &packed)
+            } else {
+                Timing {
+                    update: Duration::MAX / 4,
+                    ..Timing::default()
+                }
+            };
+            let nn = (kind != ModelKind::RnnTanh && only("candle-nn"))
+                .then(|| bench_candle_nn(w, kind, &batches));
+            let samples = (w.measured * w.batch) as f64;
+            let rate = |secs: f64| samples / secs;
+            let fused_rate = rate(fused.total().as_secs_f64());
+            let ref_rate = rate(reference.total().as_secs_f64());
+            let nn_rate = nn.map(rate);
+            let flops: f64 = packed[w.warmup..]
+                .iter()
+                .map(|b| step_flops(kind, w.hidden, b))
+                .sum();
+            let share = flops / fused.total().as_secs_f64() / 1e9 / peak * 100.0;
+            let per = |d: Duration| d.as_secs_f64() * 1e6 / w.measured as f64;
+            let mib = fused.peak_bytes as f64 / (1024.0 * 1024.0);
             println!(
-                "{:<18} {:<9} {:>12.0} {:>14} {:>8}   {:>8.3} {:>9.3} {:>7.3}",
+                "{:<16} {:<9} {:>11.0} {:>11.0} {:>11} {:>6.2}x {:>7}   {:>9.1} {:>9.1} {:>8.1} {:>7.1} {:>9.1}",
                 w.name,
                 kind.as_str(),
-                ours,
-                reference.map_or("-".into(), |r| format!("{r:.0}")),
-                reference.map_or("-".into(), |r| format!("{:.2}x", ours / r)),
-                per(split.forward),
-                per(split.backward),
-                per(split.update),
+                fused_rate,
+                ref_rate,
+                nn_rate.map_or("-".into(), |r| format!("{r:.0}")),
+                fused_rate / ref_rate,
+                nn_rate.map_or("-".into(), |r| format!("{:.2}x", fused_rate / r)),
+                per(fused.total()),
+                per(fused.forward),
+                per(fused.backward),
+                share,
+                mib,
             );
+            if json {
+                println!(
+                    "{{\"workload\":\"{}\",\"cell\":\"{}\",\"fused_samples_per_s\":{fused_rate:.1},\"reference_samples_per_s\":{ref_rate:.1},\"candle_nn_samples_per_s\":{},\"us_per_step\":{:.2},\"peak_share\":{share:.2},\"peak_mib\":{mib:.2},\"matmul_gflops\":{peak:.2}}}",
+                    w.name,
+                    kind.as_str(),
+                    nn_rate.map_or("null".into(), |r| format!("{r:.1}")),
+                    per(fused.total()),
+                );
+            }
         }
     }
 }

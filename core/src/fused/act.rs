@@ -210,8 +210,13 @@ mod tests {
             16.7,
         ];
         // Around the switch points, one float at a time.
-        for centre in [TANH_POLY_BELOW, 88.72f32, -87.33, -103.97, 0.5 * std::f32::consts::LN_2]
-        {
+        for centre in [
+            TANH_POLY_BELOW,
+            88.72f32,
+            -87.33,
+            -103.97,
+            0.5 * std::f32::consts::LN_2,
+        ] {
             let mut v = centre;
             for _ in 0..64 {
                 v = f32::from_bits(v.to_bits() + 1);

@@ -78,9 +78,11 @@ fn check_fits(
     if rows == 0 || cols == 0 {
         return Ok(());
     }
-    let last = (rows - 1)
-        .checked_mul(row_stride)
-        .and_then(|a| (cols - 1).checked_mul(col_stride).and_then(|b| a.checked_add(b)));
+    let last = (rows - 1).checked_mul(row_stride).and_then(|a| {
+        (cols - 1)
+            .checked_mul(col_stride)
+            .and_then(|b| a.checked_add(b))
+    });
     match last {
         Some(last)
             if last < len
@@ -97,7 +99,13 @@ fn check_fits(
 }
 
 /// `dst = a · b`, or `dst += a · b` with `accumulate`. Runs on one thread unless `threads > 1`.
-pub fn gemm(dst: MatMut<'_>, accumulate: bool, a: Mat<'_>, b: Mat<'_>, threads: usize) -> Result<()> {
+pub fn gemm(
+    dst: MatMut<'_>,
+    accumulate: bool,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    threads: usize,
+) -> Result<()> {
     if a.cols != b.rows || dst.rows != a.rows || dst.cols != b.cols {
         return Err(Error::Kernel(format!(
             "matrix product of {}×{} and {}×{} into {}×{}",
@@ -172,8 +180,14 @@ mod tests {
         let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
         let want = naive(&a, &b, m, k, n);
         let mut c = vec![f32::NAN; m * n];
-        gemm(MatMut::rows(&mut c, m, n), false, Mat::rows(&a, m, k), Mat::rows(&b, k, n), 1)
-            .unwrap();
+        gemm(
+            MatMut::rows(&mut c, m, n),
+            false,
+            Mat::rows(&a, m, k),
+            Mat::rows(&b, k, n),
+            1,
+        )
+        .unwrap();
         for (x, y) in c.iter().zip(&want) {
             assert!((x - y).abs() < 1e-5);
         }

@@ -3,12 +3,15 @@
 //!
 //! Buffers are row-major, one row per packed row: `pre` holds the gate pre-activations (gate
 //! order as PyTorch's weights) and, once a step has run, the gate activations; `extra` holds
-//! `tanh(c)` for an LSTM and `W_hn h + b_hn` for a GRU.
+//! `tanh(c)` for an LSTM and `W_hn h + b_hn` for a GRU. Scratch comes from the thread's
+//! [`Work`] pool.
 
+use candle_core::{Device, Tensor};
 use multiversion::multiversion;
 
 use super::act::{sigmoid, tanh};
 use super::blas::{Mat, MatMut, gemm};
+use super::workspace::Work;
 use super::{LayerSpec, Steps};
 use crate::model::ModelKind;
 use crate::{Error, Result};
@@ -17,9 +20,11 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub(super) struct Saved {
     /// Gate activations, `(total, gates * hidden)`.
-    gates: Vec<f32>,
+    gates: Work,
     /// `tanh(c)` (LSTM) or `W_hn h + b_hn` (GRU), `(total, hidden)`; empty for plain RNNs.
-    extra: Vec<f32>,
+    extra: Work,
+    /// The LSTM's cell state at every packed row, `(total, hidden)`.
+    pub(super) c: Option<Tensor>,
 }
 
 /// The layer's four tensors, sliced out of the flat parameter vector.
@@ -94,8 +99,8 @@ fn cur_and_prev(
     }
 }
 
-/// Runs the layer forwards; returns the output `(planes * total, hidden)` and, with `train`,
-/// what the backward pass needs.
+/// Runs the layer forwards; returns h at every packed row, `(total, hidden)`, and, with
+/// `train`, what the backward pass needs.
 pub(super) fn forward(
     spec: &LayerSpec,
     steps: &Steps,
@@ -121,8 +126,8 @@ pub(super) fn forward(
     let extra_width = if kind.gates() > 1 { h } else { 0 };
     // Training keeps every step's activations; inference reuses one step's worth.
     let kept_rows = if train { total } else { widest };
-    let mut pre = vec![0.0f32; kept_rows * g];
-    let mut extra = vec![0.0f32; kept_rows * extra_width];
+    let mut pre = Work::new(kept_rows * g);
+    let mut extra = Work::new(kept_rows * extra_width);
     if train {
         gemm(
             MatMut::rows(&mut pre, total, g),
@@ -132,9 +137,9 @@ pub(super) fn forward(
             threads,
         )?;
     }
-    let mut out = vec![0.0f32; spec.planes() * total * h];
-    let (out_h, out_c) = out.split_at_mut(total * h);
-    let mut hg = vec![0.0f32; widest * g];
+    let mut out_h = Work::new(total * h);
+    let mut out_c = Work::new(if kind == ModelKind::Lstm { total * h } else { 0 });
+    let mut hg = Work::new(widest * g);
     let zero = vec![0.0f32; g];
     for t in steps.order(spec.reverse) {
         let (rows, at) = (steps.batch_sizes[t], steps.offsets[t]);
@@ -154,13 +159,13 @@ pub(super) fn forward(
             gemm(
                 MatMut::rows(&mut hg[..prev_rows * g], prev_rows, g),
                 false,
-                Mat::rows(block(out_h, h, prev_at, prev_rows), prev_rows, h),
+                Mat::rows(block(&out_h, h, prev_at, prev_rows), prev_rows, h),
                 Mat::transposed(w.w_hh, h, g),
                 threads,
             )?;
         }
         let hg_t = &hg[..prev_rows * g];
-        let (h_t, h_prev) = cur_and_prev(out_h, h, (at, rows), (prev_at, prev_rows));
+        let (h_t, h_prev) = cur_and_prev(&mut out_h, h, (at, rows), (prev_at, prev_rows));
         let extra_t = block_mut(&mut extra, extra_width, kept_at, rows);
         match kind {
             ModelKind::RnnTanh | ModelKind::RnnRelu => rnn_forward(
@@ -172,7 +177,7 @@ pub(super) fn forward(
                 h_t,
             ),
             ModelKind::Lstm => {
-                let (c_t, c_prev) = cur_and_prev(out_c, h, (at, rows), (prev_at, prev_rows));
+                let (c_t, c_prev) = cur_and_prev(&mut out_c, h, (at, rows), (prev_at, prev_rows));
                 lstm_forward(h, pre_t, hg_t, &bias, c_prev, &zero, c_t, extra_t, h_t)
             }
             ModelKind::Gru => gru_forward(
@@ -180,8 +185,19 @@ pub(super) fn forward(
             ),
         }
     }
-    let saved = train.then_some(Saved { gates: pre, extra });
-    Ok((out, saved))
+    let saved = if train {
+        let c = (kind == ModelKind::Lstm)
+            .then(|| Tensor::from_vec(out_c.into_vec(), (total, h), &Device::Cpu))
+            .transpose()?;
+        Some(Saved {
+            gates: pre,
+            extra,
+            c,
+        })
+    } else {
+        None
+    };
+    Ok((out_h.into_vec(), saved))
 }
 
 /// What the backward pass reads: the forward's input, parameters, output and saved
@@ -206,35 +222,46 @@ pub(super) fn backward(
     let BackwardInputs {
         x,
         params,
-        out,
-        grad,
+        out: out_h,
+        grad: grad_h,
         saved,
     } = inputs;
     let (h, g, input) = (spec.hidden, spec.gate_width(), spec.input);
     let total = steps.total();
     let kind = spec.kind;
     check("layer input", x.len(), total * input)?;
-    check("layer output", out.len(), spec.planes() * total * h)?;
-    check("output gradient", grad.len(), spec.planes() * total * h)?;
+    check("layer output", out_h.len(), total * h)?;
+    check("output gradient", grad_h.len(), total * h)?;
     check("saved gates", saved.gates.len(), total * g)?;
     let w = weights(spec, params)?;
-    let (out_h, out_c) = out.split_at(total * h);
-    let (grad_h, grad_c) = grad.split_at(total * h);
     let extra_width = if kind.gates() > 1 { h } else { 0 };
     check("saved state", saved.extra.len(), total * extra_width)?;
+    let c_guard = saved.c.as_ref().map(Tensor::storage_and_layout);
+    let out_c: &[f32] = match &c_guard {
+        Some((storage, layout)) => match &**storage {
+            candle_core::Storage::Cpu(s) => {
+                let all = s.as_slice::<f32>()?;
+                let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+                    Error::Kernel("the saved cell state is not contiguous".into())
+                })?;
+                &all[start..end]
+            }
+            _ => return Err(Error::Kernel("the saved cell state left the CPU".into())),
+        },
+        None => &[],
+    };
+    if kind == ModelKind::Lstm {
+        check("saved cell state", out_c.len(), total * h)?;
+    }
 
     // Gradients of the gate pre-activations: input side, and (GRU only) hidden side, where the
     // n gate's product is scaled by r.
-    let mut dg = vec![0.0f32; total * g];
-    let mut dg_hidden = if kind == ModelKind::Gru {
-        vec![0.0f32; total * g]
-    } else {
-        Vec::new()
-    };
+    let mut dg = Work::new(total * g);
+    let mut dg_hidden = Work::new(if kind == ModelKind::Gru { total * g } else { 0 });
     // Gradient flowing into each running row's state from the step processed before.
     let widest = steps.sequences();
-    let mut carry_h = vec![0.0f32; widest * h];
-    let mut carry_c = vec![0.0f32; if kind == ModelKind::Lstm { widest * h } else { 0 }];
+    let mut carry_h = Work::zeroed(widest * h);
+    let mut carry_c = Work::zeroed(if kind == ModelKind::Lstm { widest * h } else { 0 });
     let zero = vec![0.0f32; h];
     for t in steps.order(!spec.reverse) {
         let (rows, at) = (steps.batch_sizes[t], steps.offsets[t]);
@@ -244,6 +271,7 @@ pub(super) fn backward(
         let gates_t = block(&saved.gates, g, at, rows);
         match kind {
             ModelKind::RnnTanh | ModelKind::RnnRelu => rnn_backward(
+                h,
                 kind == ModelKind::RnnRelu,
                 grad_t,
                 &carry_h[..rows * h],
@@ -254,7 +282,6 @@ pub(super) fn backward(
                 h,
                 LstmGrads {
                     grad_h: grad_t,
-                    grad_c: block(grad_c, h, at, rows),
                     carry_h: &carry_h[..rows * h],
                     carry_c: &mut carry_c[..rows * h],
                 },
@@ -289,11 +316,14 @@ pub(super) fn backward(
     }
 
     // Each packed row's previous state (zeros where a sequence starts), for dW_hh in one product.
-    let mut h_prev_all = vec![0.0f32; total * h];
+    let mut h_prev_all = Work::new(total * h);
     for t in 0..steps.batch_sizes.len() {
+        let (rows, at) = (steps.batch_sizes[t], steps.offsets[t]);
         let (prev_rows, prev_at) = steps.prev(t, spec.reverse);
-        block_mut(&mut h_prev_all, h, steps.offsets[t], prev_rows)
-            .copy_from_slice(block(out_h, h, prev_at, prev_rows));
+        let dst = block_mut(&mut h_prev_all, h, at, rows);
+        let (with_prev, fresh) = dst.split_at_mut(prev_rows * h);
+        with_prev.copy_from_slice(block(out_h, h, prev_at, prev_rows));
+        fresh.fill(0.0);
     }
     let dgh = if kind == ModelKind::Gru { &dg_hidden } else { &dg };
     let p = spec.params;
@@ -315,7 +345,7 @@ pub(super) fn backward(
     column_sums(&dg, &mut dparams[p.b_ih..p.b_ih + g]);
     column_sums(dgh, &mut dparams[p.b_hh..p.b_hh + g]);
     let dx = if want_dx {
-        let mut dx = vec![0.0f32; total * input];
+        let mut dx = Work::new(total * input);
         gemm(
             MatMut::rows(&mut dx, total, input),
             false,
@@ -323,7 +353,7 @@ pub(super) fn backward(
             Mat::rows(w.w_ih, g, input),
             threads,
         )?;
-        Some(dx)
+        Some(dx.into_vec())
     } else {
         None
     };
@@ -340,50 +370,55 @@ fn column_sums(m: &[f32], out: &mut [f32]) {
     }
 }
 
-// ---- Gate kernels. Each handles one step's block of rows; rows at or beyond `prev` rows
-// ---- have no previous state (their recurrent product and previous h/c are zero).
+// ---- Gate kernels. Each `*_forward`/`*_backward` walks one step's block of rows; rows at or
+// ---- beyond `prev` have no previous state (their recurrent product and previous h/c are
+// ---- zero). The arithmetic of one row is a `*_row` function compiled for AVX-512, AVX2 and
+// ---- the baseline and picked at run time; each slice is its own argument, so the compiler
+// ---- knows none overlaps another and vectorises the row without run-time checks.
 
 /// `h = act(pre + bias + hg)` for RNN cells.
+fn rnn_forward(h: usize, relu: bool, pre: &[f32], hg: &[f32], bias: &[f32], out: &mut [f32]) {
+    for (r, (o, a)) in out.chunks_exact_mut(h).zip(pre.chunks_exact(h)).enumerate() {
+        let p = hg.get(r * h..(r + 1) * h).unwrap_or(&ZEROS[..0]);
+        rnn_row(relu, a, p, bias, o);
+    }
+}
+
+/// A run of zeros for rows without a previous state; kernels take their `h` leading values.
+static ZEROS: [f32; 0] = [];
+
 #[multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512dq+avx512vl",
     "x86_64+avx2+fma",
     "aarch64+neon"
 ))]
-fn rnn_forward(h: usize, relu: bool, pre: &[f32], hg: &[f32], bias: &[f32], out: &mut [f32]) {
-    let bias = &bias[..h];
-    for (r, (o, a)) in out.chunks_exact_mut(h).zip(pre.chunks_exact(h)).enumerate() {
-        match hg.get(r * h..(r + 1) * h) {
-            Some(p) => {
-                for j in 0..h {
-                    o[j] = a[j] + bias[j] + p[j];
-                }
-            }
-            None => {
-                for j in 0..h {
-                    o[j] = a[j] + bias[j];
-                }
-            }
+fn rnn_row(relu: bool, pre: &[f32], hg: &[f32], bias: &[f32], out: &mut [f32]) {
+    let h = out.len();
+    let (pre, bias) = (&pre[..h], &bias[..h]);
+    if hg.is_empty() {
+        for j in 0..h {
+            out[j] = pre[j] + bias[j];
         }
-        if relu {
-            // NaN stays NaN, so a diverged model is noticed.
-            for v in o.iter_mut() {
-                *v = if *v < 0.0 { 0.0 } else { *v };
-            }
-        } else {
-            for v in o.iter_mut() {
-                *v = tanh(*v);
-            }
+    } else {
+        let hg = &hg[..h];
+        for j in 0..h {
+            out[j] = pre[j] + bias[j] + hg[j];
+        }
+    }
+    if relu {
+        // NaN stays NaN, so a diverged model is noticed.
+        for v in out.iter_mut() {
+            *v = if *v < 0.0 { 0.0 } else { *v };
+        }
+    } else {
+        for v in out.iter_mut() {
+            *v = tanh(*v);
         }
     }
 }
 
 /// LSTM: gates (i, f, g, o) to activations in place, `c = f c' + i g`, `h = o tanh(c)`.
 #[allow(clippy::too_many_arguments)]
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512dq+avx512vl",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
 fn lstm_forward(
     h: usize,
     pre: &mut [f32],
@@ -396,50 +431,78 @@ fn lstm_forward(
     out: &mut [f32],
 ) {
     let g = 4 * h;
-    let (bi, rest) = bias[..g].split_at(h);
-    let (bf, rest) = rest.split_at(h);
-    let (bg, bo) = rest.split_at(h);
+    let b = gate_blocks::<4>(&bias[..g], h);
     let rows = out.len() / h;
     for r in 0..rows {
         let (hg_r, cp) = match (hg.get(r * g..(r + 1) * g), c_prev.get(r * h..(r + 1) * h)) {
             (Some(a), Some(b)) => (a, b),
             _ => (&zero[..g], &zero[..h]),
         };
-        let (gi, rest) = pre[r * g..(r + 1) * g].split_at_mut(h);
-        let (gf, rest) = rest.split_at_mut(h);
-        let (gg, go) = rest.split_at_mut(h);
-        let (hi, rest) = hg_r.split_at(h);
-        let (hf, rest) = rest.split_at(h);
-        let (hgg, ho) = rest.split_at(h);
-        let c_r = &mut c[r * h..(r + 1) * h];
-        let tc_r = &mut tanh_c[r * h..(r + 1) * h];
-        let o_r = &mut out[r * h..(r + 1) * h];
-        for j in 0..h {
-            let i = sigmoid(gi[j] + bi[j] + hi[j]);
-            let f = sigmoid(gf[j] + bf[j] + hf[j]);
-            let gv = tanh(gg[j] + bg[j] + hgg[j]);
-            let o = sigmoid(go[j] + bo[j] + ho[j]);
-            let cv = f * cp[j] + i * gv;
-            let tc = tanh(cv);
-            gi[j] = i;
-            gf[j] = f;
-            gg[j] = gv;
-            go[j] = o;
-            c_r[j] = cv;
-            tc_r[j] = tc;
-            o_r[j] = o * tc;
-        }
+        lstm_row(
+            gate_blocks_mut::<4>(&mut pre[r * g..(r + 1) * g], h),
+            gate_blocks::<4>(hg_r, h),
+            b,
+            cp,
+            [
+                &mut c[r * h..(r + 1) * h],
+                &mut tanh_c[r * h..(r + 1) * h],
+                &mut out[r * h..(r + 1) * h],
+            ],
+        );
+    }
+}
+
+/// Splits a row of `N * h` gate values into its `N` gates.
+fn gate_blocks<const N: usize>(row: &[f32], h: usize) -> [&[f32]; N] {
+    std::array::from_fn(|k| &row[k * h..(k + 1) * h])
+}
+
+fn gate_blocks_mut<const N: usize>(row: &mut [f32], h: usize) -> [&mut [f32]; N] {
+    let mut rest = row;
+    std::array::from_fn(|_| {
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(h);
+        rest = tail;
+        head
+    })
+}
+
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn lstm_row(
+    [gi, gf, gg, go]: [&mut [f32]; 4],
+    [hi, hf, hg, ho]: [&[f32]; 4],
+    [bi, bf, bg, bo]: [&[f32]; 4],
+    c_prev: &[f32],
+    [c, tanh_c, out]: [&mut [f32]; 3],
+) {
+    let h = out.len();
+    let (gi, gf, gg, go) = (&mut gi[..h], &mut gf[..h], &mut gg[..h], &mut go[..h]);
+    let (hi, hf, hg, ho, c_prev) = (&hi[..h], &hf[..h], &hg[..h], &ho[..h], &c_prev[..h]);
+    let (bi, bf, bg, bo) = (&bi[..h], &bf[..h], &bg[..h], &bo[..h]);
+    let (c, tanh_c) = (&mut c[..h], &mut tanh_c[..h]);
+    for j in 0..h {
+        let i = sigmoid(gi[j] + bi[j] + hi[j]);
+        let f = sigmoid(gf[j] + bf[j] + hf[j]);
+        let gv = tanh(gg[j] + bg[j] + hg[j]);
+        let o = sigmoid(go[j] + bo[j] + ho[j]);
+        let cv = f * c_prev[j] + i * gv;
+        let t = tanh(cv);
+        gi[j] = i;
+        gf[j] = f;
+        gg[j] = gv;
+        go[j] = o;
+        c[j] = cv;
+        tanh_c[j] = t;
+        out[j] = o * t;
     }
 }
 
 /// GRU: `r, z = σ(..)`, `hn = W_hn h + b_hn`, `n = tanh(W_in x + b_in + r hn)`,
 /// `h = n + z (h' - n)`; gates (r, z, n) to activations in place, `hn` kept.
 #[allow(clippy::too_many_arguments)]
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512dq+avx512vl",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
 fn gru_forward(
     h: usize,
     pre: &mut [f32],
@@ -452,52 +515,75 @@ fn gru_forward(
     out: &mut [f32],
 ) {
     let g = 3 * h;
-    let (br, rest) = bias[..g].split_at(h);
-    let (bz, bn) = rest.split_at(h);
-    let b_hn = &b_hn[..h];
+    let b = gate_blocks::<3>(&bias[..g], h);
     let rows = out.len() / h;
     for r in 0..rows {
         let (hg_r, hp) = match (hg.get(r * g..(r + 1) * g), h_prev.get(r * h..(r + 1) * h)) {
             (Some(a), Some(b)) => (a, b),
             _ => (&zero[..g], &zero[..h]),
         };
-        let (gr, rest) = pre[r * g..(r + 1) * g].split_at_mut(h);
-        let (gz, gn) = rest.split_at_mut(h);
-        let (hr, rest) = hg_r.split_at(h);
-        let (hz, hnn) = rest.split_at(h);
-        let hn_r = &mut hn_out[r * h..(r + 1) * h];
-        let o_r = &mut out[r * h..(r + 1) * h];
-        for j in 0..h {
-            let rv = sigmoid(gr[j] + br[j] + hr[j]);
-            let zv = sigmoid(gz[j] + bz[j] + hz[j]);
-            let hn = hnn[j] + b_hn[j];
-            let n = tanh(gn[j] + bn[j] + rv * hn);
-            gr[j] = rv;
-            gz[j] = zv;
-            gn[j] = n;
-            hn_r[j] = hn;
-            o_r[j] = n + zv * (hp[j] - n);
-        }
+        gru_row(
+            gate_blocks_mut::<3>(&mut pre[r * g..(r + 1) * g], h),
+            gate_blocks::<3>(hg_r, h),
+            b,
+            [b_hn, hp],
+            [&mut hn_out[r * h..(r + 1) * h], &mut out[r * h..(r + 1) * h]],
+        );
     }
 }
 
-/// RNN: `dpre = (grad + carry) * act'`, from the output h.
 #[multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512dq+avx512vl",
     "x86_64+avx2+fma",
     "aarch64+neon"
 ))]
-fn rnn_backward(relu: bool, grad: &[f32], carry: &[f32], out: &[f32], dg: &mut [f32]) {
-    let n = dg.len();
-    let (grad, carry, out) = (&grad[..n], &carry[..n], &out[..n]);
+fn gru_row(
+    [gr, gz, gn]: [&mut [f32]; 3],
+    [hr, hz, hn_in]: [&[f32]; 3],
+    [br, bz, bn]: [&[f32]; 3],
+    [b_hn, h_prev]: [&[f32]; 2],
+    [hn_out, out]: [&mut [f32]; 2],
+) {
+    let h = out.len();
+    let (gr, gz, gn, hn_out) = (&mut gr[..h], &mut gz[..h], &mut gn[..h], &mut hn_out[..h]);
+    let (hr, hz, hn_in, h_prev) = (&hr[..h], &hz[..h], &hn_in[..h], &h_prev[..h]);
+    let (br, bz, bn, b_hn) = (&br[..h], &bz[..h], &bn[..h], &b_hn[..h]);
+    for j in 0..h {
+        let r = sigmoid(gr[j] + br[j] + hr[j]);
+        let z = sigmoid(gz[j] + bz[j] + hz[j]);
+        let hn = hn_in[j] + b_hn[j];
+        let n = tanh(gn[j] + bn[j] + r * hn);
+        gr[j] = r;
+        gz[j] = z;
+        gn[j] = n;
+        hn_out[j] = hn;
+        out[j] = n + z * (h_prev[j] - n);
+    }
+}
+
+/// RNN: `dpre = (grad + carry) * act'`, from the output h.
+fn rnn_backward(h: usize, relu: bool, grad: &[f32], carry: &[f32], out: &[f32], dg: &mut [f32]) {
+    for (r, d) in dg.chunks_exact_mut(h).enumerate() {
+        let span = r * h..(r + 1) * h;
+        rnn_backward_row(relu, &grad[span.clone()], &carry[span.clone()], &out[span], d);
+    }
+}
+
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn rnn_backward_row(relu: bool, grad: &[f32], carry: &[f32], out: &[f32], dg: &mut [f32]) {
+    let h = dg.len();
+    let (grad, carry, out) = (&grad[..h], &carry[..h], &out[..h]);
     if relu {
-        for e in 0..n {
-            dg[e] = if out[e] > 0.0 { grad[e] + carry[e] } else { 0.0 };
+        for j in 0..h {
+            dg[j] = if out[j] > 0.0 { grad[j] + carry[j] } else { 0.0 };
         }
     } else {
-        for e in 0..n {
-            let y = out[e];
-            dg[e] = (grad[e] + carry[e]) * (1.0 - y * y);
+        for j in 0..h {
+            dg[j] = (grad[j] + carry[j]) * (1.0 - out[j] * out[j]);
         }
     }
 }
@@ -505,17 +591,11 @@ fn rnn_backward(relu: bool, grad: &[f32], carry: &[f32], out: &[f32], dg: &mut [
 /// The gradients reaching one LSTM step from the loss and from the step after it.
 struct LstmGrads<'a> {
     grad_h: &'a [f32],
-    grad_c: &'a [f32],
     carry_h: &'a [f32],
     /// In: dL/dc from the next step; out: dL/dc' for the previous step (`dc * f`).
     carry_c: &'a mut [f32],
 }
 
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512dq+avx512vl",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
 fn lstm_backward(
     h: usize,
     grads: LstmGrads<'_>,
@@ -527,49 +607,57 @@ fn lstm_backward(
 ) {
     let LstmGrads {
         grad_h,
-        grad_c,
         carry_h,
         carry_c,
     } = grads;
     let g = 4 * h;
-    let rows = grad_h.len() / h;
-    for r in 0..rows {
-        let cp = c_prev.get(r * h..(r + 1) * h).unwrap_or(&zero[..h]);
+    for (r, d) in dg.chunks_exact_mut(g).enumerate() {
         let span = r * h..(r + 1) * h;
-        let (gh, gc, ch) = (
-            &grad_h[span.clone()],
-            &grad_c[span.clone()],
-            &carry_h[span.clone()],
+        lstm_backward_row(
+            [
+                &grad_h[span.clone()],
+                &carry_h[span.clone()],
+                &tanh_c[span.clone()],
+                c_prev.get(span.clone()).unwrap_or(&zero[..h]),
+            ],
+            &mut carry_c[span],
+            gate_blocks::<4>(&gates[r * g..(r + 1) * g], h),
+            gate_blocks_mut::<4>(d, h),
         );
-        let cc = &mut carry_c[span.clone()];
-        let tc = &tanh_c[span];
-        let (ai, rest) = gates[r * g..(r + 1) * g].split_at(h);
-        let (af, rest) = rest.split_at(h);
-        let (ag, ao) = rest.split_at(h);
-        let (di, rest) = dg[r * g..(r + 1) * g].split_at_mut(h);
-        let (df, rest) = rest.split_at_mut(h);
-        let (dgg, d_o) = rest.split_at_mut(h);
-        for j in 0..h {
-            let (i, f, gv, o, t) = (ai[j], af[j], ag[j], ao[j], tc[j]);
-            let dh = gh[j] + ch[j];
-            let dc = gc[j] + cc[j] + dh * o * (1.0 - t * t);
-            di[j] = dc * gv * i * (1.0 - i);
-            df[j] = dc * cp[j] * f * (1.0 - f);
-            dgg[j] = dc * i * (1.0 - gv * gv);
-            d_o[j] = dh * t * o * (1.0 - o);
-            cc[j] = dc * f;
-        }
+    }
+}
+
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn lstm_backward_row(
+    [grad_h, carry_h, tanh_c, c_prev]: [&[f32]; 4],
+    carry_c: &mut [f32],
+    [ai, af, ag, ao]: [&[f32]; 4],
+    [di, df, dgg, d_o]: [&mut [f32]; 4],
+) {
+    let h = carry_c.len();
+    let (grad_h, carry_h) = (&grad_h[..h], &carry_h[..h]);
+    let (tanh_c, c_prev) = (&tanh_c[..h], &c_prev[..h]);
+    let (ai, af, ag, ao) = (&ai[..h], &af[..h], &ag[..h], &ao[..h]);
+    let (di, df, dgg, d_o) = (&mut di[..h], &mut df[..h], &mut dgg[..h], &mut d_o[..h]);
+    for j in 0..h {
+        let (i, f, gv, o, t) = (ai[j], af[j], ag[j], ao[j], tanh_c[j]);
+        let dh = grad_h[j] + carry_h[j];
+        let dc = carry_c[j] + dh * o * (1.0 - t * t);
+        di[j] = dc * gv * i * (1.0 - i);
+        df[j] = dc * c_prev[j] * f * (1.0 - f);
+        dgg[j] = dc * i * (1.0 - gv * gv);
+        d_o[j] = dh * t * o * (1.0 - o);
+        carry_c[j] = dc * f;
     }
 }
 
 /// GRU: gate gradients on the input side (`dg`) and the hidden side (`dg_hidden`, whose n part
 /// is scaled by r); `carry` turns from dL/dh into the direct part of dL/dh' (`dh * z`).
 #[allow(clippy::too_many_arguments)]
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512dq+avx512vl",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
 fn gru_backward(
     h: usize,
     grad: &[f32],
@@ -582,32 +670,55 @@ fn gru_backward(
     dg_hidden: &mut [f32],
 ) {
     let g = 3 * h;
-    let rows = grad.len() / h;
-    for r in 0..rows {
-        let hp = h_prev.get(r * h..(r + 1) * h).unwrap_or(&zero[..h]);
+    for (r, (d, dh)) in dg
+        .chunks_exact_mut(g)
+        .zip(dg_hidden.chunks_exact_mut(g))
+        .enumerate()
+    {
         let span = r * h..(r + 1) * h;
-        let gr_ = &grad[span.clone()];
-        let cr = &mut carry[span.clone()];
-        let hn_r = &hn[span];
-        let (ar, rest) = gates[r * g..(r + 1) * g].split_at(h);
-        let (az, an) = rest.split_at(h);
-        let (dr, rest) = dg[r * g..(r + 1) * g].split_at_mut(h);
-        let (dz, dn) = rest.split_at_mut(h);
-        let (hr, rest) = dg_hidden[r * g..(r + 1) * g].split_at_mut(h);
-        let (hz, hnn) = rest.split_at_mut(h);
-        for j in 0..h {
-            let (rv, zv, n) = (ar[j], az[j], an[j]);
-            let dh = gr_[j] + cr[j];
-            let dn_pre = dh * (1.0 - zv) * (1.0 - n * n);
-            let dr_pre = dn_pre * hn_r[j] * rv * (1.0 - rv);
-            let dz_pre = dh * (hp[j] - n) * zv * (1.0 - zv);
-            dr[j] = dr_pre;
-            dz[j] = dz_pre;
-            dn[j] = dn_pre;
-            hr[j] = dr_pre;
-            hz[j] = dz_pre;
-            hnn[j] = dn_pre * rv;
-            cr[j] = dh * zv;
-        }
+        gru_backward_row(
+            [
+                &grad[span.clone()],
+                &hn[span.clone()],
+                h_prev.get(span.clone()).unwrap_or(&zero[..h]),
+            ],
+            &mut carry[span],
+            gate_blocks::<3>(&gates[r * g..(r + 1) * g], h),
+            gate_blocks_mut::<3>(d, h),
+            gate_blocks_mut::<3>(dh, h),
+        );
+    }
+}
+
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn gru_backward_row(
+    [grad, hn, h_prev]: [&[f32]; 3],
+    carry: &mut [f32],
+    [ar, az, an]: [&[f32]; 3],
+    [dr, dz, dn]: [&mut [f32]; 3],
+    [hr, hz, hnn]: [&mut [f32]; 3],
+) {
+    let h = carry.len();
+    let (grad, hn, h_prev) = (&grad[..h], &hn[..h], &h_prev[..h]);
+    let (ar, az, an) = (&ar[..h], &az[..h], &an[..h]);
+    let (dr, dz, dn) = (&mut dr[..h], &mut dz[..h], &mut dn[..h]);
+    let (hr, hz, hnn) = (&mut hr[..h], &mut hz[..h], &mut hnn[..h]);
+    for j in 0..h {
+        let (r, z, n) = (ar[j], az[j], an[j]);
+        let dh = grad[j] + carry[j];
+        let dn_pre = dh * (1.0 - z) * (1.0 - n * n);
+        let dr_pre = dn_pre * hn[j] * r * (1.0 - r);
+        let dz_pre = dh * (h_prev[j] - n) * z * (1.0 - z);
+        dr[j] = dr_pre;
+        dz[j] = dz_pre;
+        dn[j] = dn_pre;
+        hr[j] = dr_pre;
+        hz[j] = dz_pre;
+        hnn[j] = dn_pre * r;
+        carry[j] = dh * z;
     }
 }

@@ -10,9 +10,9 @@
 //!
 //! The op takes `(x, params)`: `x` is the layer's packed input `(total, input)` and `params` the
 //! model's whole flat parameter vector, of which the op reads its four tensors (see
-//! [`LayerParams`]). Its output is `(planes * total, hidden)`: the hidden state at every packed
-//! row, then (LSTM only) the cell state. Its gradient with respect to `params` is a full-length
-//! vector that is zero outside the layer's four tensors.
+//! [`LayerParams`]). Its output is the hidden state at every packed row, `(total, hidden)`; an
+//! LSTM's cell state comes beside it as a tensor outside the graph. Its gradient with respect
+//! to `params` is a full-length vector that is zero outside the layer's four tensors.
 //!
 //! The math is PyTorch's, gate order and all; [`crate::model::reference`] is the per-step
 //! implementation it is tested against.
@@ -22,6 +22,7 @@ mod blas;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod workspace;
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -67,11 +68,6 @@ impl LayerSpec {
         self.kind.gates() * self.hidden
     }
 
-    /// Planes of the output: h, and c for an LSTM.
-    pub fn planes(&self) -> usize {
-        if self.kind == ModelKind::Lstm { 2 } else { 1 }
-    }
-
     fn validate(&self) -> Result<()> {
         if self.input == 0 || self.hidden == 0 {
             return Err(Error::Kernel(format!(
@@ -87,7 +83,10 @@ impl LayerSpec {
             ("bias_ih", p.b_ih, g),
             ("bias_hh", p.b_hh, g),
         ] {
-            if start.checked_add(len).is_none_or(|end| end > self.param_len) {
+            if start
+                .checked_add(len)
+                .is_none_or(|end| end > self.param_len)
+            {
                 return Err(Error::Kernel(format!(
                     "{name} at {start}..{} lies outside the {} parameters",
                     start.saturating_add(len),
@@ -113,9 +112,14 @@ impl Steps {
     /// larger than the one before.
     pub fn new(batch_sizes: Vec<usize>) -> Result<Self> {
         if batch_sizes.first().is_none_or(|&b| b == 0) {
-            return Err(Error::Kernel("a packed batch needs at least one row".into()));
+            return Err(Error::Kernel(
+                "a packed batch needs at least one row".into(),
+            ));
         }
-        if let Some(t) = batch_sizes.windows(2).position(|w| w[1] > w[0] || w[1] == 0) {
+        if let Some(t) = batch_sizes
+            .windows(2)
+            .position(|w| w[1] > w[0] || w[1] == 0)
+        {
             return Err(Error::Kernel(format!(
                 "batch sizes must not grow or reach zero, but step {} has {} rows after {}",
                 t + 1,
@@ -192,26 +196,49 @@ enum Saved {
     Cuda(cuda::Saved),
 }
 
+impl Saved {
+    fn cell_state(&self) -> Option<&Tensor> {
+        match self {
+            Saved::Cpu(s) => s.c.as_ref(),
+            #[cfg(feature = "cuda")]
+            Saved::Cuda(s) => s.c.as_ref(),
+        }
+    }
+}
+
+/// Where the op leaves its saved activations, shared with [`layer`] so it can hand out the
+/// LSTM's cell state.
+type SavedSlot = Arc<Mutex<Option<Arc<Saved>>>>;
+
 /// The layer as a candle op; see the module docs.
 struct LayerOp {
     spec: LayerSpec,
     steps: Arc<Steps>,
     /// Keep activations for a backward pass.
     train: bool,
-    saved: Mutex<Option<Arc<Saved>>>,
+    saved: SavedSlot,
+}
+
+/// What [`layer`] returns.
+#[derive(Debug)]
+pub struct LayerOutput {
+    /// The hidden state at every packed row, `(total, hidden)`, in candle's graph when trained.
+    pub h: Tensor,
+    /// An LSTM's cell state at every packed row, `(total, hidden)`, when run with `train`. It
+    /// is outside candle's graph: a loss on it has no gradient.
+    pub c: Option<Tensor>,
 }
 
 /// Runs one layer-direction over the packed input `x` (`(total, input)`) with the parameters in
-/// `params` (the whole flat vector). Returns `(planes * total, hidden)`: h at every packed row,
-/// then c for an LSTM. With `train`, the op joins candle's graph and keeps what its backward
-/// pass needs; without, it keeps nothing and tracks nothing (inference).
+/// `params` (the whole flat vector). With `train`, the op joins candle's graph and keeps what
+/// its backward pass needs; without, it keeps nothing and tracks nothing (inference).
 pub fn layer(
     x: &Tensor,
     params: &Tensor,
     spec: &LayerSpec,
     steps: &Arc<Steps>,
     train: bool,
-) -> Result<Tensor> {
+) -> Result<LayerOutput> {
     spec.validate()?;
     if x.dims() != [steps.total(), spec.input] {
         return Err(Error::Kernel(format!(
@@ -233,18 +260,25 @@ pub fn layer(
             "layer input and parameters are on different devices".into(),
         ));
     }
+    let saved = SavedSlot::default();
     let op = LayerOp {
         spec: *spec,
         steps: steps.clone(),
         train,
-        saved: Mutex::new(None),
+        saved: saved.clone(),
     };
     let x = x.contiguous()?;
-    Ok(if train {
+    let h = if train {
         x.apply_op2_arc(params, Arc::new(Box::new(op)))?
     } else {
         x.apply_op2_no_bwd(params, &op)?
-    })
+    };
+    let c = saved
+        .lock()
+        .map_err(|_| Error::Kernel("poisoned state".into()))?
+        .as_ref()
+        .and_then(|s| s.cell_state().cloned());
+    Ok(LayerOutput { h, c })
 }
 
 /// Threads for the matrix products: the process's compute pool, read once.
@@ -270,7 +304,7 @@ fn kernel_err(e: Error) -> candle_core::Error {
 
 impl LayerOp {
     fn out_shape(&self) -> Shape {
-        Shape::from((self.spec.planes() * self.steps.total(), self.spec.hidden))
+        Shape::from((self.steps.total(), self.spec.hidden))
     }
 
     fn keep(&self, saved: Saved) -> candle_core::Result<()> {
@@ -345,7 +379,13 @@ impl CustomOp2 for LayerOp {
         let (rs, rl) = res.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();
         let (dx, dparams): (Option<Storage>, Storage) = match (&*xs, &*ps, &*rs, &*gs, &*saved) {
-            (Storage::Cpu(xs), Storage::Cpu(ps), Storage::Cpu(rs), Storage::Cpu(gs), Saved::Cpu(sv)) => {
+            (
+                Storage::Cpu(xs),
+                Storage::Cpu(ps),
+                Storage::Cpu(rs),
+                Storage::Cpu(gs),
+                Saved::Cpu(sv),
+            ) => {
                 let (dx, dp) = cpu::backward(
                     &self.spec,
                     &self.steps,
@@ -366,7 +406,13 @@ impl CustomOp2 for LayerOp {
                 )
             }
             #[cfg(feature = "cuda")]
-            (Storage::Cuda(xs), Storage::Cuda(ps), Storage::Cuda(rs), Storage::Cuda(gs), Saved::Cuda(sv)) => {
+            (
+                Storage::Cuda(xs),
+                Storage::Cuda(ps),
+                Storage::Cuda(rs),
+                Storage::Cuda(gs),
+                Saved::Cuda(sv),
+            ) => {
                 let (dx, dp) = cuda::backward(
                     &self.spec,
                     &self.steps,
@@ -389,10 +435,14 @@ impl CustomOp2 for LayerOp {
             }
         };
         let dx = dx.map(|s| {
-            Tensor::from_storage(s, (self.steps.total(), self.spec.input), BackpropOp::none(), false)
+            Tensor::from_storage(
+                s,
+                (self.steps.total(), self.spec.input),
+                BackpropOp::none(),
+                false,
+            )
         });
-        let dparams =
-            Tensor::from_storage(dparams, self.spec.param_len, BackpropOp::none(), false);
+        let dparams = Tensor::from_storage(dparams, self.spec.param_len, BackpropOp::none(), false);
         Ok((dx, Some(dparams)))
     }
 }

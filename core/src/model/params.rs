@@ -165,7 +165,8 @@ impl Params {
             .map(|e| {
                 Ok((
                     e.name.as_str(),
-                    flat.narrow(0, e.offset, e.len)?.reshape(e.shape.as_slice())?,
+                    flat.narrow(0, e.offset, e.len)?
+                        .reshape(e.shape.as_slice())?,
                 ))
             })
             .collect()

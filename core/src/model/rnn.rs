@@ -16,7 +16,8 @@ pub struct Forward {
     /// Last hidden state of every layer and direction, in PyTorch's `h_n` order (`l0`,
     /// `l0_reverse`, `l1`, ...): each `(b_sz, hidden)`.
     pub h_n: Vec<Tensor>,
-    /// The LSTM cell states in the same order; empty for the other kinds.
+    /// The LSTM cell states in the same order (outside candle's graph); empty for the other
+    /// kinds and for inference.
     pub c_n: Vec<Tensor>,
     /// The top layer's output at every step, when asked for: `outputs[t]` is
     /// `(batch_sizes[t], directions * hidden)`.
@@ -43,7 +44,11 @@ impl SeqModel {
         let offset = |name: String| layout.get(&name).map_or(usize::MAX, |e| e.offset);
         let mut layers = Vec::with_capacity(config.num_layers * config.directions());
         for layer in 0..config.num_layers {
-            for (d, suffix) in ["", "_reverse"].iter().take(config.directions()).enumerate() {
+            for (d, suffix) in ["", "_reverse"]
+                .iter()
+                .take(config.directions())
+                .enumerate()
+            {
                 layers.push(LayerSpec {
                     kind: config.kind,
                     input: if layer == 0 {
@@ -111,7 +116,7 @@ impl SeqModel {
             self.params.flat().as_tensor().detach()
         };
         let steps = batch.steps();
-        let (b_sz, total) = (steps.sequences(), steps.total());
+        let b_sz = steps.sequences();
         let dirs = config.directions();
         let mut x = batch.data().clone();
         let mut h_n = Vec::with_capacity(self.layers.len());
@@ -128,14 +133,11 @@ impl SeqModel {
                         m.index_select(batch.last_rows(), 0)?
                     })
                 };
-                let h = if spec.planes() == 2 {
-                    c_n.push(last(&out.narrow(0, total, total)?)?);
-                    out.narrow(0, 0, total)?
-                } else {
-                    out
-                };
-                h_n.push(last(&h)?);
-                outputs.push(h);
+                if let Some(c) = &out.c {
+                    c_n.push(last(c)?);
+                }
+                h_n.push(last(&out.h)?);
+                outputs.push(out.h);
             }
             x = if outputs.len() == 1 {
                 outputs.swap_remove(0)
