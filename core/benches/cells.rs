@@ -363,7 +363,10 @@ fn main() {
             .map(|rows| Batch::from_rows(&w.data, rows, &Device::Cpu).unwrap())
             .collect();
         for kind in [ModelKind::RnnTanh, ModelKind::Lstm, ModelKind::Gru] {
-            if filters.get(1).is_some_and(|f| !f.is_empty() && kind.as_str() != *f) {
+            if filters
+                .get(1)
+                .is_some_and(|f| !f.is_empty() && kind.as_str() != *f)
+            {
                 continue;
             }
             let only = |name: &str| filters.get(2).is_none_or(|f| *f == name);

@@ -67,9 +67,7 @@ pub struct GradSum {
 pub fn grad_sum(model: &SeqModel, batch: &Batch, scale: f32) -> Result<GradSum> {
     let out = model.forward(&batch.packed, false)?;
     let targets = Tensor::from_slice(&batch.targets, out.ys.shape(), out.ys.device())?;
-    let diff = (&out.ys - &targets)?;
-    let loss = (diff.sqr()?.sum_all()? / model.config().output_size as f64)?;
-    let grads = loss.backward()?;
+    let grads = crate::fused::squared_error(&out.ys, &targets)?.backward()?;
     let preds = out.ys.flatten_all()?.to_vec1::<f32>()?;
     Ok(GradSum {
         grads: model.params().grads_flat(&grads)?,

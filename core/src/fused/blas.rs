@@ -206,6 +206,35 @@ mod tests {
         }
     }
 
+    /// Every size class and every layout the kernels use agree with a plain triple loop.
+    #[test]
+    fn every_size_and_layout_matches_a_plain_loop() {
+        for (m, k, n) in [
+            (50, 8, 8),
+            (8, 400, 8),
+            (40, 300, 1),
+            (3, 1, 5),
+            (64, 96, 80),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let want = naive(&a, &b, m, k, n);
+            let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            let lefts = [Mat::rows(&a, m, k), Mat::transposed(&at, m, k)];
+            let rights = [Mat::rows(&b, k, n), Mat::transposed(&bt, k, n)];
+            for l in lefts {
+                for r in rights {
+                    let mut c = vec![1.0; m * n];
+                    gemm(MatMut::rows(&mut c, m, n), true, l, r, 1).unwrap();
+                    for (x, y) in c.iter().zip(&want) {
+                        assert!((x - 1.0 - y).abs() < 1e-4 * y.abs().max(1.0), "{m}x{k}x{n}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn views_that_do_not_fit_are_errors() {
         let a = vec![0.0; 6];

@@ -122,6 +122,9 @@ pub(super) fn forward(
     } else {
         &[]
     };
+    // The weights transposed once, so every product below reads its right operand row by row.
+    let w_ih_t = transposed(w.w_ih, g, input);
+    let w_hh_t = transposed(w.w_hh, g, h);
     let widest = steps.sequences();
     let extra_width = if kind.gates() > 1 { h } else { 0 };
     // Training keeps every step's activations; inference reuses one step's worth.
@@ -133,12 +136,16 @@ pub(super) fn forward(
             MatMut::rows(&mut pre, total, g),
             false,
             Mat::rows(x, total, input),
-            Mat::transposed(w.w_ih, input, g),
+            Mat::rows(&w_ih_t, input, g),
             threads,
         )?;
     }
     let mut out_h = Work::new(total * h);
-    let mut out_c = Work::new(if kind == ModelKind::Lstm { total * h } else { 0 });
+    let mut out_c = Work::new(if kind == ModelKind::Lstm {
+        total * h
+    } else {
+        0
+    });
     let mut hg = Work::new(widest * g);
     let zero = vec![0.0f32; g];
     for t in steps.order(spec.reverse) {
@@ -151,7 +158,7 @@ pub(super) fn forward(
                 MatMut::rows(pre_t, rows, g),
                 false,
                 Mat::rows(block(x, input, at, rows), rows, input),
-                Mat::transposed(w.w_ih, input, g),
+                Mat::rows(&w_ih_t, input, g),
                 threads,
             )?;
         }
@@ -160,7 +167,7 @@ pub(super) fn forward(
                 MatMut::rows(&mut hg[..prev_rows * g], prev_rows, g),
                 false,
                 Mat::rows(block(&out_h, h, prev_at, prev_rows), prev_rows, h),
-                Mat::transposed(w.w_hh, h, g),
+                Mat::rows(&w_hh_t, h, g),
                 threads,
             )?;
         }
@@ -168,21 +175,14 @@ pub(super) fn forward(
         let (h_t, h_prev) = cur_and_prev(&mut out_h, h, (at, rows), (prev_at, prev_rows));
         let extra_t = block_mut(&mut extra, extra_width, kept_at, rows);
         match kind {
-            ModelKind::RnnTanh | ModelKind::RnnRelu => rnn_forward(
-                h,
-                kind == ModelKind::RnnRelu,
-                pre_t,
-                hg_t,
-                &bias,
-                h_t,
-            ),
+            ModelKind::RnnTanh | ModelKind::RnnRelu => {
+                rnn_forward(h, kind == ModelKind::RnnRelu, pre_t, hg_t, &bias, h_t)
+            }
             ModelKind::Lstm => {
                 let (c_t, c_prev) = cur_and_prev(&mut out_c, h, (at, rows), (prev_at, prev_rows));
                 lstm_forward(h, pre_t, hg_t, &bias, c_prev, &zero, c_t, extra_t, h_t)
             }
-            ModelKind::Gru => gru_forward(
-                h, pre_t, hg_t, &bias, b_hn, h_prev, &zero, extra_t, h_t,
-            ),
+            ModelKind::Gru => gru_forward(h, pre_t, hg_t, &bias, b_hn, h_prev, &zero, extra_t, h_t),
         }
     }
     let saved = if train {
@@ -261,7 +261,11 @@ pub(super) fn backward(
     // Gradient flowing into each running row's state from the step processed before.
     let widest = steps.sequences();
     let mut carry_h = Work::zeroed(widest * h);
-    let mut carry_c = Work::zeroed(if kind == ModelKind::Lstm { widest * h } else { 0 });
+    let mut carry_c = Work::zeroed(if kind == ModelKind::Lstm {
+        widest * h
+    } else {
+        0
+    });
     let zero = vec![0.0f32; h];
     for t in steps.order(!spec.reverse) {
         let (rows, at) = (steps.batch_sizes[t], steps.offsets[t]);
@@ -271,7 +275,6 @@ pub(super) fn backward(
         let gates_t = block(&saved.gates, g, at, rows);
         match kind {
             ModelKind::RnnTanh | ModelKind::RnnRelu => rnn_backward(
-                h,
                 kind == ModelKind::RnnRelu,
                 grad_t,
                 &carry_h[..rows * h],
@@ -304,7 +307,11 @@ pub(super) fn backward(
             ),
         }
         if prev_rows > 0 {
-            let dgh = if kind == ModelKind::Gru { &dg_hidden } else { &dg };
+            let dgh = if kind == ModelKind::Gru {
+                &dg_hidden
+            } else {
+                &dg
+            };
             gemm(
                 MatMut::rows(&mut carry_h[..prev_rows * h], prev_rows, h),
                 kind == ModelKind::Gru,
@@ -325,7 +332,11 @@ pub(super) fn backward(
         with_prev.copy_from_slice(block(out_h, h, prev_at, prev_rows));
         fresh.fill(0.0);
     }
-    let dgh = if kind == ModelKind::Gru { &dg_hidden } else { &dg };
+    let dgh = if kind == ModelKind::Gru {
+        &dg_hidden
+    } else {
+        &dg
+    };
     let p = spec.params;
     let mut dparams = vec![0.0f32; spec.param_len];
     gemm(
@@ -360,11 +371,41 @@ pub(super) fn backward(
     Ok((dx, dparams))
 }
 
-/// `out[j] = sum_r m[r, j]` for a row-major matrix with `out.len()` columns.
+/// The transpose of a row-major `rows × cols` matrix, row-major `cols × rows`.
+fn transposed(m: &[f32], rows: usize, cols: usize) -> Work {
+    let mut t = Work::new(rows * cols);
+    for (r, row) in m.chunks_exact(cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            t[c * rows + r] = v;
+        }
+    }
+    t
+}
+
+/// `out[j] = sum_r m[r, j]` for a row-major matrix with `out.len()` columns. Narrow matrices
+/// are summed several rows at a time, so the additions vectorise whatever the width.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512dq+avx512vl",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
 fn column_sums(m: &[f32], out: &mut [f32]) {
+    const SPAN: usize = 64;
+    let width = out.len();
+    let group = (SPAN / width).max(1);
+    let mut acc = vec![0.0f32; group * width];
+    let mut chunks = m.chunks_exact(group * width);
+    for chunk in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(chunk) {
+            *a += v;
+        }
+    }
+    for (a, v) in acc.iter_mut().zip(chunks.remainder()) {
+        *a += v;
+    }
     out.fill(0.0);
-    for row in m.chunks_exact(out.len()) {
-        for (o, v) in out.iter_mut().zip(row) {
+    for part in acc.chunks_exact(width) {
+        for (o, v) in out.iter_mut().zip(part) {
             *o += v;
         }
     }
@@ -376,42 +417,40 @@ fn column_sums(m: &[f32], out: &mut [f32]) {
 // ---- the baseline and picked at run time; each slice is its own argument, so the compiler
 // ---- knows none overlaps another and vectorises the row without run-time checks.
 
-/// `h = act(pre + bias + hg)` for RNN cells.
+/// `h = act(pre + bias + hg)` for RNN cells. The sums go row by row; the activation runs over
+/// the whole block at once, so it vectorises however small `h` is.
 fn rnn_forward(h: usize, relu: bool, pre: &[f32], hg: &[f32], bias: &[f32], out: &mut [f32]) {
+    let bias = &bias[..h];
     for (r, (o, a)) in out.chunks_exact_mut(h).zip(pre.chunks_exact(h)).enumerate() {
-        let p = hg.get(r * h..(r + 1) * h).unwrap_or(&ZEROS[..0]);
-        rnn_row(relu, a, p, bias, o);
+        match hg.get(r * h..(r + 1) * h) {
+            Some(p) => {
+                for (((o, a), b), p) in o.iter_mut().zip(a).zip(bias).zip(p) {
+                    *o = a + b + p;
+                }
+            }
+            None => {
+                for ((o, a), b) in o.iter_mut().zip(a).zip(bias) {
+                    *o = a + b;
+                }
+            }
+        }
     }
+    rnn_activation(relu, out);
 }
-
-/// A run of zeros for rows without a previous state; kernels take their `h` leading values.
-static ZEROS: [f32; 0] = [];
 
 #[multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512dq+avx512vl",
     "x86_64+avx2+fma",
     "aarch64+neon"
 ))]
-fn rnn_row(relu: bool, pre: &[f32], hg: &[f32], bias: &[f32], out: &mut [f32]) {
-    let h = out.len();
-    let (pre, bias) = (&pre[..h], &bias[..h]);
-    if hg.is_empty() {
-        for j in 0..h {
-            out[j] = pre[j] + bias[j];
-        }
-    } else {
-        let hg = &hg[..h];
-        for j in 0..h {
-            out[j] = pre[j] + bias[j] + hg[j];
-        }
-    }
+fn rnn_activation(relu: bool, xs: &mut [f32]) {
     if relu {
         // NaN stays NaN, so a diverged model is noticed.
-        for v in out.iter_mut() {
+        for v in xs.iter_mut() {
             *v = if *v < 0.0 { 0.0 } else { *v };
         }
     } else {
-        for v in out.iter_mut() {
+        for v in xs.iter_mut() {
             *v = tanh(*v);
         }
     }
@@ -527,7 +566,10 @@ fn gru_forward(
             gate_blocks::<3>(hg_r, h),
             b,
             [b_hn, hp],
-            [&mut hn_out[r * h..(r + 1) * h], &mut out[r * h..(r + 1) * h]],
+            [
+                &mut hn_out[r * h..(r + 1) * h],
+                &mut out[r * h..(r + 1) * h],
+            ],
         );
     }
 }
@@ -561,28 +603,25 @@ fn gru_row(
     }
 }
 
-/// RNN: `dpre = (grad + carry) * act'`, from the output h.
-fn rnn_backward(h: usize, relu: bool, grad: &[f32], carry: &[f32], out: &[f32], dg: &mut [f32]) {
-    for (r, d) in dg.chunks_exact_mut(h).enumerate() {
-        let span = r * h..(r + 1) * h;
-        rnn_backward_row(relu, &grad[span.clone()], &carry[span.clone()], &out[span], d);
-    }
-}
-
+/// RNN: `dpre = (grad + carry) * act'`, from the output h, over the whole block at once.
 #[multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512dq+avx512vl",
     "x86_64+avx2+fma",
     "aarch64+neon"
 ))]
-fn rnn_backward_row(relu: bool, grad: &[f32], carry: &[f32], out: &[f32], dg: &mut [f32]) {
-    let h = dg.len();
-    let (grad, carry, out) = (&grad[..h], &carry[..h], &out[..h]);
+fn rnn_backward(relu: bool, grad: &[f32], carry: &[f32], out: &[f32], dg: &mut [f32]) {
+    let n = dg.len();
+    let (grad, carry, out) = (&grad[..n], &carry[..n], &out[..n]);
     if relu {
-        for j in 0..h {
-            dg[j] = if out[j] > 0.0 { grad[j] + carry[j] } else { 0.0 };
+        for j in 0..n {
+            dg[j] = if out[j] > 0.0 {
+                grad[j] + carry[j]
+            } else {
+                0.0
+            };
         }
     } else {
-        for j in 0..h {
+        for j in 0..n {
             dg[j] = (grad[j] + carry[j]) * (1.0 - out[j] * out[j]);
         }
     }

@@ -22,7 +22,10 @@ mod blas;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod head;
 mod workspace;
+
+pub use head::{HeadSpec, head, squared_error};
 
 use std::sync::{Arc, Mutex, OnceLock};
 

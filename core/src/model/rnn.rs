@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::{ModelConfig, PackedBatch, Params};
-use crate::fused::{self, LayerParams, LayerSpec};
+use crate::fused::{self, HeadSpec, LayerParams, LayerSpec};
 use crate::{Error, Result};
 
 /// What a forward pass returns. Every tensor is in **sorted** order (see
@@ -30,8 +30,7 @@ pub struct SeqModel {
     params: Params,
     /// Every layer-direction, in `h_n` order.
     layers: Vec<LayerSpec>,
-    head_weight: usize,
-    head_bias: usize,
+    head: HeadSpec,
 }
 
 impl SeqModel {
@@ -69,8 +68,13 @@ impl SeqModel {
             }
         }
         Self {
-            head_weight: offset("linear.weight".into()),
-            head_bias: offset("linear.bias".into()),
+            head: HeadSpec {
+                input: config.head_input(),
+                output: config.output_size,
+                weight: offset("linear.weight".into()),
+                bias: offset("linear.bias".into()),
+                param_len: layout.total(),
+            },
             params,
             layers,
         }
@@ -151,12 +155,7 @@ impl SeqModel {
         } else {
             Tensor::cat(top_states, 1)?
         };
-        let head_in = config.head_input();
-        let w = flat
-            .narrow(0, self.head_weight, config.output_size * head_in)?
-            .reshape((config.output_size, head_in))?;
-        let b = flat.narrow(0, self.head_bias, config.output_size)?;
-        let ys = top.matmul(&w.t()?)?.broadcast_add(&b)?;
+        let ys = fused::head(&top, &flat, &self.head, train)?;
         let outputs = if keep_outputs {
             steps
                 .offsets()
