@@ -449,3 +449,63 @@ impl CustomOp2 for LayerOp {
         Ok((dx, Some(dparams)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    fn spec(param_len: usize) -> LayerSpec {
+        LayerSpec {
+            kind: ModelKind::Gru,
+            input: 2,
+            hidden: 3,
+            reverse: false,
+            params: LayerParams {
+                w_ih: 0,
+                w_hh: 18,
+                b_ih: 45,
+                b_hh: 54,
+            },
+            param_len,
+        }
+    }
+
+    fn err(r: Result<LayerOutput>) -> String {
+        r.map(|_| ()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn batch_sizes_must_be_those_of_a_packed_batch() {
+        assert!(Steps::new(vec![]).is_err());
+        assert!(Steps::new(vec![0]).is_err());
+        let e = Steps::new(vec![2, 3]).unwrap_err().to_string();
+        assert!(e.contains("step 1 has 3 rows after 2"), "{e}");
+        assert!(Steps::new(vec![2, 0]).is_err());
+        let s = Steps::new(vec![3, 2, 2]).unwrap();
+        assert_eq!((s.offsets(), s.total()), (&[0, 3, 5][..], 7));
+    }
+
+    #[test]
+    fn shapes_that_do_not_fit_are_errors_not_panics() {
+        let steps = Arc::new(Steps::new(vec![2, 1]).unwrap());
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((3, 2), candle_core::DType::F32, &dev).unwrap();
+        let p = Tensor::zeros(63, candle_core::DType::F32, &dev).unwrap();
+        assert!(layer(&x, &p, &spec(63), &steps, true).is_ok());
+
+        let wrong_x = Tensor::zeros((4, 2), candle_core::DType::F32, &dev).unwrap();
+        let e = err(layer(&wrong_x, &p, &spec(63), &steps, true));
+        assert!(e.contains("layer input has shape [4, 2]"), "{e}");
+        let e = err(layer(&x, &p, &spec(64), &steps, true));
+        assert!(e.contains("parameters have shape [63]"), "{e}");
+        let mut outside = spec(63);
+        outside.params.b_hh = 60;
+        let e = err(layer(&x, &p, &outside, &steps, false));
+        assert!(e.contains("bias_hh at 60..69"), "{e}");
+        let mut empty = spec(63);
+        empty.hidden = 0;
+        assert!(err(layer(&x, &p, &empty, &steps, true)).contains("at least 1"));
+    }
+}
