@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use recur_coordinator::CoordinatorConfig;
-use recur_worker::WorkerConfig;
+use recur_worker::{DeviceSpec, WorkerConfig};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -27,12 +27,26 @@ pub struct LocalCluster {
 }
 
 impl LocalCluster {
-    /// Starts a coordinator on `listen` (port 0 for any) and `workers` workers dialing it.
+    /// Starts a coordinator on `listen` (port 0 for any) and `workers` CPU workers dialing it.
     pub async fn start(
         listen: &str,
         config: CoordinatorConfig,
         workers: usize,
     ) -> anyhow::Result<Self> {
+        Self::start_on(listen, config, workers, DeviceSpec::Cpu).await
+    }
+
+    /// [`LocalCluster::start`] with workers computing on `device`. A device this build or host
+    /// cannot open is refused here, before anything starts.
+    pub async fn start_on(
+        listen: &str,
+        config: CoordinatorConfig,
+        workers: usize,
+        device: DeviceSpec,
+    ) -> anyhow::Result<Self> {
+        device
+            .open()
+            .map_err(|e| anyhow::anyhow!("the workers cannot compute on {device}: {e}"))?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
@@ -41,6 +55,7 @@ impl LocalCluster {
         let scheme = if tls { "https" } else { "http" };
         let mut template = WorkerConfig::new(format!("{scheme}://{addr}"), "local");
         template.token = config.worker_token.as_ref().map(|t| t.expose().to_string());
+        template.device = device;
         let (stop, stopped) = oneshot::channel::<()>();
         let coordinator = tokio::spawn(recur_coordinator::run(listener, config, async {
             let _ = stopped.await;

@@ -290,6 +290,30 @@ async fn errors(url: &str, d: &Path) {
         "{err}"
     );
     assert!(err.contains("recur local"), "{err}");
+    // Devices: a name that is not one, and (in a build without CUDA) a GPU, refused before
+    // anything starts, for the embedded cluster, the demo and a standalone worker alike.
+    for cmd in [
+        ["local", "--listen", "127.0.0.1:0"],
+        ["demo", "--rows", "100"],
+    ] {
+        let (code, err) =
+            failed(run(recur(url, &[cmd[0], cmd[1], cmd[2], "--device", "gpu"])).await);
+        assert_eq!(code, 1);
+        assert!(err.contains("expected `cpu` or `cuda:N`"), "{err}");
+    }
+    #[cfg(not(feature = "cuda"))]
+    for cmd in [
+        &["local", "--listen", "127.0.0.1:0"][..],
+        &["demo"],
+        &["worker"],
+    ] {
+        let mut args = cmd.to_vec();
+        args.extend(["--device", "cuda:0"]);
+        let (code, err) = failed(run(recur(url, &args)).await);
+        assert_eq!(code, 1);
+        assert!(err.contains("rebuild with `--features cuda`"), "{err}");
+        assert!(err.contains("hint: use --device cpu"), "{err}");
+    }
 }
 
 #[test]

@@ -98,6 +98,9 @@ pub struct DemoArgs {
     /// Where to write the accuracy chart.
     #[arg(long, default_value = "recur-demo-accuracy.png")]
     pub chart: PathBuf,
+    /// Where the workers compute: `cpu` or `cuda:N` (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// `recur local`.
@@ -112,6 +115,9 @@ pub struct LocalArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: String,
+    /// Where the workers compute: `cpu` or `cuda:N` (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// `recur worker`.

@@ -28,7 +28,8 @@ pub(super) async fn run(args: DemoArgs, as_json: bool) -> Result<()> {
     let start = Instant::now();
     let dir = tempfile::tempdir()?;
     let config = recur_coordinator::CoordinatorConfig::new(dir.path().join("data"));
-    let cluster = LocalCluster::start("127.0.0.1:0", config, args.workers)
+    let device = super::parse_device(&args.device)?;
+    let cluster = LocalCluster::start_on("127.0.0.1:0", config, args.workers, device)
         .await
         .map_err(|e| CliError::new(e.to_string(), ""))?;
     let say = |line: String| {
@@ -37,7 +38,7 @@ pub(super) async fn run(args: DemoArgs, as_json: bool) -> Result<()> {
         }
     };
     say(format!(
-        "recur demo: embedded coordinator on {} with {} workers",
+        "recur demo: embedded coordinator on {} with {} workers on {device}",
         cluster.url(),
         args.workers
     ));

@@ -78,6 +78,20 @@ impl From<std::io::Error> for CliError {
 
 type Result<T, E = CliError> = std::result::Result<T, E>;
 
+/// A `--device` value this build and host can compute on, or the error that says what to do.
+pub(crate) fn parse_device(device: &str) -> Result<recur_worker::DeviceSpec> {
+    let spec: recur_worker::DeviceSpec = device.parse().map_err(|e: recur_worker::Error| {
+        CliError::new(e.to_string(), "use --device cpu or cuda:N")
+    })?;
+    spec.open().map_err(|e| {
+        CliError::new(
+            e.to_string(),
+            "use --device cpu, or a build with --features cuda on a host with that GPU",
+        )
+    })?;
+    Ok(spec)
+}
+
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<()> {
     let tls = match &cli.tls_ca {
@@ -96,9 +110,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => demo::run(args, cli.json).await,
         Command::Local(args) => local(args).await,
         Command::Worker(args) => {
-            let device = args.device.parse().map_err(|e: recur_worker::Error| {
-                CliError::new(e.to_string(), "use --device cpu or cuda:N")
-            })?;
+            let device = parse_device(&args.device)?;
             let name = args
                 .name
                 .unwrap_or_else(|| format!("recur-worker-{}", std::process::id()));
@@ -695,7 +707,8 @@ async fn local(args: LocalArgs) -> Result<()> {
         .or_else(|| temp.as_ref().map(|t| t.path().to_path_buf()))
         .unwrap_or_default();
     let config = recur_coordinator::CoordinatorConfig::new(&data_dir);
-    let cluster = LocalCluster::start(&args.listen, config, args.workers)
+    let device = parse_device(&args.device)?;
+    let cluster = LocalCluster::start_on(&args.listen, config, args.workers, device)
         .await
         .map_err(|e| {
             CliError::new(
@@ -704,7 +717,7 @@ async fn local(args: LocalArgs) -> Result<()> {
             )
         })?;
     println!(
-        "recur local: coordinator on {} with {} workers, data in {}",
+        "recur local: coordinator on {} with {} workers on {device}, data in {}",
         cluster.url(),
         args.workers,
         data_dir.display()

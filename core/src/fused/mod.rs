@@ -284,6 +284,13 @@ pub fn layer(
     Ok(LayerOutput { h, c })
 }
 
+/// Compiles the CUDA gate kernels with nvrtc (once per process), without touching a GPU: what
+/// a worker does before its first CUDA step, callable on its own to check a host's toolkit.
+#[cfg(feature = "cuda")]
+pub fn compile_cuda_kernels() -> Result<()> {
+    cuda::ptx().map(|_| ())
+}
+
 /// Threads for the matrix products: the process's compute pool, read once.
 fn threads() -> usize {
     static THREADS: OnceLock<usize> = OnceLock::new();

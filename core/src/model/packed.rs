@@ -14,7 +14,6 @@ use crate::{Error, Result};
 #[derive(Debug, Clone)]
 pub struct PackedBatch {
     data: Tensor,
-    ones: Tensor,
     steps: Arc<Steps>,
     /// Packed row of each sorted sequence's last step.
     last_rows: Tensor,
@@ -75,7 +74,6 @@ impl PackedBatch {
         let b_sz = seqs.len();
         Ok(Self {
             data: Tensor::from_vec(data, (total, input_size), device)?,
-            ones: Tensor::ones((b_sz, 1), candle_core::DType::F32, device)?,
             last_rows: Tensor::from_vec(last_rows, b_sz, device)?,
             steps: Arc::new(steps),
             unsort: Tensor::from_vec(unsort, b_sz, device)?,
@@ -153,11 +151,6 @@ impl PackedBatch {
         Ok(self
             .data
             .narrow(0, self.steps.offsets()[t], self.batch_sizes()[t])?)
-    }
-
-    /// A column of ones for the first `rows` sorted sequences: `(rows, 1)`.
-    pub(crate) fn ones(&self, rows: usize) -> Result<Tensor> {
-        Ok(self.ones.narrow(0, 0, rows)?)
     }
 
     /// Reorders a tensor whose first dimension is in sorted order back to input order.

@@ -176,7 +176,7 @@ fn step_input(batch: &PackedBatch, below: &[Tensor], t: usize) -> Result<Vec<Ten
     } else {
         below[t].clone()
     };
-    let ones = batch.ones(x.dim(0)?)?;
+    let ones = Tensor::ones((x.dim(0)?, 1), x.dtype(), x.device())?;
     Ok(vec![x, ones])
 }
 
