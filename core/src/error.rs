@@ -53,10 +53,15 @@ pub enum Error {
         expected: usize,
     },
 
-    /// A fused recurrent kernel was handed shapes that do not fit together, or its device
-    /// backend failed.
-    #[error("recurrent kernel: {0}")]
-    Kernel(String),
+    /// A compute kernel (a fused layer, the head, the loss, a matrix product, the CUDA backend)
+    /// was handed shapes that do not fit together, or its device failed.
+    #[error("{op}: {problem}")]
+    Kernel {
+        /// The kernel: `fused layer`, `head`, `squared error`, `matrix product` or `CUDA`.
+        op: &'static str,
+        /// What does not fit, or what failed.
+        problem: String,
+    },
 
     /// A checkpoint is missing a tensor, has a tensor of the wrong shape, or a bad manifest.
     #[error("checkpoint {path}: {problem}")]
@@ -90,6 +95,10 @@ impl Error {
             path: path.into(),
             problem: problem.into(),
         }
+    }
+
+    pub(crate) fn kernel(op: &'static str, problem: String) -> Self {
+        Self::Kernel { op, problem }
     }
 
     pub(crate) fn setting(field: &'static str, problem: impl Into<String>) -> Self {

@@ -118,6 +118,11 @@ fn fused_layers_on_the_gpu_match_the_cpu() {
                 close(&format!("{name} output {t}"), a, b);
             }
             close(&format!("{name} gradients"), &grads, &grads_c);
+            let g = grads.to_vec1::<f32>().unwrap();
+            assert!(
+                g.iter().any(|v| *v != 0.0),
+                "{name}: no gradient reached the parameters"
+            );
         }
     }
 }

@@ -15,7 +15,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use recur_core::model::{ModelConfig, ModelKind, PackedBatch, Params, SeqModel};
+use recur_core::model::{
+    Forward, ModelConfig, ModelKind, PackedBatch, Params, ReferenceModel, SeqModel,
+};
 
 fn golden_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
@@ -132,52 +134,70 @@ fn padded_outputs(batch: &PackedBatch, outputs: &[Tensor]) -> Tensor {
     batch.unsort(&Tensor::stack(&steps, 1).unwrap()).unwrap()
 }
 
+/// One model's forward pass, with candle's graph.
+type RunModel<'a> = dyn Fn(&PackedBatch) -> Forward + 'a;
+
+/// The fused model and the per-step reference (the oracle the fused layers are tested against
+/// on random batches) both match PyTorch.
 #[test]
 fn forward_states_and_gradients_match_pytorch() {
     for case in cases() {
-        let model = SeqModel::new(case.params());
-        let batch = case.batch(None);
-        let out = model.forward(&batch, true).unwrap();
-        assert_close(
-            &case.name,
-            "y",
-            &batch.unsort(&out.ys).unwrap(),
-            case.get("y"),
-        );
-        let h_n: Vec<Tensor> = out.h_n.iter().map(|h| batch.unsort(h).unwrap()).collect();
-        assert_close(
-            &case.name,
-            "h_n",
-            &Tensor::stack(&h_n, 0).unwrap(),
-            case.get("h_n"),
-        );
-        if case.config.kind == ModelKind::Lstm {
-            let c_n: Vec<Tensor> = out.c_n.iter().map(|c| batch.unsort(c).unwrap()).collect();
+        let fused = SeqModel::new(case.params());
+        let reference = ReferenceModel::new(case.params());
+        let runs: [(&str, &RunModel, &Params); 2] = [
+            (
+                "fused",
+                &|b| fused.forward(b, true).unwrap(),
+                fused.params(),
+            ),
+            (
+                "reference",
+                &|b| reference.forward(b, true).unwrap(),
+                reference.params(),
+            ),
+        ];
+        for (which, forward, params) in runs {
+            let name = format!("{} ({which})", case.name);
+            let batch = case.batch(None);
+            let out = forward(&batch);
+            assert_close(&name, "y", &batch.unsort(&out.ys).unwrap(), case.get("y"));
+            let h_n: Vec<Tensor> = out.h_n.iter().map(|h| batch.unsort(h).unwrap()).collect();
             assert_close(
-                &case.name,
-                "c_n",
-                &Tensor::stack(&c_n, 0).unwrap(),
-                case.get("c_n"),
+                &name,
+                "h_n",
+                &Tensor::stack(&h_n, 0).unwrap(),
+                case.get("h_n"),
             );
-        } else {
-            assert!(out.c_n.is_empty());
-        }
-        assert_close(
-            &case.name,
-            "output",
-            &padded_outputs(&batch, &out.outputs),
-            case.get("output"),
-        );
-        let grads = loss(&case, &batch, &out.ys).backward().unwrap();
-        let params = model.params();
-        for (name, grad) in params.grads_named(&grads).unwrap() {
-            let grad = &grad;
+            if case.config.kind == ModelKind::Lstm {
+                let c_n: Vec<Tensor> = out.c_n.iter().map(|c| batch.unsort(c).unwrap()).collect();
+                assert_close(
+                    &name,
+                    "c_n",
+                    &Tensor::stack(&c_n, 0).unwrap(),
+                    case.get("c_n"),
+                );
+            } else {
+                assert!(out.c_n.is_empty());
+            }
             assert_close(
-                &case.name,
-                &format!("grad of {name}"),
-                grad,
-                case.get(&format!("grad.{name}")),
+                &name,
+                "output",
+                &padded_outputs(&batch, &out.outputs),
+                case.get("output"),
             );
+            let grads = loss(&case, &batch, &out.ys).backward().unwrap();
+            assert!(
+                grads.get(params.flat().as_tensor()).is_some(),
+                "{name}: the loss does not reach the parameters"
+            );
+            for (pname, grad) in params.grads_named(&grads).unwrap() {
+                assert_close(
+                    &name,
+                    &format!("grad of {pname}"),
+                    &grad,
+                    case.get(&format!("grad.{pname}")),
+                );
+            }
         }
     }
 }
@@ -196,6 +216,7 @@ fn padding_changes_no_output_and_no_gradient() {
             )
         };
         let a = run(0.0);
+        assert!(a.1.iter().any(|g| *g != 0.0), "{}: no gradient", case.name);
         let b = run(-1e6);
         let c = run(f32::NAN);
         assert_eq!(a, b, "{}", case.name);

@@ -43,15 +43,21 @@ impl fmt::Display for DeviceSpec {
 }
 
 impl DeviceSpec {
-    /// Opens the device.
+    /// Opens the device. A GPU's gate kernels are compiled here, so a host whose CUDA toolkit
+    /// cannot build them is refused at start rather than at the first step.
     pub fn open(self) -> Result<Device> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
             #[cfg(feature = "cuda")]
-            Self::Cuda(n) => Device::new_cuda(n).map_err(|e| Error::Device {
-                device: self.to_string(),
-                problem: e.to_string(),
-            }),
+            Self::Cuda(n) => {
+                let failed = |problem: String| Error::Device {
+                    device: self.to_string(),
+                    problem,
+                };
+                let device = Device::new_cuda(n).map_err(|e| failed(e.to_string()))?;
+                recur_core::fused::compile_cuda_kernels().map_err(|e| failed(e.to_string()))?;
+                Ok(device)
+            }
             #[cfg(not(feature = "cuda"))]
             Self::Cuda(_) => Err(Error::Device {
                 device: self.to_string(),

@@ -91,10 +91,13 @@ fn check_fits(
         {
             Ok(())
         }
-        _ => Err(Error::Kernel(format!(
-            "{what}: a {rows}×{cols} view with strides ({row_stride}, {col_stride}) does not fit \
+        _ => Err(Error::kernel(
+            "matrix product",
+            format!(
+                "{what}: a {rows}×{cols} view with strides ({row_stride}, {col_stride}) does not fit \
              in {len} values"
-        ))),
+            ),
+        )),
     }
 }
 
@@ -107,10 +110,13 @@ pub fn gemm(
     threads: usize,
 ) -> Result<()> {
     if a.cols != b.rows || dst.rows != a.rows || dst.cols != b.cols {
-        return Err(Error::Kernel(format!(
-            "matrix product of {}×{} and {}×{} into {}×{}",
-            a.rows, a.cols, b.rows, b.cols, dst.rows, dst.cols
-        )));
+        return Err(Error::kernel(
+            "matrix product",
+            format!(
+                "matrix product of {}×{} and {}×{} into {}×{}",
+                a.rows, a.cols, b.rows, b.cols, dst.rows, dst.cols
+            ),
+        ));
     }
     a.check("left operand")?;
     b.check("right operand")?;

@@ -40,11 +40,14 @@ fn weights<'a>(spec: &LayerSpec, params: &'a [f32]) -> Result<Weights<'a>> {
     let p = spec.params;
     let get = |start: usize, len: usize| {
         params.get(start..start + len).ok_or_else(|| {
-            Error::Kernel(format!(
-                "parameters {start}..{} out of {}",
-                start + len,
-                params.len()
-            ))
+            Error::kernel(
+                "fused layer",
+                format!(
+                    "parameters {start}..{} out of {}",
+                    start + len,
+                    params.len()
+                ),
+            )
         })
     };
     Ok(Weights {
@@ -59,9 +62,10 @@ fn check(what: &'static str, got: usize, expected: usize) -> Result<()> {
     if got == expected {
         Ok(())
     } else {
-        Err(Error::Kernel(format!(
-            "{what} has {got} values, the batch needs {expected}"
-        )))
+        Err(Error::kernel(
+            "fused layer",
+            format!("{what} has {got} values, the batch needs {expected}"),
+        ))
     }
 }
 
@@ -140,12 +144,18 @@ pub(super) fn forward(
             threads,
         )?;
     }
-    let mut out_h = Work::new(total * h);
-    let mut out_c = Work::new(if kind == ModelKind::Lstm {
+    // h becomes the op's output and (training) c a tensor: both leave the pool.
+    let mut out_h = Work::for_output(total * h);
+    let c_len = if kind == ModelKind::Lstm {
         total * h
     } else {
         0
-    });
+    };
+    let mut out_c = if train {
+        Work::for_output(c_len)
+    } else {
+        Work::new(c_len)
+    };
     let mut hg = Work::new(widest * g);
     let zero = vec![0.0f32; g];
     for t in steps.order(spec.reverse) {
@@ -242,11 +252,19 @@ pub(super) fn backward(
             candle_core::Storage::Cpu(s) => {
                 let all = s.as_slice::<f32>()?;
                 let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-                    Error::Kernel("the saved cell state is not contiguous".into())
+                    Error::kernel(
+                        "fused layer",
+                        "the saved cell state is not contiguous".into(),
+                    )
                 })?;
                 &all[start..end]
             }
-            _ => return Err(Error::Kernel("the saved cell state left the CPU".into())),
+            _ => {
+                return Err(Error::kernel(
+                    "fused layer",
+                    "the saved cell state left the CPU".into(),
+                ));
+            }
         },
         None => &[],
     };
@@ -356,7 +374,7 @@ pub(super) fn backward(
     column_sums(&dg, &mut dparams[p.b_ih..p.b_ih + g]);
     column_sums(dgh, &mut dparams[p.b_hh..p.b_hh + g]);
     let dx = if want_dx {
-        let mut dx = Work::new(total * input);
+        let mut dx = Work::for_output(total * input);
         gemm(
             MatMut::rows(&mut dx, total, input),
             false,

@@ -1,13 +1,15 @@
 //! The CUDA backend of the fused ops, and its one unsafe module: cuBLAS (through candle's
 //! handle, on candle's stream) for the matrix products and the gate kernels of `kernels.cu`.
 //!
-//! The kernels are compiled at run time with nvrtc, once per process, for whatever GPU the
-//! worker finds: no nvcc is needed where recur is built, and the PTX always matches the
-//! driver's nvrtc, so a binary built against one CUDA 13 minor release runs on a host with
-//! another. CI compiles the same source with nvcc so it cannot rot unnoticed.
+//! The kernels are compiled at run time with nvrtc, once per process (a worker does it when it
+//! opens its device, so a broken toolkit shows at start), and the driver turns the PTX into
+//! code for whatever GPU the worker finds. Like candle's own kernels, the PTX needs a driver at
+//! least as new as the nvrtc that made it: build and ship against the oldest driver you run.
+//! CI compiles the same source with nvcc and with nvrtc, so it cannot rot unnoticed.
 //!
 //! Every product goes through [`gemm`], which checks each operand's extent against its buffer
-//! before cuBLAS sees a pointer; every launch checks its element count fits an `i32`.
+//! before cuBLAS sees a pointer; every size a kernel gets is checked to fit its `i32`, and the
+//! kernels index with 64-bit integers.
 
 #![allow(unsafe_code)]
 
@@ -44,26 +46,40 @@ pub(super) struct Saved {
 pub(super) fn ptx() -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
     PTX.get_or_init(|| {
-        nvrtc::compile_ptx(SOURCE)
+        let start = std::time::Instant::now();
+        let ptx = nvrtc::compile_ptx(SOURCE)
             .map(|p| p.to_src())
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string());
+        tracing::debug!(
+            ok = ptx.is_ok(),
+            ms = start.elapsed().as_secs_f64() * 1e3,
+            "compiled the CUDA gate kernels with nvrtc"
+        );
+        ptx
     })
     .as_deref()
-    .map_err(|e| Error::Kernel(format!("compiling the CUDA gate kernels with nvrtc: {e}")))
+    .map_err(|e| {
+        Error::kernel(
+            "CUDA",
+            format!("compiling the CUDA gate kernels with nvrtc: {e}"),
+        )
+    })
 }
 
 fn cuda_err(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Kernel(format!("{what}: {e}"))
+    Error::kernel("CUDA", format!("{what}: {e}"))
 }
 
 /// An element count as a kernel argument.
 fn int(n: usize, what: &str) -> Result<i32> {
-    i32::try_from(n).map_err(|_| Error::Kernel(format!("{what} ({n}) is too large for a kernel")))
+    i32::try_from(n)
+        .map_err(|_| Error::kernel("CUDA", format!("{what} ({n}) is too large for a kernel")))
 }
 
 /// A launch of one thread per element.
 fn launch_for(n: usize) -> Result<LaunchConfig> {
-    let n = u32::try_from(n).map_err(|_| Error::Kernel(format!("{n} threads is too many")))?;
+    let n =
+        u32::try_from(n).map_err(|_| Error::kernel("CUDA", format!("{n} threads is too many")))?;
     Ok(LaunchConfig::for_num_elems(n.max(1)))
 }
 
@@ -71,7 +87,7 @@ fn launch_for(n: usize) -> Result<LaunchConfig> {
 fn view<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, f32>> {
     let (start, end) = l
         .contiguous_offsets()
-        .ok_or_else(|| Error::Kernel(format!("{what} is not contiguous")))?;
+        .ok_or_else(|| Error::kernel("CUDA", format!("{what} is not contiguous")))?;
     Ok(s.as_cuda_slice::<f32>()?.slice(start..end))
 }
 
@@ -94,9 +110,10 @@ fn gemm<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
         ("product", dst.len(), m * n),
     ] {
         if have < need {
-            return Err(Error::Kernel(format!(
-                "{what} of a {m}×{k} by {k}×{n} product has {have} values, needs {need}"
-            )));
+            return Err(Error::kernel(
+                "CUDA",
+                format!("{what} of a {m}×{k} by {k}×{n} product has {have} values, needs {need}"),
+            ));
         }
     }
     if m == 0 || n == 0 {
@@ -171,11 +188,14 @@ fn weights<'a>(spec: &LayerSpec, params: &CudaView<'a, f32>) -> Result<Weights<'
     let p = spec.params;
     let get = |start: usize, len: usize| {
         params.try_slice(start..start + len).ok_or_else(|| {
-            Error::Kernel(format!(
-                "parameters {start}..{} out of {}",
-                start + len,
-                params.len()
-            ))
+            Error::kernel(
+                "CUDA",
+                format!(
+                    "parameters {start}..{} out of {}",
+                    start + len,
+                    params.len()
+                ),
+            )
         })
     };
     Ok(Weights {
@@ -204,26 +224,16 @@ pub(super) fn forward(
     let x = view(xs, xl, "layer input")?;
     let params = view(ps, pl, "parameters")?;
     if x.len() != total * input {
-        return Err(Error::Kernel(format!(
-            "layer input has {} values, the batch needs {}",
-            x.len(),
-            total * input
-        )));
+        return Err(Error::kernel(
+            "CUDA",
+            format!(
+                "layer input has {} values, the batch needs {}",
+                x.len(),
+                total * input
+            ),
+        ));
     }
     let w = weights(spec, &params)?;
-    // Biases folded on the host (a few hundred values): b_ih + b_hh, except the GRU's n gate.
-    let b_ih = dev.clone_dtoh(&w.b_ih)?;
-    let b_hh = dev.clone_dtoh(&w.b_hh)?;
-    let mut bias: Vec<f32> = b_ih.iter().zip(&b_hh).map(|(a, b)| a + b).collect();
-    if kind == ModelKind::Gru {
-        bias[2 * h..].copy_from_slice(&b_ih[2 * h..]);
-    }
-    let bias = dev.clone_htod(&bias)?;
-    let b_hn = dev.clone_htod(if kind == ModelKind::Gru {
-        &b_hh[2 * h..]
-    } else {
-        &[0.0]
-    })?;
 
     let widest = steps.sequences();
     let extra_width = if kind.gates() > 1 { h } else { 0 };
@@ -299,7 +309,8 @@ pub(super) fn forward(
                 rows * h,
                 &mut pre_t,
                 &hg,
-                &bias,
+                &w.b_ih,
+                &w.b_hh,
                 &mut h_t,
                 &ri,
                 &pi,
@@ -315,7 +326,8 @@ pub(super) fn forward(
                     rows * h,
                     &mut pre_t,
                     &hg,
-                    &bias,
+                    &w.b_ih,
+                    &w.b_hh,
                     &mut c_prev,
                     &mut c_t,
                     &mut extra_t,
@@ -331,8 +343,8 @@ pub(super) fn forward(
                 rows * h,
                 &mut pre_t,
                 &hg,
-                &bias,
-                &b_hn,
+                &w.b_ih,
+                &w.b_hh,
                 &mut h_prev,
                 &mut extra_t,
                 &mut h_t,
@@ -430,9 +442,10 @@ pub(super) fn backward(
         ("saved gates", saved.gates.len(), total * g),
     ] {
         if have != need {
-            return Err(Error::Kernel(format!(
-                "{what} has {have} values, needs {need}"
-            )));
+            return Err(Error::kernel(
+                "CUDA",
+                format!("{what} has {have} values, needs {need}"),
+            ));
         }
     }
     let w = weights(spec, &params)?;
@@ -440,7 +453,12 @@ pub(super) fn backward(
     let out_c = match &c_guard {
         Some((storage, layout)) => match &**storage {
             Storage::Cuda(s) => Some(view(s, layout, "saved cell state")?),
-            _ => return Err(Error::Kernel("the saved cell state left the GPU".into())),
+            _ => {
+                return Err(Error::kernel(
+                    "CUDA",
+                    "the saved cell state left the GPU".into(),
+                ));
+            }
         },
         None => None,
     };
@@ -449,7 +467,14 @@ pub(super) fn backward(
     let mut dg_hidden = zeros(dev, if kind == ModelKind::Gru { total * g } else { 1 })?;
     let widest = steps.sequences();
     let mut carry_h = zeros(dev, widest * h)?;
-    let mut carry_c = zeros(dev, widest * h)?;
+    let mut carry_c = zeros(
+        dev,
+        if kind == ModelKind::Lstm {
+            widest * h
+        } else {
+            1
+        },
+    )?;
     let relu = i32::from(kind == ModelKind::RnnRelu);
     let hi_ = int(h, "hidden size")?;
     for t in steps.order(!spec.reverse) {
@@ -469,9 +494,9 @@ pub(super) fn backward(
                 )?;
             }
             ModelKind::Lstm => {
-                let c = out_c
-                    .as_ref()
-                    .ok_or_else(|| Error::Kernel("an LSTM backward pass without c".into()))?;
+                let c = out_c.as_ref().ok_or_else(|| {
+                    Error::kernel("CUDA", "an LSTM backward pass without c".into())
+                })?;
                 let c_prev = c.slice(prev_at * h..);
                 let tanh_c = saved.extra.slice(at * h..(at + rows) * h);
                 launch!(
@@ -600,7 +625,7 @@ pub(super) fn backward(
     Ok((dx, CudaStorage::wrap_cuda_slice(dparams, dev.clone())))
 }
 
-/// `out[j] = sum_r m[r, j]` over a row-major `rows × cols` matrix.
+/// `out[j] = sum_r m[r, j]` over a row-major `rows × cols` matrix, as `onesᵀ · m` in cuBLAS.
 fn column_sums(
     dev: &CudaDevice,
     m: &CudaView<'_, f32>,
@@ -608,13 +633,10 @@ fn column_sums(
     cols: usize,
     out: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    if m.len() < rows * cols || out.len() < cols {
-        return Err(Error::Kernel(
-            "column sums of a matrix larger than its buffer".into(),
-        ));
-    }
-    let (ri, ci) = (int(rows, "rows")?, int(cols, "columns")?);
-    launch!(dev, "column_sums", cols, m, out, &ri, &ci)
+    let mut ones = zeros(dev, rows)?;
+    let ri = int(rows, "rows")?;
+    launch!(dev, "fill", rows, &mut ones, &1.0f32, &ri)?;
+    gemm(dev, (1, cols, rows), &ones, false, m, false, out, false)
 }
 
 /// The head's forward pass: `y = x Wᵀ + b`.

@@ -26,18 +26,26 @@ pub struct HeadSpec {
 
 impl HeadSpec {
     fn validate(&self) -> Result<()> {
-        let fits =
-            |start: usize, len: usize| start.checked_add(len).is_some_and(|e| e <= self.param_len);
+        let fits = |start: usize, len: Option<usize>| {
+            len.and_then(|len| start.checked_add(len))
+                .is_some_and(|e| e <= self.param_len)
+        };
         if self.input == 0 || self.output == 0 {
-            return Err(Error::Kernel(
+            return Err(Error::kernel(
+                "head",
                 "a head needs at least one input and one output".into(),
             ));
         }
-        if !fits(self.weight, self.input * self.output) || !fits(self.bias, self.output) {
-            return Err(Error::Kernel(format!(
-                "the head's parameters lie outside the {} parameters",
-                self.param_len
-            )));
+        if !fits(self.weight, self.input.checked_mul(self.output))
+            || !fits(self.bias, Some(self.output))
+        {
+            return Err(Error::kernel(
+                "head",
+                format!(
+                    "the head's parameters lie outside the {} parameters",
+                    self.param_len
+                ),
+            ));
         }
         Ok(())
     }
@@ -49,14 +57,17 @@ pub fn head(x: &Tensor, params: &Tensor, spec: &HeadSpec, train: bool) -> Result
     spec.validate()?;
     let (b_sz, input) = x.dims2()?;
     if input != spec.input || params.dims() != [spec.param_len] {
-        return Err(Error::Kernel(format!(
-            "head input {:?} and parameters {:?} do not fit a {}→{} head over {} parameters",
-            x.dims(),
-            params.dims(),
-            spec.input,
-            spec.output,
-            spec.param_len
-        )));
+        return Err(Error::kernel(
+            "head",
+            format!(
+                "head input {:?} and parameters {:?} do not fit a {}→{} head over {} parameters",
+                x.dims(),
+                params.dims(),
+                spec.input,
+                spec.output,
+                spec.param_len
+            ),
+        ));
     }
     let op = HeadOp { spec: *spec, b_sz };
     let x = x.contiguous()?;
@@ -226,11 +237,14 @@ impl HeadOp {
 /// sample, as a scalar joined to candle's graph through `ys`. `targets` gets no gradient.
 pub fn squared_error(ys: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if ys.dims() != targets.dims() || ys.rank() != 2 {
-        return Err(Error::Kernel(format!(
-            "predictions {:?} and targets {:?} differ in shape",
-            ys.dims(),
-            targets.dims()
-        )));
+        return Err(Error::kernel(
+            "squared error",
+            format!(
+                "predictions {:?} and targets {:?} differ in shape",
+                ys.dims(),
+                targets.dims()
+            ),
+        ));
     }
     Ok(ys
         .contiguous()?

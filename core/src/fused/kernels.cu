@@ -17,28 +17,36 @@ extern "C" __device__ __forceinline__ bool unit(long long n, long long* e) {
     return *e < n;
 }
 
-extern "C" __global__ void rnn_fwd(const float* pre, const float* hg, const float* bias,
-                                   float* out, int rows, int prev, int h, int relu) {
+extern "C" __global__ void rnn_fwd(const float* pre, const float* hg, const float* b_ih,
+                                   const float* b_hh, float* out, int rows, int prev, int h,
+                                   int relu) {
     long long e;
     if (!unit((long long)rows * h, &e)) return;
     int r = (int)(e / h), j = (int)(e % h);
-    float a = pre[e] + bias[j] + (r < prev ? hg[e] : 0.0f);
+    float a = pre[e] + b_ih[j] + b_hh[j] + (r < prev ? hg[e] : 0.0f);
     out[e] = relu ? (a < 0.0f ? 0.0f : a) : tanhf(a);
 }
 
-extern "C" __global__ void lstm_fwd(float* pre, const float* hg, const float* bias,
-                                    const float* c_prev, float* c, float* tanh_c, float* out,
-                                    int rows, int prev, int h) {
+// The pre-activation of gate column `k` of a row: input projection, both biases, and the
+// recurrent product when the row has a previous state.
+extern "C" __device__ __forceinline__ float gate(const float* g, const float* p, bool has,
+                                                 const float* b_ih, const float* b_hh, int k) {
+    return g[k] + b_ih[k] + b_hh[k] + (has ? p[k] : 0.0f);
+}
+
+extern "C" __global__ void lstm_fwd(float* pre, const float* hg, const float* b_ih,
+                                    const float* b_hh, const float* c_prev, float* c,
+                                    float* tanh_c, float* out, int rows, int prev, int h) {
     long long e;
     if (!unit((long long)rows * h, &e)) return;
     int r = (int)(e / h), j = (int)(e % h);
     float* g = pre + (long long)r * 4 * h;
     bool has = r < prev;
     const float* p = hg + (long long)r * 4 * h;
-    float i = recur_sigmoid(g[j] + bias[j] + (has ? p[j] : 0.0f));
-    float f = recur_sigmoid(g[h + j] + bias[h + j] + (has ? p[h + j] : 0.0f));
-    float gv = tanhf(g[2 * h + j] + bias[2 * h + j] + (has ? p[2 * h + j] : 0.0f));
-    float o = recur_sigmoid(g[3 * h + j] + bias[3 * h + j] + (has ? p[3 * h + j] : 0.0f));
+    float i = recur_sigmoid(gate(g, p, has, b_ih, b_hh, j));
+    float f = recur_sigmoid(gate(g, p, has, b_ih, b_hh, h + j));
+    float gv = tanhf(gate(g, p, has, b_ih, b_hh, 2 * h + j));
+    float o = recur_sigmoid(gate(g, p, has, b_ih, b_hh, 3 * h + j));
     float cv = f * (has ? c_prev[e] : 0.0f) + i * gv;
     float t = tanhf(cv);
     g[j] = i;
@@ -50,8 +58,9 @@ extern "C" __global__ void lstm_fwd(float* pre, const float* hg, const float* bi
     out[e] = o * t;
 }
 
-extern "C" __global__ void gru_fwd(float* pre, const float* hg, const float* bias,
-                                   const float* b_hn, const float* h_prev, float* hn_out,
+// GRU: b_hn (the n block of b_hh) sits inside r * (W_hn h + b_hn), as in PyTorch.
+extern "C" __global__ void gru_fwd(float* pre, const float* hg, const float* b_ih,
+                                   const float* b_hh, const float* h_prev, float* hn_out,
                                    float* out, int rows, int prev, int h) {
     long long e;
     if (!unit((long long)rows * h, &e)) return;
@@ -59,10 +68,10 @@ extern "C" __global__ void gru_fwd(float* pre, const float* hg, const float* bia
     float* g = pre + (long long)r * 3 * h;
     bool has = r < prev;
     const float* p = hg + (long long)r * 3 * h;
-    float rv = recur_sigmoid(g[j] + bias[j] + (has ? p[j] : 0.0f));
-    float zv = recur_sigmoid(g[h + j] + bias[h + j] + (has ? p[h + j] : 0.0f));
-    float hn = (has ? p[2 * h + j] : 0.0f) + b_hn[j];
-    float n = tanhf(g[2 * h + j] + bias[2 * h + j] + rv * hn);
+    float rv = recur_sigmoid(gate(g, p, has, b_ih, b_hh, j));
+    float zv = recur_sigmoid(gate(g, p, has, b_ih, b_hh, h + j));
+    float hn = (has ? p[2 * h + j] : 0.0f) + b_hh[2 * h + j];
+    float n = tanhf(g[2 * h + j] + b_ih[2 * h + j] + rv * hn);
     float hp = has ? h_prev[e] : 0.0f;
     g[j] = rv;
     g[h + j] = zv;
@@ -123,13 +132,11 @@ extern "C" __global__ void gru_bwd(const float* grad, float* carry, const float*
     carry[e] = dh * zv;
 }
 
-// out[j] = sum_r m[r, j]; one thread per column.
-extern "C" __global__ void column_sums(const float* m, float* out, int rows, int cols) {
-    long long j;
-    if (!unit(cols, &j)) return;
-    float s = 0.0f;
-    for (long long r = 0; r < rows; ++r) s += m[r * cols + j];
-    out[j] = s;
+// y[e] = v: the ones that turn a column sum into a matrix product.
+extern "C" __global__ void fill(float* y, float v, int n) {
+    long long e;
+    if (!unit(n, &e)) return;
+    y[e] = v;
 }
 
 // y[r, j] = b[j]: the head's bias, before its product is added.

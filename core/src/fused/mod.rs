@@ -73,16 +73,32 @@ impl LayerSpec {
 
     fn validate(&self) -> Result<()> {
         if self.input == 0 || self.hidden == 0 {
-            return Err(Error::Kernel(format!(
-                "a layer needs input and hidden sizes of at least 1, got {} and {}",
-                self.input, self.hidden
-            )));
+            return Err(Error::kernel(
+                "fused layer",
+                format!(
+                    "a layer needs input and hidden sizes of at least 1, got {} and {}",
+                    self.input, self.hidden
+                ),
+            ));
         }
-        let g = self.gate_width();
+        let too_large = || Error::kernel("fused layer", format!("sizes {self:?} overflow"));
+        let g = self
+            .kind
+            .gates()
+            .checked_mul(self.hidden)
+            .ok_or_else(too_large)?;
         let p = self.params;
         for (name, start, len) in [
-            ("weight_ih", p.w_ih, g * self.input),
-            ("weight_hh", p.w_hh, g * self.hidden),
+            (
+                "weight_ih",
+                p.w_ih,
+                g.checked_mul(self.input).ok_or_else(too_large)?,
+            ),
+            (
+                "weight_hh",
+                p.w_hh,
+                g.checked_mul(self.hidden).ok_or_else(too_large)?,
+            ),
             ("bias_ih", p.b_ih, g),
             ("bias_hh", p.b_hh, g),
         ] {
@@ -90,11 +106,14 @@ impl LayerSpec {
                 .checked_add(len)
                 .is_none_or(|end| end > self.param_len)
             {
-                return Err(Error::Kernel(format!(
-                    "{name} at {start}..{} lies outside the {} parameters",
-                    start.saturating_add(len),
-                    self.param_len
-                )));
+                return Err(Error::kernel(
+                    "fused layer",
+                    format!(
+                        "{name} at {start}..{} lies outside the {} parameters",
+                        start.saturating_add(len),
+                        self.param_len
+                    ),
+                ));
             }
         }
         Ok(())
@@ -115,7 +134,8 @@ impl Steps {
     /// larger than the one before.
     pub fn new(batch_sizes: Vec<usize>) -> Result<Self> {
         if batch_sizes.first().is_none_or(|&b| b == 0) {
-            return Err(Error::Kernel(
+            return Err(Error::kernel(
+                "fused layer",
                 "a packed batch needs at least one row".into(),
             ));
         }
@@ -123,12 +143,15 @@ impl Steps {
             .windows(2)
             .position(|w| w[1] > w[0] || w[1] == 0)
         {
-            return Err(Error::Kernel(format!(
-                "batch sizes must not grow or reach zero, but step {} has {} rows after {}",
-                t + 1,
-                batch_sizes[t + 1],
-                batch_sizes[t]
-            )));
+            return Err(Error::kernel(
+                "fused layer",
+                format!(
+                    "batch sizes must not grow or reach zero, but step {} has {} rows after {}",
+                    t + 1,
+                    batch_sizes[t + 1],
+                    batch_sizes[t]
+                ),
+            ));
         }
         let mut offsets = Vec::with_capacity(batch_sizes.len());
         let mut total = 0;
@@ -164,13 +187,9 @@ impl Steps {
     }
 
     /// Steps in the order a direction visits them.
-    fn order(&self, reverse: bool) -> Box<dyn Iterator<Item = usize>> {
+    fn order(&self, reverse: bool) -> impl Iterator<Item = usize> + use<> {
         let n = self.batch_sizes.len();
-        if reverse {
-            Box::new((0..n).rev())
-        } else {
-            Box::new(0..n)
-        }
+        (0..n).map(move |i| if reverse { n - 1 - i } else { i })
     }
 
     /// The step whose state feeds step `t`, as `(rows, first row)`: the first `rows` rows of
@@ -244,22 +263,29 @@ pub fn layer(
 ) -> Result<LayerOutput> {
     spec.validate()?;
     if x.dims() != [steps.total(), spec.input] {
-        return Err(Error::Kernel(format!(
-            "layer input has shape {:?}, the batch needs ({}, {})",
-            x.dims(),
-            steps.total(),
-            spec.input
-        )));
+        return Err(Error::kernel(
+            "fused layer",
+            format!(
+                "layer input has shape {:?}, the batch needs ({}, {})",
+                x.dims(),
+                steps.total(),
+                spec.input
+            ),
+        ));
     }
     if params.dims() != [spec.param_len] {
-        return Err(Error::Kernel(format!(
-            "parameters have shape {:?}, expected ({},)",
-            params.dims(),
-            spec.param_len
-        )));
+        return Err(Error::kernel(
+            "fused layer",
+            format!(
+                "parameters have shape {:?}, expected ({},)",
+                params.dims(),
+                spec.param_len
+            ),
+        ));
     }
     if !x.device().same_device(params.device()) {
-        return Err(Error::Kernel(
+        return Err(Error::kernel(
+            "fused layer",
             "layer input and parameters are on different devices".into(),
         ));
     }
@@ -278,7 +304,7 @@ pub fn layer(
     };
     let c = saved
         .lock()
-        .map_err(|_| Error::Kernel("poisoned state".into()))?
+        .map_err(|_| Error::kernel("fused layer", "poisoned state".into()))?
         .as_ref()
         .and_then(|s| s.cell_state().cloned());
     Ok(LayerOutput { h, c })
@@ -309,7 +335,7 @@ fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Res
 }
 
 fn kernel_err(e: Error) -> candle_core::Error {
-    candle_core::Error::Msg(e.to_string())
+    candle_core::Error::wrap(e)
 }
 
 impl LayerOp {
@@ -514,5 +540,38 @@ mod tests {
         let mut empty = spec(63);
         empty.hidden = 0;
         assert!(err(layer(&x, &p, &empty, &steps, true)).contains("at least 1"));
+        let mut huge = spec(63);
+        huge.hidden = usize::MAX / 2;
+        assert!(err(layer(&x, &p, &huge, &steps, true)).contains("overflow"));
+    }
+
+    #[test]
+    fn the_head_and_the_loss_refuse_what_does_not_fit() {
+        let dev = Device::Cpu;
+        let p = Tensor::zeros(10, candle_core::DType::F32, &dev).unwrap();
+        let x = Tensor::zeros((4, 3), candle_core::DType::F32, &dev).unwrap();
+        let spec = HeadSpec {
+            input: 3,
+            output: 2,
+            weight: 0,
+            bias: 6,
+            param_len: 10,
+        };
+        assert_eq!(head(&x, &p, &spec, true).unwrap().dims(), [4, 2]);
+        let wide = Tensor::zeros((4, 5), candle_core::DType::F32, &dev).unwrap();
+        let e = head(&wide, &p, &spec, true).unwrap_err().to_string();
+        assert!(e.starts_with("head: head input [4, 5]"), "{e}");
+        let outside = HeadSpec { bias: 9, ..spec };
+        let e = head(&x, &p, &outside, false).unwrap_err().to_string();
+        assert!(e.contains("outside the 10 parameters"), "{e}");
+        let overflow = HeadSpec {
+            input: usize::MAX,
+            ..spec
+        };
+        assert!(head(&x, &p, &overflow, false).is_err());
+        let ys = Tensor::zeros((4, 2), candle_core::DType::F32, &dev).unwrap();
+        let t = Tensor::zeros((4, 1), candle_core::DType::F32, &dev).unwrap();
+        let e = squared_error(&ys, &t).unwrap_err().to_string();
+        assert!(e.contains("differ in shape"), "{e}");
     }
 }
