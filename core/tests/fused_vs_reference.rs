@@ -18,13 +18,15 @@
 //!   of the entry's own tensor is no bound: a one-unit layer's `weight_hh` is a single number, a
 //!   sum whose terms may cancel.)
 //! - ReLU cells are the exception twice over. Their states are unbounded (values near 100 show up
-//!   in random cases), so their forward floor is `1e-5` of the tensor's largest magnitude. And
+//!   in random cases), so their forward floor is `1e-5` of the tensor's largest magnitude (at
+//!   least the `1e-6` of the others). And
 //!   ReLU's derivative jumps at zero: a pre-activation within rounding distance of it can take
 //!   the other branch on the other side, and then gradient entries move by whole terms. Their
 //!   gradients' floor is `1e-3` of the largest entry, which covers the small flips; a flip on a
-//!   large back-propagated signal is not a kernel error and no floor would cover it. Random
-//!   searches of 1,000 cases met one about every 8 runs (every other kind passed 10 such runs);
-//!   the fixed seed below meets none.
+//!   large back-propagated signal is not a kernel error and no floor would cover it. Of 27 random
+//!   runs of 1,000 cases with these floors, two failed this way, one on the ReLU forward floor
+//!   before its `1e-6` minimum, two with cases that went unrecorded; none recorded a failure on
+//!   another kind. The fixed seed below meets none of these.
 
 use candle_core::{Device, Tensor};
 use proptest::prelude::*;
@@ -103,7 +105,7 @@ fn max_abs(t: &Tensor) -> f32 {
 /// Compares a forward value: the floor is absolute, or relative to the tensor for ReLU cells.
 fn close(case: &Case, what: &str, fused: &Tensor, reference: &Tensor) {
     let floor = if case.config.kind == ModelKind::RnnRelu {
-        1e-5 * max_abs(reference)
+        (1e-5 * max_abs(reference)).max(1e-6)
     } else {
         1e-6
     };
