@@ -36,25 +36,19 @@ struct Weights<'a> {
 }
 
 fn weights<'a>(spec: &LayerSpec, params: &'a [f32]) -> Result<Weights<'a>> {
-    let g = spec.gate_width();
-    let p = spec.params;
-    let get = |start: usize, len: usize| {
-        params.get(start..start + len).ok_or_else(|| {
+    let [w_ih, w_hh, b_ih, b_hh] = spec.ranges().map(|r| {
+        params.get(r.clone()).ok_or_else(|| {
             Error::kernel(
                 "fused layer",
-                format!(
-                    "parameters {start}..{} out of {}",
-                    start + len,
-                    params.len()
-                ),
+                format!("parameters {r:?} out of {}", params.len()),
             )
         })
-    };
+    });
     Ok(Weights {
-        w_ih: get(p.w_ih, g * spec.input)?,
-        w_hh: get(p.w_hh, g * spec.hidden)?,
-        b_ih: get(p.b_ih, g)?,
-        b_hh: get(p.b_hh, g)?,
+        w_ih: w_ih?,
+        w_hh: w_hh?,
+        b_ih: b_ih?,
+        b_hh: b_hh?,
     })
 }
 

@@ -184,25 +184,16 @@ struct Weights<'a> {
 }
 
 fn weights<'a>(spec: &LayerSpec, params: &CudaView<'a, f32>) -> Result<Weights<'a>> {
-    let g = spec.gate_width();
-    let p = spec.params;
-    let get = |start: usize, len: usize| {
-        params.try_slice(start..start + len).ok_or_else(|| {
-            Error::kernel(
-                "CUDA",
-                format!(
-                    "parameters {start}..{} out of {}",
-                    start + len,
-                    params.len()
-                ),
-            )
+    let [w_ih, w_hh, b_ih, b_hh] = spec.ranges().map(|r| {
+        params.try_slice(r.clone()).ok_or_else(|| {
+            Error::kernel("CUDA", format!("parameters {r:?} out of {}", params.len()))
         })
-    };
+    });
     Ok(Weights {
-        w_ih: get(p.w_ih, g * spec.input)?,
-        w_hh: get(p.w_hh, g * spec.hidden)?,
-        b_ih: get(p.b_ih, g)?,
-        b_hh: get(p.b_hh, g)?,
+        w_ih: w_ih?,
+        w_hh: w_hh?,
+        b_ih: b_ih?,
+        b_hh: b_hh?,
     })
 }
 

@@ -1,11 +1,10 @@
 //! The linear head and the summed squared error as one candle op each, so a training step's
 //! graph is the layers, the head and the loss: a handful of nodes whatever the model.
 
-use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
 
 use super::blas::{Mat, MatMut, gemm};
-use super::{contiguous, kernel_err, threads};
+use super::{contiguous, gradient_tensors, kernel_err, mixed_devices, threads};
 use crate::{Error, Result};
 
 /// The head `y = x Wᵀ + b` of a model whose flat parameters hold `W` `(output, input)` at
@@ -171,17 +170,14 @@ impl CustomOp2 for HeadOp {
                 .map_err(kernel_err)?;
                 (dx.map(Storage::Cuda), Storage::Cuda(dp))
             }
-            _ => {
-                return Err(candle_core::Error::Msg(
-                    "recurrent kernel: head backward with tensors on different devices".into(),
-                ));
-            }
+            _ => return Err(mixed_devices("head")),
         };
-        let dx = dx.map(|s| {
-            Tensor::from_storage(s, (self.b_sz, self.spec.input), BackpropOp::none(), false)
-        });
-        let dp = Tensor::from_storage(dp, self.spec.param_len, BackpropOp::none(), false);
-        Ok((dx, Some(dp)))
+        Ok(gradient_tensors(
+            dx,
+            (self.b_sz, self.spec.input),
+            dp,
+            self.spec.param_len,
+        ))
     }
 }
 

@@ -71,6 +71,19 @@ impl LayerSpec {
         self.kind.gates() * self.hidden
     }
 
+    /// Where `weight_ih`, `weight_hh`, `bias_ih` and `bias_hh` lie in the flat parameters
+    /// (after [`LayerSpec::validate`], inside them).
+    fn ranges(&self) -> [std::ops::Range<usize>; 4] {
+        let g = self.gate_width();
+        let p = self.params;
+        [
+            p.w_ih..p.w_ih + g * self.input,
+            p.w_hh..p.w_hh + g * self.hidden,
+            p.b_ih..p.b_ih + g,
+            p.b_hh..p.b_hh + g,
+        ]
+    }
+
     fn validate(&self) -> Result<()> {
         if self.input == 0 || self.hidden == 0 {
             return Err(Error::kernel(
@@ -334,6 +347,26 @@ fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Res
     }
 }
 
+/// A backward pass's results as tensors outside the graph: the gradient of the op's first
+/// input (when it was asked for), shaped `dx_shape`, and of the whole flat parameter vector.
+fn gradient_tensors(
+    dx: Option<Storage>,
+    dx_shape: (usize, usize),
+    dparams: Storage,
+    param_len: usize,
+) -> (Option<Tensor>, Option<Tensor>) {
+    let dx = dx.map(|s| Tensor::from_storage(s, dx_shape, BackpropOp::none(), false));
+    let dparams = Tensor::from_storage(dparams, param_len, BackpropOp::none(), false);
+    (dx, Some(dparams))
+}
+
+/// The error of a backward pass handed tensors on different devices.
+fn mixed_devices(op: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{op}: backward pass with tensors on different devices"
+    ))
+}
+
 fn kernel_err(e: Error) -> candle_core::Error {
     candle_core::Error::wrap(e)
 }
@@ -464,22 +497,14 @@ impl CustomOp2 for LayerOp {
                 .map_err(kernel_err)?;
                 (dx.map(Storage::Cuda), Storage::Cuda(dp))
             }
-            _ => {
-                return Err(candle_core::Error::Msg(
-                    "recurrent kernel: backward pass with tensors on different devices".into(),
-                ));
-            }
+            _ => return Err(mixed_devices("fused layer")),
         };
-        let dx = dx.map(|s| {
-            Tensor::from_storage(
-                s,
-                (self.steps.total(), self.spec.input),
-                BackpropOp::none(),
-                false,
-            )
-        });
-        let dparams = Tensor::from_storage(dparams, self.spec.param_len, BackpropOp::none(), false);
-        Ok((dx, Some(dparams)))
+        Ok(gradient_tensors(
+            dx,
+            (self.steps.total(), self.spec.input),
+            dparams,
+            self.spec.param_len,
+        ))
     }
 }
 
