@@ -171,6 +171,7 @@ macro_rules! launch {
     }};
 }
 
+/// `n` zeros on the device (one when `n` is 0: a buffer a kernel gets but never reads).
 fn zeros(dev: &CudaDevice, n: usize) -> Result<CudaSlice<f32>> {
     Ok(dev.alloc_zeros::<f32>(n.max(1))?)
 }
@@ -244,14 +245,7 @@ pub(super) fn forward(
         )?;
     }
     let mut out_h = zeros(dev, total * h)?;
-    let mut out_c = zeros(
-        dev,
-        if kind == ModelKind::Lstm {
-            total * h
-        } else {
-            1
-        },
-    )?;
+    let mut out_c = zeros(dev, usize::from(kind == ModelKind::Lstm) * total * h)?;
     let mut hg = zeros(dev, widest * g)?;
     let relu = i32::from(kind == ModelKind::RnnRelu);
     let hi_ = int(h, "hidden size")?;
@@ -455,17 +449,10 @@ pub(super) fn backward(
     };
 
     let mut dg = zeros(dev, total * g)?;
-    let mut dg_hidden = zeros(dev, if kind == ModelKind::Gru { total * g } else { 1 })?;
+    let mut dg_hidden = zeros(dev, usize::from(kind == ModelKind::Gru) * total * g)?;
     let widest = steps.sequences();
     let mut carry_h = zeros(dev, widest * h)?;
-    let mut carry_c = zeros(
-        dev,
-        if kind == ModelKind::Lstm {
-            widest * h
-        } else {
-            1
-        },
-    )?;
+    let mut carry_c = zeros(dev, usize::from(kind == ModelKind::Lstm) * widest * h)?;
     let relu = i32::from(kind == ModelKind::RnnRelu);
     let hi_ = int(h, "hidden size")?;
     for t in steps.order(!spec.reverse) {

@@ -125,7 +125,11 @@ impl SeqModel {
         let mut x = batch.data().clone();
         let mut h_n = Vec::with_capacity(self.layers.len());
         let mut c_n = Vec::new();
-        for layer in self.layers.chunks(dirs) {
+        let layers = self.layers.chunks(dirs).len();
+        for (index, layer) in self.layers.chunks(dirs).enumerate() {
+            // Inference returns only the head's output: lower layers' final states are not
+            // gathered there.
+            let wanted = train || index + 1 == layers;
             let mut outputs = Vec::with_capacity(dirs);
             for spec in layer {
                 let out = fused::layer(&x, &flat, spec, steps, train)?;
@@ -137,10 +141,12 @@ impl SeqModel {
                         m.index_select(batch.last_rows(), 0)?
                     })
                 };
-                if let Some(c) = &out.c {
-                    c_n.push(last(c)?);
+                if wanted {
+                    if let Some(c) = &out.c {
+                        c_n.push(last(c)?);
+                    }
+                    h_n.push(last(&out.h)?);
                 }
-                h_n.push(last(&out.h)?);
                 outputs.push(out.h);
             }
             x = if outputs.len() == 1 {
