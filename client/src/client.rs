@@ -1,5 +1,6 @@
 //! The typed client.
 
+use recur_proto::transport;
 use recur_proto::v1 as pb;
 use recur_proto::v1::recur_client::RecurClient;
 use sha2::{Digest, Sha256};
@@ -90,6 +91,9 @@ impl Client {
         }
         let endpoint = endpoint
             .tcp_nodelay(true)
+            .tcp_keepalive(Some(transport::KEEPALIVE_INTERVAL))
+            .initial_stream_window_size(transport::STREAM_WINDOW)
+            .initial_connection_window_size(transport::CONNECTION_WINDOW)
             .connect_timeout(std::time::Duration::from_secs(5));
         let channel = endpoint.connect().await.map_err(|e| {
             let mut problem = e.to_string();

@@ -92,9 +92,16 @@ impl LocalCluster {
 
     /// Starts another worker; returns its index.
     pub fn add_worker(&mut self) -> usize {
+        self.add_worker_with(|_| {})
+    }
+
+    /// Starts another worker whose config `adjust` may change (for example a throttle that makes
+    /// it stand in for a slower host); returns its index.
+    pub fn add_worker_with(&mut self, adjust: impl FnOnce(&mut WorkerConfig)) -> usize {
         let index = self.workers.len();
         let mut config = self.worker_template.clone();
         config.name = format!("local-{}", index + 1);
+        adjust(&mut config);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(recur_worker::run(config, async {
             let _ = stopped.await;

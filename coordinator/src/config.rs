@@ -37,6 +37,10 @@ pub struct CoordinatorConfig {
     pub client_token: Option<crate::auth::Secret>,
     /// Bearer token workers must present, if set.
     pub worker_token: Option<crate::auth::Secret>,
+    /// Every worker holds a job's whole training split when it has at most this many values,
+    /// so each step is split exactly by the workers' measured speeds; a larger split is sharded
+    /// (each worker holds a part sized to its speed, and steps follow the rows' owners).
+    pub replicate_values: usize,
 }
 
 impl CoordinatorConfig {
@@ -62,6 +66,7 @@ impl CoordinatorConfig {
             max_predict_len: 4096,
             client_token: None,
             worker_token: None,
+            replicate_values: crate::scheduler::SchedulerConfig::default().replicate_values,
         }
     }
 

@@ -4,11 +4,12 @@ use std::future::Future;
 use std::sync::Arc;
 
 use recur_core::checkpoint::Checkpoint;
+use recur_proto::transport::{CONNECTION_WINDOW, KEEPALIVE_INTERVAL, STREAM_WINDOW};
 use recur_proto::v1::recur_server::RecurServer;
 use recur_proto::v1::workers_server::WorkersServer;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use tonic::service::interceptor::InterceptedService;
 
@@ -53,6 +54,7 @@ pub async fn run(
     let scheduler = Scheduler::new(SchedulerConfig {
         heartbeat_timeout: shared.config.heartbeat_timeout,
         no_worker_grace: shared.config.no_worker_grace,
+        replicate_values: shared.config.replicate_values,
         ..SchedulerConfig::default()
     });
     recover_jobs(&shared)?;
@@ -133,14 +135,27 @@ pub async fn run(
         }),
     );
     let served = builder
-        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_INTERVAL * 2))
         .accept_http1(true)
         .add_routes(tonic::service::Routes::from(router))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), graceful)
+        .serve_with_incoming_shutdown(incoming(listener), graceful)
         .await;
     let _ = shared.shutdown.send(());
     let _ = loop_task.await;
     served.map_err(|e| Error::FailedPrecondition(format!("server: {e}")))
+}
+
+/// The connections the coordinator accepts on `listener`, each with `TCP_NODELAY` (a reply that
+/// spans two writes must not wait for the peer's delayed ACK: 40 ms on Linux) and TCP keepalive.
+/// The server builder's own `tcp_nodelay` applies only to listeners tonic binds itself.
+pub(crate) fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(KEEPALIVE_INTERVAL))
+        .with_keepalive_interval(Some(KEEPALIVE_INTERVAL))
 }
 
 /// Re-queues the jobs a previous run left queued or running; running ones resume from their
@@ -261,5 +276,28 @@ fn cut_step_log(dir: &std::path::Path, step: u64) {
         .collect();
     if let Err(e) = recur_core::checkpoint::atomic_write(&path, kept.as_bytes()) {
         tracing::error!(file = %path.display(), error = %e, "cannot cut the step log");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay_and_keepalive() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut accepted = incoming(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let stream = accepted.next().await.unwrap().unwrap();
+        assert!(
+            stream.nodelay().unwrap(),
+            "Nagle must be off on accepted sockets"
+        );
+        let sock = socket2::SockRef::from(&stream);
+        assert!(sock.keepalive().unwrap(), "TCP keepalive must be on");
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_INTERVAL);
     }
 }

@@ -12,3 +12,18 @@ pub mod v1 {
 
 /// The encoded `FileDescriptorSet` of every recur proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("recur_descriptor");
+
+/// Transport settings every recur component uses on its gRPC connections, so both ends of a
+/// connection agree.
+pub mod transport {
+    use std::time::Duration;
+
+    /// HTTP/2 flow-control window of one stream: a whole parameter or gradient vector of a large
+    /// model (2 M parameters) is in flight without waiting for a window update.
+    pub const STREAM_WINDOW: u32 = 8 << 20;
+    /// HTTP/2 flow-control window of a connection.
+    pub const CONNECTION_WINDOW: u32 = 16 << 20;
+    /// TCP keepalive and HTTP/2 ping period: a peer that vanished without closing (a cut link, a
+    /// frozen host) is noticed.
+    pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+}

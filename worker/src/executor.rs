@@ -88,6 +88,8 @@ pub struct Executor {
     shard: Option<Shard>,
     /// The model with the parameters of `version`.
     model: Option<(u64, SeqModel)>,
+    /// Extra compute time per training row (a stand-in for a slower host, for tests).
+    throttle: std::time::Duration,
 }
 
 /// Rows per forward pass when evaluating.
@@ -100,7 +102,15 @@ impl Executor {
             device,
             shard: None,
             model: None,
+            throttle: std::time::Duration::ZERO,
         }
+    }
+
+    /// Makes every training row of a step take `per_row` longer, as on a slower host (for tests
+    /// and benchmarks of clusters of mixed speed; the time counts as compute).
+    pub fn with_throttle(mut self, per_row: std::time::Duration) -> Self {
+        self.throttle = per_row;
+        self
     }
 
     /// Carries out one command; returns the message to send back, if any.
@@ -233,6 +243,9 @@ impl Executor {
             let batch = Batch::from_rows(&shard.train.data, &rows, &self.device)?;
             grad_sum(model, &batch, shard.scale)?
         };
+        if !self.throttle.is_zero() {
+            std::thread::sleep(self.throttle * rows.len() as u32);
+        }
         Ok(pb::StepResult {
             job_id: step.job_id,
             step: step.step,

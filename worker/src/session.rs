@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use recur_proto::transport;
 use recur_proto::v1 as pb;
 use recur_proto::v1::workers_client::WorkersClient;
 use tokio::sync::{mpsc, watch};
@@ -33,6 +34,9 @@ pub struct WorkerConfig {
     pub token: Option<String>,
     /// TLS towards the coordinator (its URL must then be `https://`).
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Extra compute time per training row: makes this worker stand in for a slower host in
+    /// tests and benchmarks of mixed clusters. Zero in normal use.
+    pub throttle_per_row: Duration,
 }
 
 impl WorkerConfig {
@@ -48,6 +52,7 @@ impl WorkerConfig {
             max_message_bytes: 64 << 20,
             token: None,
             tls: None,
+            throttle_per_row: Duration::ZERO,
         }
     }
 }
@@ -79,6 +84,9 @@ pub async fn run(
     }
     let endpoint = endpoint
         .tcp_nodelay(true)
+        .tcp_keepalive(Some(transport::KEEPALIVE_INTERVAL))
+        .initial_stream_window_size(transport::STREAM_WINDOW)
+        .initial_connection_window_size(transport::CONNECTION_WINDOW)
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(1))
         .keep_alive_timeout(Duration::from_secs(3));
@@ -170,8 +178,9 @@ async fn session(
     // The compute thread runs commands in order and sends the results itself.
     let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<pb::coordinator_message::Kind>();
     let results = out_tx.clone();
+    let throttle = config.throttle_per_row;
     let compute = tokio::task::spawn_blocking(move || {
-        let mut executor = Executor::new(device);
+        let mut executor = Executor::new(device).with_throttle(throttle);
         while let Ok(cmd) = cmd_rx.recv() {
             if let Some(reply) = executor.handle(cmd)
                 && results

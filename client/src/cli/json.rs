@@ -81,6 +81,8 @@ pub fn worker(w: &pb::WorkerInfo) -> Value {
         "job_id": w.job_id,
         "shard_rows": w.shard_rows,
         "steps": w.steps,
+        "train_rows": w.train_rows,
+        "steps_per_second": w.steps_per_second,
         "last_seen_ms_ago": w.last_seen_ms_ago,
         "joined_unix_ms": w.joined_unix_ms,
     })

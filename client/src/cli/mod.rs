@@ -219,12 +219,21 @@ pub async fn run(cli: Cli) -> Result<()> {
                 println!("no workers connected");
             } else {
                 println!(
-                    "{:<6} {:<20} {:<8} {:>7} {:<10} {:>8} {:>9} {:>10}",
-                    "ID", "NAME", "DEVICE", "THREADS", "JOB", "ROWS", "STEPS", "LAST SEEN"
+                    "{:<6} {:<20} {:<8} {:>7} {:<10} {:>8} {:>9} {:>10} {:>12} {:>10}",
+                    "ID",
+                    "NAME",
+                    "DEVICE",
+                    "THREADS",
+                    "JOB",
+                    "ROWS",
+                    "STEPS",
+                    "TRAINED",
+                    "STEPS/S",
+                    "LAST SEEN"
                 );
                 for w in &workers {
                     println!(
-                        "{:<6} {:<20} {:<8} {:>7} {:<10} {:>8} {:>9} {:>8}ms",
+                        "{:<6} {:<20} {:<8} {:>7} {:<10} {:>8} {:>9} {:>10} {:>12.0} {:>8}ms",
                         w.id,
                         w.name,
                         w.device,
@@ -232,6 +241,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                         if w.job_id.is_empty() { "-" } else { &w.job_id },
                         w.shard_rows,
                         w.steps,
+                        w.train_rows,
+                        w.steps_per_second,
                         w.last_seen_ms_ago
                     );
                 }

@@ -54,6 +54,11 @@ struct Args {
     /// A running job with no worker for this many seconds fails.
     #[arg(long, default_value_t = 600)]
     no_worker_grace_s: u64,
+    /// Every worker holds a job's whole training split when it has at most this many values
+    /// (steps are then split exactly by each worker's measured speed); above it each worker
+    /// holds a shard sized to its speed. 4 bytes a value per worker.
+    #[arg(long, default_value_t = 1 << 25)]
+    replicate_values: usize,
     /// Server certificate (PEM); with --tls-key, serves TLS only.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -84,6 +89,7 @@ fn main() -> anyhow::Result<()> {
     config.client_token = args.client_token.map(Secret::new);
     config.worker_token = args.worker_token.map(Secret::new);
     config.no_worker_grace = Duration::from_secs(args.no_worker_grace_s);
+    config.replicate_values = args.replicate_values;
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let read =
             |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));

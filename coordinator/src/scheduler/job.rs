@@ -1,24 +1,34 @@
 //! The running job: synchronous data-parallel training driven step by step.
 //!
-//! Each global mini-batch is split by which worker's shard holds each row; every worker returns
-//! the gradient sum of its rows, the parts are added in a fixed order (part creation order,
-//! which follows worker ids) and divided by the batch's sample count, and the optimizer steps.
-//! Results for another step, part or parameter version are discarded. When a member leaves, the
-//! survivors are resharded at once and its unfinished parts are given to the rows' new owners, so
-//! the step completes with the exact global batch. A worker that joins gets a shard at the next
-//! epoch boundary (at once if the job had no workers).
+//! Each global mini-batch is cut into one part per worker, sized to the workers' measured speeds
+//! (see [`super::balance`]); every worker returns the gradient sum of its rows, the parts are
+//! added in a fixed order (part creation order, which follows worker ids) and divided by the
+//! batch's sample count, and the optimizer steps. Results for another step, part or parameter
+//! version are discarded.
+//!
+//! Where the rows live: when the training split is small enough
+//! ([`super::SchedulerConfig::replicate_values`]) every worker holds all of it, so any row can go
+//! to any worker and every step is split exactly by speed. Above that, each worker holds a
+//! disjoint shard sized to its speed and a step's parts follow the rows' owners (proportional on
+//! average, not in every step); shards are recomputed at an epoch boundary when the speeds have
+//! drifted. Validation and test rows are always sharded by speed.
+//!
+//! When a member leaves, the survivors are resharded at once and its unfinished parts are given
+//! to the others, so the step completes with the exact global batch. A worker that joins gets a
+//! shard at the next epoch boundary (at once if the job had no workers).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Instant;
 
 use candle_core::Device;
 use recur_core::checkpoint::{Checkpoint, FORMAT_VERSION, Manifest};
-use recur_core::data::{Dataset, Split, epoch_batches, shard_by_steps};
+use recur_core::data::{Dataset, Split, epoch_batches, shard_by_steps, split_batch};
 use recur_core::metrics::{BatchSums, Metrics, MetricsAccumulator};
 use recur_core::model::Params;
 use recur_core::optim::{LrScheduler, Optimizer};
 use recur_proto::v1 as pb;
 
+use super::balance::{Speeds, share_drift};
 use super::{Action, CheckpointKind, Ctx, JobProgress, JobState, NewJob, msg};
 use crate::ids::{JobId, WorkerId};
 use crate::spec::JobSpec;
@@ -30,6 +40,16 @@ struct Part {
     id: u32,
     worker: WorkerId,
     rows: Vec<usize>,
+    /// Time steps in `rows`.
+    steps: usize,
+}
+
+#[derive(Debug)]
+struct PartResult {
+    /// The gradient sum, until it is added to the step's total.
+    grad: Option<Vec<f32>>,
+    sums: BatchSums,
+    compute_ms: f64,
 }
 
 #[derive(Debug)]
@@ -37,8 +57,35 @@ struct PendingStep {
     /// The step being computed (1-based): `version + 1`.
     step: u64,
     parts: Vec<Part>,
-    results: BTreeMap<u32, (Vec<f32>, BatchSums, f64)>,
+    results: BTreeMap<u32, PartResult>,
+    /// The gradient sum of `parts[..reduced]`: results are added as they arrive, but always in
+    /// part order (a result waits for those before it), so the sum does not depend on timing.
+    grad: Vec<f32>,
+    reduced: usize,
+    /// Time spent adding gradients, ms.
+    reduce_ms: f64,
     sent_at: Instant,
+}
+
+impl PendingStep {
+    /// Adds every result whose turn has come to the running sum.
+    fn reduce_ready(&mut self) {
+        let start = Instant::now();
+        while let Some(part) = self.parts.get(self.reduced) {
+            let Some(result) = self.results.get_mut(&part.id) else {
+                break;
+            };
+            if let Some(g) = result.grad.take() {
+                if self.reduced == 0 {
+                    self.grad = g;
+                } else {
+                    self.grad.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+                }
+            }
+            self.reduced += 1;
+        }
+        self.reduce_ms += start.elapsed().as_secs_f64() * 1e3;
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +156,11 @@ pub(crate) struct RunningJob {
     shard_version: u64,
     members: Vec<WorkerId>,
     shards: BTreeMap<WorkerId, Shard>,
+    /// Whether every member holds the whole training split.
+    replicated: bool,
+    /// The members' weights when the shards were last computed.
+    shard_weights: Vec<f64>,
+    speeds: Speeds,
     owner: [HashMap<usize, WorkerId>; 3],
     sent_version: HashMap<WorkerId, u64>,
     phase: Phase,
@@ -126,6 +178,9 @@ pub(crate) struct RunningJob {
 }
 
 const TRAIN: usize = 0;
+/// How far (in share of the work) the speeds may move from the shards' before sharded training
+/// rows are recomputed at an epoch boundary.
+const RESHARD_DRIFT: f64 = 0.1;
 const VALIDATION: usize = 1;
 const TEST: usize = 2;
 
@@ -230,6 +285,9 @@ impl RunningJob {
             shard_version: 0,
             members: Vec::new(),
             shards: BTreeMap::new(),
+            replicated: false,
+            shard_weights: Vec::new(),
+            speeds: Speeds::default(),
             owner: Default::default(),
             sent_version: HashMap::new(),
             phase: Phase::Finished,
@@ -272,7 +330,11 @@ impl RunningJob {
     fn begin_epoch(&mut self, cx: &mut Ctx<'_>) {
         self.phase = Phase::Finished;
         let active: Vec<WorkerId> = cx.workers.keys().copied().collect();
-        if active != self.members || self.members.is_empty() {
+        // Sharded training rows follow the speeds; replicated ones need no move.
+        let drifted = !self.replicated
+            && share_drift(&self.speeds.weights(&self.members), &self.shard_weights)
+                > RESHARD_DRIFT;
+        if active != self.members || self.members.is_empty() || drifted {
             self.members = active;
             self.reshard(cx);
         }
@@ -301,18 +363,28 @@ impl RunningJob {
         self.shard_version += 1;
         let n = self.members.len();
         let data = &self.data;
-        let parts = [&self.split.train, &self.split.validation, &self.split.test]
-            .map(|rows| shard_by_steps(rows, n, |r| data.steps(r)));
+        let train_values: usize = self.split.train.iter().map(|&r| data.row(r).len()).sum();
+        self.replicated = train_values <= cx.config.replicate_values;
+        self.shard_weights = self.speeds.weights(&self.members);
+        let weights = &self.shard_weights;
+        let mut parts = [&self.split.train, &self.split.validation, &self.split.test]
+            .map(|rows| shard_by_steps(rows, weights, |r| data.steps(r)));
+        if self.replicated {
+            parts[TRAIN] = vec![self.split.train.clone(); n];
+        }
         for (k, &w) in self.members.iter().enumerate() {
             let shard = Shard {
-                train: parts[TRAIN][k].clone(),
-                validation: parts[VALIDATION][k].clone(),
-                test: parts[TEST][k].clone(),
+                train: std::mem::take(&mut parts[TRAIN][k]),
+                validation: std::mem::take(&mut parts[VALIDATION][k]),
+                test: std::mem::take(&mut parts[TEST][k]),
             };
             for (which, rows) in [&shard.train, &shard.validation, &shard.test]
                 .into_iter()
                 .enumerate()
             {
+                if which == TRAIN && self.replicated {
+                    continue;
+                }
                 for &r in rows {
                     self.owner[which].insert(r, w);
                 }
@@ -326,7 +398,14 @@ impl RunningJob {
             }
             self.shards.insert(w, shard);
         }
-        tracing::info!(job = %self.id, workers = n, shard_version = self.shard_version, "resharded");
+        tracing::info!(
+            job = %self.id,
+            workers = n,
+            shard_version = self.shard_version,
+            replicated = self.replicated,
+            weights = ?self.shard_weights,
+            "resharded"
+        );
     }
 
     fn shard_messages(&self, shard: &Shard, part_values: usize) -> Vec<pb::LoadShard> {
@@ -378,21 +457,35 @@ impl RunningJob {
         }
     }
 
-    /// Splits `rows` by owner into parts, in member order.
+    /// Splits `rows` into parts, in member order: replicated training rows by the members'
+    /// speeds, anything else by owner. Workers with no rows get no part.
     fn make_parts(&mut self, which: usize, rows: &[usize]) -> Vec<Part> {
-        let mut by_worker: BTreeMap<WorkerId, Vec<usize>> = BTreeMap::new();
-        for &r in rows {
-            if let Some(&w) = self.owner[which].get(&r) {
-                by_worker.entry(w).or_default().push(r);
+        let by_worker: Vec<(WorkerId, Vec<usize>)> = if which == TRAIN && self.replicated {
+            let weights = self.speeds.weights(&self.members);
+            let data = &self.data;
+            self.members
+                .iter()
+                .copied()
+                .zip(split_batch(rows, &weights, |r| data.steps(r)))
+                .collect()
+        } else {
+            let mut by_owner: BTreeMap<WorkerId, Vec<usize>> = BTreeMap::new();
+            for &r in rows {
+                if let Some(&w) = self.owner[which].get(&r) {
+                    by_owner.entry(w).or_default().push(r);
+                }
             }
-        }
+            by_owner.into_iter().collect()
+        };
         by_worker
             .into_iter()
+            .filter(|(_, rows)| !rows.is_empty())
             .map(|(worker, rows)| {
                 self.next_part += 1;
                 Part {
                     id: self.next_part,
                     worker,
+                    steps: rows.iter().map(|&r| self.data.steps(r)).sum(),
                     rows,
                 }
             })
@@ -451,6 +544,9 @@ impl RunningJob {
             step,
             parts,
             results: BTreeMap::new(),
+            grad: Vec::new(),
+            reduced: 0,
+            reduce_ms: 0.0,
             sent_at: cx.now,
         });
     }
@@ -544,35 +640,62 @@ impl RunningJob {
             self.fail(reason, cx);
             return;
         }
-        let sums = r.sums.as_ref().map(BatchSums::from).unwrap_or_default();
-        pending
-            .results
-            .insert(r.part, (r.grad_sum, sums, r.compute_ms));
+        let Some(part) = pending.parts.iter().find(|p| p.id == r.part) else {
+            return;
+        };
+        // The coordinator knows how many samples it asked for; a worker must agree.
+        let sums = match r.sums.as_ref().map(BatchSums::from) {
+            Some(sums) if sums.samples == part.rows.len() as u64 => sums,
+            other => {
+                cx.drops.push((
+                    worker,
+                    format!(
+                        "reported {} samples for a step part of {} rows",
+                        other.map_or("no".to_string(), |s| s.samples.to_string()),
+                        part.rows.len()
+                    ),
+                ));
+                return;
+            }
+        };
+        self.speeds.observe(worker, part.steps, r.compute_ms);
         if let Some(w) = cx.workers.get_mut(&worker) {
             w.steps += 1;
+            w.train_rows += part.rows.len() as u64;
+            w.speed = self.speeds.get(worker).unwrap_or(0.0) * 1e3;
         }
+        pending.results.insert(
+            r.part,
+            PartResult {
+                grad: Some(r.grad_sum),
+                sums,
+                compute_ms: r.compute_ms,
+            },
+        );
+        pending.reduce_ready();
         if pending.results.len() == pending.parts.len() {
             self.apply_step(cx);
         }
     }
 
     fn apply_step(&mut self, cx: &mut Ctx<'_>) {
-        let Phase::Step(pending) = std::mem::replace(&mut self.phase, Phase::Finished) else {
+        let Phase::Step(mut pending) = std::mem::replace(&mut self.phase, Phase::Finished) else {
             return;
         };
+        pending.reduce_ready();
         let t0 = Instant::now();
-        let mut grad = vec![0f32; self.params.len()];
         let mut sums = BatchSums::default();
         let mut compute: f64 = 0.0;
-        // Fixed order: the order the parts were made in.
         for part in &pending.parts {
-            if let Some((g, s, ms)) = pending.results.get(&part.id) {
-                grad.iter_mut().zip(g).for_each(|(a, b)| *a += b);
-                sums.add(s);
-                compute = compute.max(*ms);
+            if let Some(r) = pending.results.get(&part.id) {
+                sums.add(&r.sums);
+                compute = compute.max(r.compute_ms);
             }
         }
-        let n = sums.samples.max(1) as f32;
+        // Every part's sample count was checked against the rows it was given.
+        let samples: u64 = pending.parts.iter().map(|p| p.rows.len() as u64).sum();
+        let mut grad = std::mem::take(&mut pending.grad);
+        let n = samples.max(1) as f32;
         grad.iter_mut().for_each(|v| *v /= n);
         let t1 = Instant::now();
         if let Err(e) = self.optimizer.step(&mut self.params, &grad) {
@@ -583,7 +706,7 @@ impl RunningJob {
         self.version += 1;
         self.cursor += 1;
 
-        self.epoch_samples += sums.samples;
+        self.epoch_samples += samples;
         self.train_acc.add_batch(&sums);
         let total = cx
             .now
@@ -591,16 +714,17 @@ impl RunningJob {
             .as_secs_f64()
             * 1e3;
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        let reduce = pending.reduce_ms + ms(t1 - t0);
         self.timing.steps += 1;
         self.timing.compute += compute;
         self.timing.wait += (total - compute).max(0.0);
-        self.timing.reduce += ms(t1 - t0);
+        self.timing.reduce += reduce;
         self.timing.optimizer += ms(t2 - t1);
         self.timing.total += total + ms(t2 - t0);
         cx.actions.push(Action::StepApplied {
             job: self.id.clone(),
             step: self.version,
-            samples: sums.samples,
+            samples,
             compute_ms: compute,
             total_ms: total + ms(t2 - t0),
         });
@@ -881,6 +1005,7 @@ impl RunningJob {
             return;
         }
         self.members.retain(|&m| m != id);
+        self.speeds.forget(id);
         self.reshard(cx);
         if self.stalled {
             cx.actions.push(Action::Job(

@@ -5,6 +5,7 @@
 //! a message, close a stream, persist a job update, write a checkpoint). That is what makes the
 //! training protocol testable without sockets or sleeps.
 
+mod balance;
 mod job;
 #[cfg(test)]
 mod tests;
@@ -35,6 +36,9 @@ pub struct SchedulerConfig {
     pub shard_part_values: usize,
     /// A running job with no worker for this long fails.
     pub no_worker_grace: Duration,
+    /// Every worker holds the whole training split when it has at most this many values (so
+    /// each step is split exactly by the workers' speeds); a larger one is sharded.
+    pub replicate_values: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -43,6 +47,7 @@ impl Default for SchedulerConfig {
             heartbeat_timeout: Duration::from_secs(3),
             shard_part_values: 1 << 18,
             no_worker_grace: Duration::from_secs(600),
+            replicate_values: 1 << 25,
         }
     }
 }
@@ -181,6 +186,10 @@ pub struct WorkerEntry {
     pub shard_rows: u64,
     /// Steps (parts) it computed.
     pub steps: u64,
+    /// Training rows it computed gradients of.
+    pub train_rows: u64,
+    /// Its measured training throughput, time steps per second (0 until measured).
+    pub speed: f64,
 }
 
 /// The scheduler's state.
@@ -247,6 +256,8 @@ impl Scheduler {
                 job: None,
                 shard_rows: 0,
                 steps: 0,
+                train_rows: 0,
+                speed: 0.0,
             },
         );
         let heartbeat_ms = (self.config.heartbeat_timeout.as_millis() / 3).max(1) as u32;

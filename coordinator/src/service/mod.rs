@@ -149,6 +149,8 @@ fn worker_infos(scheduler: &Scheduler, now: Instant) -> Vec<pb::WorkerInfo> {
                 .saturating_sub(now.saturating_duration_since(w.joined).as_millis() as u64),
             last_seen_ms_ago: now.saturating_duration_since(w.last_seen).as_millis() as u64,
             steps: w.steps,
+            train_rows: w.train_rows,
+            steps_per_second: w.speed,
         })
         .collect()
 }

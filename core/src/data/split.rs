@@ -134,28 +134,107 @@ impl Split {
     }
 }
 
-/// Divides `rows` into `n` shards balanced by total steps (`steps(row)`), longest rows first, each
-/// to the shard with the fewest steps so far. Shard totals differ by at most the longest row.
-/// Each shard keeps its rows in ascending index order.
-pub fn shard_by_steps(rows: &[usize], n: usize, steps: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
-    let n = n.max(1);
+/// Weights usable for sharing out work: one per worker, each positive and finite; anything else
+/// (an empty list, a zero, a NaN) makes every weight 1.
+fn usable_weights(weights: &[f64]) -> Vec<f64> {
+    if weights.iter().all(|w| w.is_finite() && *w > 0.0) {
+        weights.to_vec()
+    } else {
+        vec![1.0; weights.len()]
+    }
+}
+
+/// Divides `rows` into one shard per weight, each shard's total steps (`steps(row)`) in
+/// proportion to its weight (a worker's speed): longest rows first, each to the shard that would
+/// finish it soonest (`(total + steps) / weight` smallest; ties to the lower index). A shard's
+/// normalised load `total / weight` exceeds any other's by at most the longest row divided by
+/// that other's weight. Each shard keeps its rows in ascending index order. Equal weights give
+/// shards whose totals differ by at most the longest row.
+pub fn shard_by_steps(
+    rows: &[usize],
+    weights: &[f64],
+    steps: impl Fn(usize) -> usize,
+) -> Vec<Vec<usize>> {
+    let weights = usable_weights(if weights.is_empty() { &[1.0] } else { weights });
+    let n = weights.len();
     let mut by_len: Vec<usize> = rows.to_vec();
     by_len.sort_by_key(|&r| (std::cmp::Reverse(steps(r)), r));
     let mut shards = vec![Vec::new(); n];
     let mut totals = vec![0usize; n];
     for r in by_len {
-        let (k, _) = totals
-            .iter()
-            .enumerate()
-            .min_by_key(|&(k, &t)| (t, k))
-            .unwrap_or((0, &0));
-        totals[k] += steps(r);
+        let s = steps(r);
+        let finish = |k: usize| (totals[k] + s) as f64 / weights[k];
+        let k = (1..n).fold(0, |best, k| if finish(k) < finish(best) { k } else { best });
+        totals[k] += s;
         shards[k].push(r);
     }
     for shard in &mut shards {
         shard.sort_unstable();
     }
     shards
+}
+
+/// Cuts `rows` (one mini-batch, in its order) into one contiguous part per weight, each part's
+/// steps in proportion to its weight: a row goes to the part whose share of the batch's steps its
+/// midpoint falls in. When there are at least as many rows as weights every part gets at least
+/// one row, so every worker keeps being measured; otherwise the first `rows.len()` parts get one.
+/// The parts, concatenated, are `rows`.
+pub fn split_batch(
+    rows: &[usize],
+    weights: &[f64],
+    steps: impl Fn(usize) -> usize,
+) -> Vec<Vec<usize>> {
+    let weights = usable_weights(if weights.is_empty() { &[1.0] } else { weights });
+    let n = weights.len();
+    let total_weight: f64 = weights.iter().sum();
+    let total_steps: f64 = rows.iter().map(|&r| steps(r) as f64).sum();
+    // Part k takes the rows whose midpoint lies below bound[k].
+    let mut bounds = Vec::with_capacity(n);
+    let mut acc = 0.0;
+    for w in &weights {
+        acc += w;
+        bounds.push(total_steps * acc / total_weight);
+    }
+    // cut[k] = index of the first row after part k.
+    let mut cut = vec![0usize; n];
+    let (mut k, mut at) = (0, 0.0);
+    for (i, &r) in rows.iter().enumerate() {
+        let s = steps(r) as f64;
+        let mid = at + s / 2.0;
+        while k + 1 < n && mid >= bounds[k] {
+            cut[k] = i;
+            k += 1;
+        }
+        at += s;
+    }
+    for c in cut.iter_mut().skip(k) {
+        *c = rows.len();
+    }
+    // At least one row a part where there are enough rows: every cut past the one before it,
+    // then every cut before the one after it (the last cut stays at the end).
+    if rows.len() >= n {
+        let mut previous = 0;
+        for c in &mut cut {
+            *c = (*c).max(previous + 1);
+            previous = *c;
+        }
+        let mut next = rows.len() + 1;
+        for c in cut.iter_mut().rev() {
+            *c = (*c).min(next - 1);
+            next = *c;
+        }
+    } else {
+        for (k, c) in cut.iter_mut().enumerate() {
+            *c = (k + 1).min(rows.len());
+        }
+    }
+    let mut parts = Vec::with_capacity(n);
+    let mut start = 0;
+    for &c in &cut {
+        parts.push(rows[start..c].to_vec());
+        start = c;
+    }
+    parts
 }
 
 /// The mini-batches of one epoch: `rows` shuffled with a generator seeded by `(seed, epoch)`,
@@ -225,7 +304,7 @@ mod tests {
             n in 1usize..9,
         ) {
             let rows: Vec<usize> = (0..lens.len()).collect();
-            let shards = shard_by_steps(&rows, n, |r| lens[r]);
+            let shards = shard_by_steps(&rows, &vec![1.0; n], |r| lens[r]);
             prop_assert_eq!(shards.len(), n);
             let mut all: Vec<usize> = shards.concat();
             all.sort_unstable();
@@ -234,6 +313,57 @@ mod tests {
             let longest = lens.iter().copied().max().unwrap_or(0);
             let spread = totals.iter().max().unwrap() - totals.iter().min().unwrap();
             prop_assert!(spread <= longest, "totals {:?}, longest {}", totals, longest);
+        }
+
+        #[test]
+        fn weighted_shards_follow_the_weights(
+            lens in proptest::collection::vec(1usize..200, 0..300),
+            weights in proptest::collection::vec(0.1f64..10.0, 1..6),
+        ) {
+            let rows: Vec<usize> = (0..lens.len()).collect();
+            let shards = shard_by_steps(&rows, &weights, |r| lens[r]);
+            prop_assert_eq!(shards.len(), weights.len());
+            let mut all: Vec<usize> = shards.concat();
+            all.sort_unstable();
+            prop_assert_eq!(all, rows);
+            let longest = lens.iter().copied().max().unwrap_or(0) as f64;
+            let load: Vec<f64> = shards
+                .iter()
+                .zip(&weights)
+                .map(|(s, w)| s.iter().map(|&r| lens[r]).sum::<usize>() as f64 / w)
+                .collect();
+            for (i, li) in load.iter().enumerate() {
+                for (j, lj) in load.iter().enumerate() {
+                    prop_assert!(
+                        *li <= lj + longest / weights[j] + 1e-9,
+                        "shard {} load {} against shard {} load {} (longest {})", i, li, j, lj, longest
+                    );
+                }
+            }
+        }
+
+        #[test]
+        fn batch_parts_follow_the_weights(
+            lens in proptest::collection::vec(1usize..50, 0..300),
+            weights in proptest::collection::vec(0.01f64..10.0, 1..6),
+        ) {
+            let rows: Vec<usize> = (0..lens.len()).rev().collect();
+            let parts = split_batch(&rows, &weights, |r| lens[r]);
+            prop_assert_eq!(parts.len(), weights.len());
+            prop_assert_eq!(parts.concat(), rows.clone());
+            if rows.len() >= weights.len() {
+                prop_assert!(parts.iter().all(|p| !p.is_empty()), "an empty part: {:?}", parts);
+            }
+            let total: f64 = lens.iter().map(|&l| l as f64).sum();
+            let sum_w: f64 = weights.iter().sum();
+            let longest = lens.iter().copied().max().unwrap_or(0) as f64;
+            // The one-row floor can move at most one row per part on each side.
+            let slack = longest * (weights.len() as f64 + 1.0);
+            for (p, w) in parts.iter().zip(&weights) {
+                let got: f64 = p.iter().map(|&r| lens[r] as f64).sum();
+                let want = total * w / sum_w;
+                prop_assert!((got - want).abs() <= slack, "part has {} steps, share {}, slack {}", got, want, slack);
+            }
         }
     }
 }
