@@ -24,6 +24,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("recur_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
+        // Flat vectors decode as one slice of the received buffer, not float by float.
+        .bytes(".recur.v1.FlatVector.values")
+        .bytes(".recur.v1.StepResult.grad_sum")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

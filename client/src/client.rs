@@ -94,6 +94,7 @@ impl Client {
             .tcp_keepalive(Some(transport::KEEPALIVE_INTERVAL))
             .initial_stream_window_size(transport::STREAM_WINDOW)
             .initial_connection_window_size(transport::CONNECTION_WINDOW)
+            .max_frame_size(transport::MAX_FRAME_SIZE)
             .connect_timeout(std::time::Duration::from_secs(5));
         let channel = endpoint.connect().await.map_err(|e| {
             let mut problem = e.to_string();

@@ -4,7 +4,9 @@ use std::future::Future;
 use std::sync::Arc;
 
 use recur_core::checkpoint::Checkpoint;
-use recur_proto::transport::{CONNECTION_WINDOW, KEEPALIVE_INTERVAL, STREAM_WINDOW};
+use recur_proto::transport::{
+    CONNECTION_WINDOW, KEEPALIVE_INTERVAL, MAX_FRAME_SIZE, STREAM_WINDOW,
+};
 use recur_proto::v1::recur_server::RecurServer;
 use recur_proto::v1::workers_server::WorkersServer;
 use tokio::net::TcpListener;
@@ -137,6 +139,7 @@ pub async fn run(
     let served = builder
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_INTERVAL * 2))
         .accept_http1(true)

@@ -1,6 +1,7 @@
 //! Conversions between the wire types of `recur-proto` and this crate's types. A missing or
 //! out-of-range field becomes an error naming it, never a panic.
 
+use recur_proto::Bytes;
 use recur_proto::v1 as pb;
 
 use crate::metrics::{BatchSums, Metrics};
@@ -142,6 +143,43 @@ pub fn tensor_from_proto(t: &pb::Tensor) -> Result<(Vec<usize>, &[f32])> {
     Ok((shape, &t.values))
 }
 
+/// A flat float vector as it travels (`FlatVector.values`, `StepResult.grad_sum`): little-endian
+/// float32, 4 bytes each.
+pub fn f32s_to_wire(values: &[f32]) -> Bytes {
+    let mut out = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    Bytes::from(out)
+}
+
+/// The floats of a flat vector as it travels; `field` names it in the error when its length is
+/// not a multiple of 4.
+pub fn f32s_from_wire(bytes: &[u8], field: &'static str) -> Result<Vec<f32>> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(Error::InvalidConfig {
+            field,
+            problem: format!("{} bytes is not a whole number of float32s", bytes.len()),
+        });
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+/// Adds a flat vector as it travels to `sum`, element by element; false (and `sum` unchanged)
+/// when the lengths differ.
+pub fn add_wire_f32s(sum: &mut [f32], bytes: &[u8]) -> bool {
+    if bytes.len() != sum.len() * 4 {
+        return false;
+    }
+    for (a, c) in sum.iter_mut().zip(bytes.chunks_exact(4)) {
+        *a += f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,5 +236,39 @@ mod tests {
             ..t
         };
         assert!(tensor_from_proto(&bad).is_err());
+    }
+
+    #[test]
+    fn flat_vectors_travel_as_the_bytes_of_packed_floats() {
+        let values = [0.0f32, -1.5, f32::MIN_POSITIVE, 3.25e7, f32::NAN];
+        let wire = f32s_to_wire(&values);
+        // A packed `repeated float` field 2 of the same values: tag, length, then the floats.
+        let packed = pb::Tensor {
+            values: values.to_vec(),
+            ..Default::default()
+        };
+        let encoded = prost::Message::encode_to_vec(&packed);
+        assert_eq!(&encoded[2..], &wire[..], "the same bytes as packed floats");
+        let back = f32s_from_wire(&wire, "values").unwrap();
+        assert_eq!(back.len(), values.len());
+        for (a, b) in back.iter().zip(&values) {
+            assert_eq!(a.to_bits(), b.to_bits());
+        }
+        let err = f32s_from_wire(&wire[..7], "values")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("values") && err.contains("7 bytes"), "{err}");
+        let mut sum = vec![1.0f32; 5];
+        assert!(add_wire_f32s(
+            &mut sum,
+            &f32s_to_wire(&[1.0, 2.0, 3.0, 4.0, 5.0])
+        ));
+        assert_eq!(sum, [2.0, 3.0, 4.0, 5.0, 6.0]);
+        assert!(!add_wire_f32s(&mut sum, &wire[..8]));
+        assert_eq!(
+            sum,
+            [2.0, 3.0, 4.0, 5.0, 6.0],
+            "unchanged on a length mismatch"
+        );
     }
 }

@@ -10,6 +10,9 @@ pub mod v1 {
     tonic::include_proto!("recur.v1");
 }
 
+/// The type of the `bytes` fields that carry flat float vectors.
+pub use prost::bytes::Bytes;
+
 /// The encoded `FileDescriptorSet` of every recur proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("recur_descriptor");
 
@@ -21,6 +24,9 @@ pub mod transport {
     /// HTTP/2 flow-control window of one stream: a whole parameter or gradient vector of a large
     /// model (2 M parameters) is in flight without waiting for a window update.
     pub const STREAM_WINDOW: u32 = 8 << 20;
+    /// Largest HTTP/2 frame either side accepts: a parameter vector crosses in a few frames, not
+    /// in hundreds of 16 KiB ones (each a separate write and read).
+    pub const MAX_FRAME_SIZE: u32 = 1 << 20;
     /// HTTP/2 flow-control window of a connection.
     pub const CONNECTION_WINDOW: u32 = 16 << 20;
     /// TCP keepalive and HTTP/2 ping period: a peer that vanished without closing (a cut link, a

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use candle_core::Device;
+use recur_core::convert::{f32s_from_wire, f32s_to_wire};
 use recur_core::data::Dataset;
 use recur_core::metrics::BatchSums;
 use recur_core::model::{ModelConfig, Params, SeqModel};
@@ -207,13 +208,14 @@ impl Executor {
                         p.version
                     )));
                 }
+                let values = f32s_from_wire(&p.values, "FlatVector.values")?;
                 match &mut self.model {
                     Some((v, model)) if model.config() == &shard.model => {
-                        model.params().set_flat(&p.values)?;
+                        model.params().set_flat(&values)?;
                         *v = version;
                     }
                     _ => {
-                        let params = Params::from_flat(shard.model, &p.values, &self.device)?;
+                        let params = Params::from_flat(shard.model, &values, &self.device)?;
                         self.model = Some((version, SeqModel::new(params)));
                     }
                 }
@@ -246,12 +248,13 @@ impl Executor {
         if !self.throttle.is_zero() {
             std::thread::sleep(self.throttle * rows.len() as u32);
         }
+        let grad_sum = f32s_to_wire(&g.grads);
         Ok(pb::StepResult {
             job_id: step.job_id,
             step: step.step,
             part: step.part,
             version: step.version,
-            grad_sum: g.grads,
+            grad_sum,
             sums: Some((&g.sums).into()),
             compute_ms: start.elapsed().as_secs_f64() * 1e3,
         })

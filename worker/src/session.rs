@@ -87,6 +87,7 @@ pub async fn run(
         .tcp_keepalive(Some(transport::KEEPALIVE_INTERVAL))
         .initial_stream_window_size(transport::STREAM_WINDOW)
         .initial_connection_window_size(transport::CONNECTION_WINDOW)
+        .max_frame_size(transport::MAX_FRAME_SIZE)
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(1))
         .keep_alive_timeout(Duration::from_secs(3));

@@ -45,6 +45,9 @@ pub enum Command {
     Local(LocalArgs),
     /// Run a worker for the --coordinator (the same as the `recur-worker` binary).
     Worker(WorkerArgs),
+    /// Measure the data plane: real coordinator and worker processes on loopback; throughput,
+    /// step time split, scaling against one worker, and (with --predict) Predict.
+    Bench(BenchArgs),
     /// Generate data.
     #[command(subcommand)]
     Gen(GenCommand),
@@ -135,6 +138,40 @@ pub struct WorkerArgs {
     /// The coordinator's worker token.
     #[arg(long, env = "RECUR_WORKER_TOKEN", hide_env_values = true)]
     pub worker_token: Option<String>,
+}
+
+/// `recur bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Workloads to run.
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["tutorial", "w2"])]
+    pub workloads: Vec<BenchWorkload>,
+    /// Worker counts to run each workload with (1 is the reference for scaling).
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 2])]
+    pub workers: Vec<usize>,
+    /// Epochs per run; the first is not counted (warm-up, and worker speeds being learned).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    pub epochs: u64,
+    /// One-way latency, ms, added between every worker and the coordinator by a proxy in this
+    /// process (a stand-in for a network link).
+    #[arg(long, default_value_t = 0.0)]
+    pub latency_ms: f64,
+    /// Also measure Predict on the tutorial model (batched throughput; p50/p99 of single
+    /// histories at 1,000 requests/s).
+    #[arg(long)]
+    pub predict: bool,
+    /// Directory holding `recur-coordinator` and `recur-worker` (default: beside `recur`).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+}
+
+/// Workloads of `recur bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchWorkload {
+    /// The tutorial's model: RNN tanh, hidden 8, batch 100, 10,000 ball rows of 5-10 values.
+    Tutorial,
+    /// LSTM hidden 128, batch 256, 32,768 ball rows of 10-50 values.
+    W2,
 }
 
 /// `recur gen`.

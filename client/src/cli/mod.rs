@@ -2,6 +2,7 @@
 //! (one line, a hint, a non-zero exit).
 
 mod args;
+mod bench;
 mod demo;
 mod json;
 mod plot;
@@ -108,6 +109,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     let connect = || Client::connect_with(&cli.coordinator, cli.token.as_deref(), tls.clone());
     match cli.command {
         Command::Demo(args) => demo::run(args, cli.json).await,
+        Command::Bench(args) => bench::run(args, cli.json).await,
         Command::Local(args) => local(args).await,
         Command::Worker(args) => {
             let device = parse_device(&args.device)?;

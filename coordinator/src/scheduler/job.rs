@@ -22,10 +22,12 @@ use std::time::Instant;
 
 use candle_core::Device;
 use recur_core::checkpoint::{Checkpoint, FORMAT_VERSION, Manifest};
+use recur_core::convert::{add_wire_f32s, f32s_from_wire, f32s_to_wire};
 use recur_core::data::{Dataset, Split, epoch_batches, shard_by_steps, split_batch};
 use recur_core::metrics::{BatchSums, Metrics, MetricsAccumulator};
 use recur_core::model::Params;
 use recur_core::optim::{LrScheduler, Optimizer};
+use recur_proto::Bytes;
 use recur_proto::v1 as pb;
 
 use super::balance::{Speeds, share_drift};
@@ -46,8 +48,8 @@ struct Part {
 
 #[derive(Debug)]
 struct PartResult {
-    /// The gradient sum, until it is added to the step's total.
-    grad: Option<Vec<f32>>,
+    /// The gradient sum as it travelled, until it is added to the step's total.
+    grad: Option<Bytes>,
     sums: BatchSums,
     compute_ms: f64,
 }
@@ -76,10 +78,11 @@ impl PendingStep {
                 break;
             };
             if let Some(g) = result.grad.take() {
+                // Lengths were checked when the result arrived.
                 if self.reduced == 0 {
-                    self.grad = g;
+                    self.grad = f32s_from_wire(&g, "StepResult.grad_sum").unwrap_or_default();
                 } else {
-                    self.grad.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+                    add_wire_f32s(&mut self.grad, &g);
                 }
             }
             self.reduced += 1;
@@ -148,6 +151,8 @@ pub(crate) struct RunningJob {
     eval_batch: Vec<u32>,
     params: Vec<f32>,
     version: u64,
+    /// `params` as they travel, with their version.
+    wire: Option<(u64, Bytes)>,
     optimizer: Optimizer,
     lr: LrScheduler,
     epoch: u64,
@@ -277,6 +282,7 @@ impl RunningJob {
             eval_batch,
             params,
             version,
+            wire: None,
             optimizer,
             lr,
             epoch,
@@ -497,7 +503,7 @@ impl RunningJob {
         &mut self,
         worker: WorkerId,
         version: u64,
-        values: &[f32],
+        values: &Bytes,
     ) -> Option<pb::FlatVector> {
         if self.sent_version.get(&worker) == Some(&version) {
             return None;
@@ -505,12 +511,25 @@ impl RunningJob {
         self.sent_version.insert(worker, version);
         Some(pb::FlatVector {
             version,
-            values: values.to_vec(),
+            values: values.clone(),
         })
     }
 
+    /// The current parameters as they travel, encoded once per version and shared by every
+    /// message that carries them.
+    fn wire_params(&mut self) -> Bytes {
+        match &self.wire {
+            Some((v, bytes)) if *v == self.version => bytes.clone(),
+            _ => {
+                let bytes = f32s_to_wire(&self.params);
+                self.wire = Some((self.version, bytes.clone()));
+                bytes
+            }
+        }
+    }
+
     fn send_step_parts(&mut self, parts: &[Part], step: u64, cx: &mut Ctx<'_>) {
-        let values = std::mem::take(&mut self.params);
+        let values = self.wire_params();
         for part in parts {
             let params = self.params_for(part.worker, self.version, &values);
             cx.actions.push(Action::Send(
@@ -525,7 +544,6 @@ impl RunningJob {
                 })),
             ));
         }
-        self.params = values;
     }
 
     fn issue_step(&mut self, cx: &mut Ctx<'_>) {
@@ -581,9 +599,8 @@ impl RunningJob {
 
     fn send_eval_parts(&mut self, eval: &PendingEval, part_ids: &[u32], cx: &mut Ctx<'_>) {
         let values = match (&self.best, eval.version == self.version) {
-            (_, true) => self.params.clone(),
-            (Some(b), false) => b.params.clone(),
-            (None, false) => self.params.clone(),
+            (Some(b), false) => f32s_to_wire(&b.params),
+            _ => self.wire_params(),
         };
         for part in eval.parts.iter().filter(|p| part_ids.contains(&p.id)) {
             let params = self.params_for(part.worker, eval.version, &values);
@@ -622,17 +639,22 @@ impl RunningJob {
             tracing::debug!(job = %self.id, %worker, step = r.step, part = r.part, "stale step result discarded");
             return;
         }
-        if r.grad_sum.len() != expected_len {
+        if r.grad_sum.len() != expected_len * 4 {
             cx.drops.push((
                 worker,
                 format!(
-                    "sent a gradient of {} values for a model of {expected_len} parameters",
-                    r.grad_sum.len()
+                    "sent a gradient of {} bytes for a model of {expected_len} parameters ({} bytes)",
+                    r.grad_sum.len(),
+                    expected_len * 4
                 ),
             ));
             return;
         }
-        if let Some(bad) = r.grad_sum.iter().position(|v| !v.is_finite()) {
+        if let Some(bad) = r
+            .grad_sum
+            .chunks_exact(4)
+            .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
+        {
             let reason = format!(
                 "worker {worker} returned a non-finite gradient (value {bad}) at step {}; the step was not applied",
                 pending.step

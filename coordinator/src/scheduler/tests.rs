@@ -317,7 +317,7 @@ fn a_gradient_of_the_wrong_length_drops_the_worker_and_nan_fails_the_job() {
     sim.tamper = Box::new(move |w, reply| match reply {
         Reply::StepResult(mut r) if w == a && !tampered => {
             tampered = true;
-            r.grad_sum.pop();
+            r.grad_sum = r.grad_sum.slice(..r.grad_sum.len() - 4);
             Reply::StepResult(r)
         }
         other => other,
@@ -347,7 +347,9 @@ fn a_gradient_of_the_wrong_length_drops_the_worker_and_nan_fails_the_job() {
                 .kind
                 .and_then(|c| sim.workers.get_mut(&w).and_then(|e| e.handle(c)))
         {
-            r.grad_sum[3] = f32::NAN;
+            let mut g = recur_core::convert::f32s_from_wire(&r.grad_sum, "grad").unwrap();
+            g[3] = f32::NAN;
+            r.grad_sum = recur_core::convert::f32s_to_wire(&g);
             sim.s.message(a, Reply::StepResult(r), sim.now);
         }
     }
