@@ -80,8 +80,10 @@ fn main() -> anyhow::Result<()> {
             args.tls_domain.as_deref(),
         )?);
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread does all the networking: a step's messages then hop between fewer threads
+    // (measured: 0.25 -> 0.16 ms of coordination a step on the tutorial model). Computing runs
+    // on its own thread either way.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(recur_worker::run(config, async {
