@@ -1,6 +1,9 @@
 //! The cluster end to end: real coordinator, real workers, real gRPC on 127.0.0.1.
 
+use std::time::Duration;
+
 use candle_core::Device;
+use recur_coordinator::CoordinatorConfig;
 use recur_core::checkpoint::load_state_dict;
 use recur_core::data::{BallConfig, Dataset};
 use recur_core::model::{ModelConfig, SeqModel};
@@ -75,7 +78,16 @@ async fn two_workers_train_the_tutorial_task_past_its_accuracy() {
 }
 
 async fn params_after_steps(workers: usize, data: &Dataset, job: pb::JobSpec) -> Vec<f32> {
-    let mut tc = TestCluster::start(workers).await;
+    params_after_steps_with(workers, data, job, |_| {}).await
+}
+
+async fn params_after_steps_with(
+    workers: usize,
+    data: &Dataset,
+    job: pb::JobSpec,
+    adjust: impl FnOnce(&mut CoordinatorConfig),
+) -> Vec<f32> {
+    let mut tc = TestCluster::start_with(workers, adjust).await;
     let dataset = tc.upload(data).await;
     let id = tc
         .submit(pb::JobSpec {
@@ -147,7 +159,10 @@ async fn uneven_shards_neither_hang_nor_bias_the_gradient() {
         }),
         ..spec("", 2)
     };
-    let three = params_after_steps(3, &data, job).await;
+    let three = params_after_steps(3, &data, job.clone()).await;
+    // The same with every worker holding only its own shard of the training rows (the layout
+    // used when the training split is too large to give every worker all of it).
+    let sharded = params_after_steps_with(3, &data, job, |c| c.replicate_values = 0).await;
     let config = TrainConfig {
         batch_size: 64,
         seed: 2,
@@ -156,6 +171,73 @@ async fn uneven_shards_neither_hang_nor_bias_the_gradient() {
     };
     let reference = single_process(&data, config, 5);
     assert_params_close(&three, &reference, "3 uneven workers vs recur-core");
+    assert_params_close(
+        &sharded,
+        &reference,
+        "3 uneven sharded workers vs recur-core",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_worker_gets_a_share_of_each_step_in_proportion_to_its_speed() {
+    // One normal worker and one that takes 2 ms more for every row (a much slower host). With
+    // equal parts every step would take at least 50 rows x 2 ms = 100 ms.
+    let per_row = Duration::from_millis(2);
+    let mut tc = TestCluster::start(1).await;
+    tc.cluster.add_worker_with(|w| w.throttle_per_row = per_row);
+    tc.wait_for_workers(2).await;
+    // 3,000 training rows: the 30 steps are one epoch.
+    let data = BallConfig {
+        rows: 5000,
+        ..BallConfig::tutorial(6)
+    }
+    .generate()
+    .unwrap();
+    let dataset = tc.upload(&data).await;
+    let job = tc
+        .submit(pb::JobSpec {
+            batch_size: Some(100),
+            max_steps: 30,
+            ..spec(&dataset, 6)
+        })
+        .await;
+    let (epochs, info) = tc.follow(&job).await;
+    assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
+    let workers = tc.client.workers().await.unwrap();
+    let slow = workers.iter().find(|w| w.name == "local-2").unwrap();
+    let fast = workers.iter().find(|w| w.name == "local-1").unwrap();
+    assert_eq!(slow.train_rows + fast.train_rows, 30 * 100);
+    let share = slow.train_rows as f64 / 3000.0;
+    assert!(
+        share < 0.15,
+        "the slow worker computed {:.0}% of the rows (equal parts: 50%)",
+        share * 100.0
+    );
+    assert!(slow.steps_per_second > 0.0 && fast.steps_per_second > 10.0 * slow.steps_per_second);
+    // The speeds are learned from the first step on.
+    let timing = epochs.last().unwrap().timing.unwrap();
+    assert!(
+        timing.total_ms < 50.0,
+        "steps took {:.1} ms on average; with equal parts none could take less than 100 ms",
+        timing.total_ms
+    );
+    // Who computed what does not change the result.
+    let params = checkpoint_params(&mut tc, &job, true, ModelConfig::tutorial()).await;
+    tc.shutdown().await;
+    let reference = single_process(
+        &data,
+        TrainConfig {
+            batch_size: 100,
+            seed: 6,
+            ..TrainConfig::default()
+        },
+        30,
+    );
+    assert_params_close(
+        &params,
+        &reference,
+        "a fast and a slow worker vs recur-core",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -448,6 +530,69 @@ async fn health_and_reflection_v1_and_v1alpha_are_served() {
         let response = stream.message().await.unwrap().unwrap().message_response;
         assert!(
             matches!(response, Some(MessageResponse::FileDescriptorResponse(f)) if !f.file_descriptor_proto.is_empty())
+        );
+    }
+    tc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_and_parameter_round_trips_wait_for_no_delayed_ack() {
+    // With Nagle's algorithm on the coordinator's sockets a reply written in two parts waits for
+    // the peer's delayed ACK (40 ms on Linux): a Predict of 100 histories took 44 ms instead of
+    // under 1 ms. The bounds below are generous for a loaded machine but a stall cannot meet
+    // them.
+    let mut tc = TestCluster::start(1).await;
+    let data = BallConfig {
+        rows: 1500,
+        ..BallConfig::tutorial(9)
+    }
+    .generate()
+    .unwrap();
+    let dataset = tc.upload(&data).await;
+    // LSTM hidden 128: 67k parameters (W2's size) travel to the worker and back every step.
+    let job = tc
+        .submit(pb::JobSpec {
+            model: Some(pb::ModelConfig {
+                kind: pb::ModelKind::Lstm as i32,
+                input_size: 1,
+                hidden_size: 128,
+                num_layers: 1,
+                bidirectional: false,
+                output_size: 1,
+            }),
+            batch_size: Some(10),
+            max_steps: 40,
+            ..spec(&dataset, 9)
+        })
+        .await;
+    let (epochs, info) = tc.follow(&job).await;
+    assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
+    let timing = epochs.last().unwrap().timing.unwrap();
+    assert!(
+        timing.wait_ms < 20.0,
+        "a step waited {:.1} ms for its parameters and gradient to travel",
+        timing.wait_ms
+    );
+    for n in [100, 1000] {
+        let histories: Vec<Vec<f32>> = (0..n)
+            .map(|r| {
+                let row = data.row(r);
+                row[..row.len() - 1].to_vec()
+            })
+            .collect();
+        tc.client.predict(&job, histories.clone()).await.unwrap();
+        let mut took = Vec::new();
+        for _ in 0..15 {
+            let start = std::time::Instant::now();
+            let reply = tc.client.predict(&job, histories.clone()).await.unwrap();
+            took.push(start.elapsed());
+            assert_eq!(reply.predictions.len(), n);
+        }
+        took.sort();
+        assert!(
+            took[7] < Duration::from_millis(20),
+            "Predict of {n} histories: median {:?}",
+            took[7]
         );
     }
     tc.shutdown().await;

@@ -326,7 +326,8 @@ fn a_gradient_of_the_wrong_length_drops_the_worker_and_nan_fails_the_job() {
     assert!(
         sim.disconnects
             .iter()
-            .any(|(w, r)| *w == a && r.contains("gradient of 96 values for a model of 97")),
+            .any(|(w, r)| *w == a
+                && r.contains("gradient of 384 bytes for a model of 97 parameters")),
         "{:?}",
         sim.disconnects
     );
@@ -446,4 +447,71 @@ fn a_job_left_without_workers_fails_after_the_grace_period() {
     let (state, reason) = sim.final_state(&JobId::nth(1)).unwrap();
     assert_eq!(state, JobState::Failed);
     assert!(reason.contains("no worker for 600 s"), "{reason}");
+}
+
+#[test]
+fn step_parts_follow_measured_speeds_and_a_change_of_speed_mid_job() {
+    let (a, b) = (WorkerId(1), WorkerId(2));
+    let mut reference = Sim::new();
+    reference.join("a");
+    reference.join("b");
+    reference.s.submit(job(1, 30, 3), reference.now);
+    reference.deliver_all();
+
+    let mut sim = Sim::new();
+    sim.join("a");
+    sim.join("b");
+    // Until step 15 worker b computes ten times slower than a; from then on a does.
+    sim.tamper = Box::new(move |w, reply| match reply {
+        Reply::StepResult(mut r) => {
+            let slow = if r.step <= 15 { b } else { a };
+            let per_row = if w == slow { 1.0 } else { 0.1 };
+            r.compute_ms = per_row * r.sums.map_or(0, |s| s.samples) as f64;
+            Reply::StepResult(r)
+        }
+        other => other,
+    });
+    sim.s.submit(job(1, 30, 3), sim.now);
+    sim.deliver_all();
+    let id = JobId::nth(1);
+    assert_eq!(sim.final_state(&id).map(|s| s.0), Some(JobState::Completed));
+
+    // Rows each worker was given, by step.
+    let mut rows: BTreeMap<u64, [usize; 2]> = BTreeMap::new();
+    for (w, cmd) in &sim.sent {
+        if let Cmd::Step(s) = cmd {
+            rows.entry(s.step).or_default()[usize::from(*w == b)] += s.rows.len();
+        }
+    }
+    let [ra, rb] = rows[&1];
+    assert!(
+        ra.abs_diff(rb) <= 4,
+        "no speed known: equal steps, so about equal rows: {ra} and {rb}"
+    );
+    for step in 8..=15 {
+        let [ra, rb] = rows[&step];
+        assert!(
+            rb * 4 <= ra,
+            "step {step}: b is 10x slower but got {rb} rows to a's {ra}"
+        );
+    }
+    for step in 23..=30 {
+        let [ra, rb] = rows[&step];
+        assert!(
+            ra * 4 <= rb,
+            "step {step}: a is now 10x slower but got {ra} rows to b's {rb}"
+        );
+    }
+    assert!(
+        rows.values().all(|[ra, rb]| *ra >= 1 && *rb >= 1),
+        "every worker keeps at least one row a step, so it stays measured"
+    );
+    // Who computed what does not change the result.
+    let params = sim.latest_params(&id);
+    for (x, y) in params.iter().zip(&reference.latest_params(&id)) {
+        assert!((x - y).abs() <= 1e-5 * y.abs().max(1e-2), "{x} vs {y}");
+    }
+    let infos = sim.s.workers();
+    assert!(infos[&a].speed > 0.0 && infos[&b].speed > infos[&a].speed);
+    assert_eq!(infos[&a].train_rows + infos[&b].train_rows, 30 * 40);
 }
