@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use recur_core::data::{BallConfig, Dataset};
 use recur_proto::v1 as pb;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::args::{BenchArgs, BenchWorkload};
 use super::{CliError, Result};
@@ -444,64 +443,57 @@ async fn bench_predict(client: &Client, job: &str, data: &Dataset) -> Result<Pre
 }
 
 /// A TCP proxy on loopback that delivers every byte `delay` after it arrived, in order, in both
-/// directions: a link with that one-way latency (and no bandwidth limit).
+/// directions: a link with that one-way latency (and no bandwidth limit). It runs on plain
+/// threads with blocking sockets, whose sleeps are precise to tens of microseconds (an async
+/// timer rounds up to the next millisecond).
 struct DelayProxy {
     addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for DelayProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 impl DelayProxy {
     async fn start(target: SocketAddr, delay: Duration) -> Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
-        let task = tokio::spawn(async move {
-            let mut links = tokio::task::JoinSet::new();
-            while let Ok((inbound, _)) = listener.accept().await {
-                let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+        // The threads end when their connections close (the processes are killed at the end of
+        // the run); the accept loop ends with this process.
+        std::thread::spawn(move || {
+            for inbound in listener.incoming() {
+                let Ok(inbound) = inbound else { continue };
+                let Ok(outbound) = std::net::TcpStream::connect(target) else {
                     continue;
                 };
-                let _ = inbound.set_nodelay(true);
-                let _ = outbound.set_nodelay(true);
-                let (ri, wi) = inbound.into_split();
-                let (ro, wo) = outbound.into_split();
-                links.spawn(delayed_copy(ri, wo, delay));
-                links.spawn(delayed_copy(ro, wi, delay));
+                for (from, to) in [(&inbound, &outbound), (&outbound, &inbound)] {
+                    let _ = from.set_nodelay(true);
+                    if let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) {
+                        delayed_copy(from, to, delay);
+                    }
+                }
             }
         });
-        Ok(Self { addr, task })
+        Ok(Self { addr })
     }
 }
 
-async fn delayed_copy(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    delay: Duration,
-) {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-    let writer = tokio::spawn(async move {
-        while let Some((due, chunk)) = rx.recv().await {
-            tokio::time::sleep_until(due.into()).await;
-            if to.write_all(&chunk).await.is_err() {
-                return;
+/// Copies `from` to `to` on two threads: a reader that stamps each chunk with when it is due,
+/// and a writer that sleeps until then.
+fn delayed_copy(mut from: std::net::TcpStream, mut to: std::net::TcpStream, delay: Duration) {
+    use std::io::{Read, Write};
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 || tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                break;
             }
         }
     });
-    let mut buf = vec![0u8; 64 << 10];
-    while let Ok(n) = from.read(&mut buf).await {
-        if n == 0
-            || tx
-                .send((Instant::now() + delay, buf[..n].to_vec()))
-                .is_err()
-        {
-            break;
+    std::thread::spawn(move || {
+        while let Ok((due, chunk)) = rx.recv() {
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            if to.write_all(&chunk).is_err() {
+                break;
+            }
         }
-    }
-    drop(tx);
-    let _ = writer.await;
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
 }
