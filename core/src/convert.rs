@@ -242,7 +242,7 @@ mod tests {
     fn flat_vectors_travel_as_the_bytes_of_packed_floats() {
         let values = [0.0f32, -1.5, f32::MIN_POSITIVE, 3.25e7, f32::NAN];
         let wire = f32s_to_wire(&values);
-        // A packed `repeated float` field 2 of the same values: tag, length, then the floats.
+        // `Tensor.values` (field 3) is a packed `repeated float`: tag, length, then the floats.
         let packed = pb::Tensor {
             values: values.to_vec(),
             ..Default::default()

@@ -168,12 +168,25 @@ impl Executor {
             {
                 self.model = None;
             }
+            let train = if part.keep_train {
+                match self.shard.take() {
+                    Some(old) if old.job_id == part.job_id => old.train,
+                    _ => {
+                        return Err(Error::Protocol(format!(
+                            "asked to keep the training rows of job {}, which this worker does not hold",
+                            part.job_id
+                        )));
+                    }
+                }
+            } else {
+                Rows::default()
+            };
             self.shard = Some(Shard {
                 job_id: part.job_id.clone(),
                 version: part.shard_version,
                 model,
                 scale: part.scale,
-                train: Rows::default(),
+                train,
                 validation: Rows::default(),
                 test: Rows::default(),
             });

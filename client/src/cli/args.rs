@@ -156,8 +156,8 @@ pub struct BenchArgs {
     /// process (a stand-in for a network link).
     #[arg(long, default_value_t = 0.0)]
     pub latency_ms: f64,
-    /// Also measure Predict on the tutorial model (batched throughput; p50/p99 of single
-    /// histories at 1,000 requests/s).
+    /// Also measure Predict on the tutorial model after its 1-worker run (batched throughput;
+    /// p50/p99 of single histories at 1,000 requests/s).
     #[arg(long)]
     pub predict: bool,
     /// Directory holding `recur-coordinator` and `recur-worker` (default: beside `recur`).

@@ -19,6 +19,9 @@ use super::args::{BenchArgs, BenchWorkload};
 use super::{CliError, Result};
 use crate::Client;
 
+/// The longest one run may take.
+const RUN_LIMIT: Duration = Duration::from_secs(1800);
+
 /// A child process killed and reaped when dropped.
 struct Process(Child);
 
@@ -130,9 +133,37 @@ struct PredictFigures {
     single_max_ms: f64,
 }
 
-pub(super) async fn run(args: BenchArgs, as_json: bool) -> Result<()> {
+pub(super) async fn run(mut args: BenchArgs, as_json: bool) -> Result<()> {
+    if !(0.0..=1000.0).contains(&args.latency_ms) {
+        return Err(CliError::new(
+            format!("--latency-ms {} is out of range", args.latency_ms),
+            "give 0 to 1000 ms",
+        ));
+    }
+    // One worker first: it is the reference for the scaling of the others.
+    args.workers.sort_unstable();
+    args.workers.dedup();
+    if args.workers.first() == Some(&0) {
+        return Err(CliError::new("--workers must be at least 1", ""));
+    }
     let bins = binaries(args.bin_dir.as_deref())?;
     let dir = tempfile::tempdir()?;
+    match measure(&args, &bins, dir.path(), as_json).await {
+        Ok(()) => Ok(()),
+        Err(mut e) => {
+            let kept = dir.keep();
+            e.hint = format!("the processes' logs are in {}", kept.display());
+            Err(e)
+        }
+    }
+}
+
+async fn measure(
+    args: &BenchArgs,
+    bins: &(PathBuf, PathBuf),
+    dir: &Path,
+    as_json: bool,
+) -> Result<()> {
     let mut rows = Vec::new();
     if !as_json {
         println!(
@@ -165,15 +196,8 @@ pub(super) async fn run(args: BenchArgs, as_json: bool) -> Result<()> {
         let mut single: Option<RunFigures> = None;
         for &n in &args.workers {
             let want_predict = args.predict && which == BenchWorkload::Tutorial && n == 1;
-            let (figures, predict) = run_one(
-                &bins,
-                dir.path(),
-                &workload,
-                n,
-                args.latency_ms,
-                want_predict,
-            )
-            .await?;
+            let (figures, predict) =
+                run_one(bins, dir, &workload, n, args.latency_ms, want_predict).await?;
             if n == 1 {
                 single = Some(figures);
             }
@@ -303,13 +327,18 @@ async fn run_one(
         } else {
             url.clone()
         };
+        let log = std::fs::File::create(dir.join(format!(
+            "{}-{workers}-worker-{}.log",
+            workload.name,
+            i + 1
+        )))?;
         procs.push(Process(
             Command::new(worker_bin)
                 .args(["--coordinator", &target, "--threads", "1", "--name"])
                 .arg(format!("bench-{}", i + 1))
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(log)
                 .spawn()?,
         ));
     }
@@ -340,11 +369,28 @@ async fn run_one(
     let mut stream = client.watch(&job).await?;
     let mut epochs = Vec::new();
     let mut last = None;
-    while let Some(msg) = stream.message().await.map_err(crate::ClientError::from)? {
-        match msg.event {
-            Some(pb::watch_job_response::Event::Epoch(e)) => epochs.push(e),
-            Some(pb::watch_job_response::Event::Job(j)) => last = Some(j),
-            None => {}
+    let followed = tokio::time::timeout(RUN_LIMIT, async {
+        while let Some(msg) = stream.message().await.map_err(crate::ClientError::from)? {
+            match msg.event {
+                Some(pb::watch_job_response::Event::Epoch(e)) => epochs.push(e),
+                Some(pb::watch_job_response::Event::Job(j)) => last = Some(j),
+                None => {}
+            }
+        }
+        Ok::<_, CliError>(())
+    })
+    .await;
+    match followed {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(CliError::new(
+                format!(
+                    "the {} run with {workers} workers did not finish within {} s",
+                    workload.name,
+                    RUN_LIMIT.as_secs()
+                ),
+                "",
+            ));
         }
     }
     let info = last.ok_or_else(|| CliError::new("the job's stream ended early", ""))?;
@@ -482,7 +528,11 @@ fn delayed_copy(mut from: std::net::TcpStream, mut to: std::net::TcpStream, dela
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 1 << 20];
         while let Ok(n) = from.read(&mut buf) {
-            if n == 0 || tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+            if n == 0
+                || tx
+                    .send((Instant::now() + delay, buf[..n].to_vec()))
+                    .is_err()
+            {
                 break;
             }
         }

@@ -19,6 +19,11 @@ const SMOOTHING: f64 = 0.5;
 /// report less than a timer tick).
 const MIN_COMPUTE_MS: f64 = 0.01;
 
+/// How many times faster or slower than the current estimate one measurement may count as: a
+/// single odd report (a clock step, a worker that claims no time at all) cannot take over the
+/// split, while a real change of speed still shows within a few steps.
+const MAX_JUMP: f64 = 4.0;
+
 /// Learned throughput per worker.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Speeds {
@@ -35,7 +40,7 @@ impl Speeds {
         let sample = steps as f64 / compute_ms.max(MIN_COMPUTE_MS);
         self.by_worker
             .entry(worker)
-            .and_modify(|s| *s += SMOOTHING * (sample - *s))
+            .and_modify(|s| *s += SMOOTHING * (sample.clamp(*s / MAX_JUMP, *s * MAX_JUMP) - *s))
             .or_insert(sample);
     }
 
@@ -136,6 +141,12 @@ mod tests {
         assert_eq!(s.weights(&[a, b, c]), vec![10.0, 30.0, 20.0]);
         s.observe(a, 300, 10.0);
         assert_eq!(s.get(a), Some(20.0), "half of the new measurement enters");
+        s.observe(b, 1000, 0.0);
+        assert_eq!(
+            s.get(b),
+            Some(30.0 + 0.5 * (120.0 - 30.0)),
+            "a wild measurement counts as 4x the estimate at most"
+        );
         s.forget(a);
         assert_eq!(s.get(a), None);
         s.observe(c, 0, 5.0);

@@ -64,15 +64,12 @@ struct PendingStep {
     /// part order (a result waits for those before it), so the sum does not depend on timing.
     grad: Vec<f32>,
     reduced: usize,
-    /// Time spent adding gradients, ms.
-    reduce_ms: f64,
     sent_at: Instant,
 }
 
 impl PendingStep {
     /// Adds every result whose turn has come to the running sum.
     fn reduce_ready(&mut self) {
-        let start = Instant::now();
         while let Some(part) = self.parts.get(self.reduced) {
             let Some(result) = self.results.get_mut(&part.id) else {
                 break;
@@ -80,14 +77,16 @@ impl PendingStep {
             if let Some(g) = result.grad.take() {
                 // Lengths were checked when the result arrived.
                 if self.reduced == 0 {
-                    self.grad = f32s_from_wire(&g, "StepResult.grad_sum").unwrap_or_default();
+                    let first = f32s_from_wire(&g, "StepResult.grad_sum");
+                    debug_assert!(first.is_ok(), "gradient lengths are checked on arrival");
+                    self.grad = first.unwrap_or_default();
                 } else {
-                    add_wire_f32s(&mut self.grad, &g);
+                    let added = add_wire_f32s(&mut self.grad, &g);
+                    debug_assert!(added, "gradient lengths are checked on arrival");
                 }
             }
             self.reduced += 1;
         }
-        self.reduce_ms += start.elapsed().as_secs_f64() * 1e3;
     }
 }
 
@@ -123,13 +122,6 @@ struct Best {
 }
 
 #[derive(Debug, Default)]
-struct Shard {
-    train: Vec<usize>,
-    validation: Vec<usize>,
-    test: Vec<usize>,
-}
-
-#[derive(Debug, Default)]
 struct Timing {
     steps: u64,
     compute: f64,
@@ -160,9 +152,13 @@ pub(crate) struct RunningJob {
     cursor: usize,
     shard_version: u64,
     members: Vec<WorkerId>,
-    shards: BTreeMap<WorkerId, Shard>,
     /// Whether every member holds the whole training split.
     replicated: bool,
+    /// Members that hold the whole training split (replicated) as of the last shard version:
+    /// a reshard tells them to keep it rather than sending it again.
+    holds_train: BTreeSet<WorkerId>,
+    /// The epoch at which the shards were last recomputed.
+    resharded_epoch: u64,
     /// The members' weights when the shards were last computed.
     shard_weights: Vec<f64>,
     speeds: Speeds,
@@ -290,8 +286,9 @@ impl RunningJob {
             cursor: 0,
             shard_version: 0,
             members: Vec::new(),
-            shards: BTreeMap::new(),
             replicated: false,
+            holds_train: BTreeSet::new(),
+            resharded_epoch: 0,
             shard_weights: Vec::new(),
             speeds: Speeds::default(),
             owner: Default::default(),
@@ -336,8 +333,9 @@ impl RunningJob {
     fn begin_epoch(&mut self, cx: &mut Ctx<'_>) {
         self.phase = Phase::Finished;
         let active: Vec<WorkerId> = cx.workers.keys().copied().collect();
-        // Sharded training rows follow the speeds; replicated ones need no move.
-        let drifted = !self.replicated
+        // Shards follow the speeds, but not more often than every other epoch: moving a large
+        // sharded training split costs more than a little imbalance.
+        let drifted = self.epoch >= self.resharded_epoch + 2
             && share_drift(&self.speeds.weights(&self.members), &self.shard_weights)
                 > RESHARD_DRIFT;
         if active != self.members || self.members.is_empty() || drifted {
@@ -354,80 +352,104 @@ impl RunningJob {
         self.issue_step(cx);
     }
 
-    /// Divides the rows among the members by real steps and sends every member its shard.
+    /// Divides the rows among the members by real steps, weighted by their speeds, and sends
+    /// every member its shard. Replicated training rows are sent only to members that do not
+    /// hold them yet.
     fn reshard(&mut self, cx: &mut Ctx<'_>) {
-        self.shards.clear();
         self.owner = Default::default();
         self.sent_version.clear();
         if self.members.is_empty() {
             self.stalled = true;
             self.stalled_since.get_or_insert(cx.now);
+            self.holds_train.clear();
             return;
         }
         self.stalled = false;
         self.stalled_since = None;
         self.shard_version += 1;
+        self.resharded_epoch = self.epoch;
         let n = self.members.len();
         let data = &self.data;
         let train_values: usize = self.split.train.iter().map(|&r| data.row(r).len()).sum();
-        self.replicated = train_values <= cx.config.replicate_values;
+        let replicated = train_values <= cx.config.replicate_values;
+        if !replicated || !self.replicated {
+            self.holds_train.clear();
+        }
+        self.replicated = replicated;
         self.shard_weights = self.speeds.weights(&self.members);
         let weights = &self.shard_weights;
-        let mut parts = [&self.split.train, &self.split.validation, &self.split.test]
-            .map(|rows| shard_by_steps(rows, weights, |r| data.steps(r)));
-        if self.replicated {
-            parts[TRAIN] = vec![self.split.train.clone(); n];
-        }
+        let by_speed = |rows: &[usize]| shard_by_steps(rows, weights, |r| data.steps(r));
+        let train_shards = if replicated {
+            Vec::new()
+        } else {
+            by_speed(&self.split.train)
+        };
+        let validation_shards = by_speed(&self.split.validation);
+        let test_shards = by_speed(&self.split.test);
         for (k, &w) in self.members.iter().enumerate() {
-            let shard = Shard {
-                train: std::mem::take(&mut parts[TRAIN][k]),
-                validation: std::mem::take(&mut parts[VALIDATION][k]),
-                test: std::mem::take(&mut parts[TEST][k]),
+            let keep_train = replicated && self.holds_train.contains(&w);
+            let train: &[usize] = match (replicated, keep_train) {
+                (false, _) => &train_shards[k],
+                (true, false) => &self.split.train,
+                (true, true) => &[],
             };
-            for (which, rows) in [&shard.train, &shard.validation, &shard.test]
-                .into_iter()
-                .enumerate()
-            {
-                if which == TRAIN && self.replicated {
-                    continue;
-                }
+            for (which, rows) in [
+                (TRAIN, if replicated { &[][..] } else { train }),
+                (VALIDATION, &validation_shards[k][..]),
+                (TEST, &test_shards[k][..]),
+            ] {
                 for &r in rows {
                     self.owner[which].insert(r, w);
                 }
             }
             if let Some(entry) = cx.workers.get_mut(&w) {
                 entry.job = Some(self.id.clone());
-                entry.shard_rows = shard.train.len() as u64;
+                entry.shard_rows = if replicated {
+                    self.split.train.len()
+                } else {
+                    train.len()
+                } as u64;
             }
-            for part in self.shard_messages(&shard, cx.config.shard_part_values) {
+            let lists = [train, &validation_shards[k], &test_shards[k]];
+            for part in self.shard_messages(lists, keep_train, cx.config.shard_part_values) {
                 cx.actions.push(Action::Send(w, msg(Cmd::LoadShard(part))));
             }
-            self.shards.insert(w, shard);
         }
+        self.holds_train = if replicated {
+            self.members.iter().copied().collect()
+        } else {
+            BTreeSet::new()
+        };
         tracing::info!(
             job = %self.id,
             workers = n,
             shard_version = self.shard_version,
-            replicated = self.replicated,
+            replicated,
             weights = ?self.shard_weights,
             "resharded"
         );
     }
 
-    fn shard_messages(&self, shard: &Shard, part_values: usize) -> Vec<pb::LoadShard> {
+    /// The `LoadShard` messages of one worker's shard: training, validation and test rows, cut
+    /// into parts of at most `part_values` values.
+    fn shard_messages(
+        &self,
+        lists: [&[usize]; 3],
+        keep_train: bool,
+        part_values: usize,
+    ) -> Vec<pb::LoadShard> {
+        let empty = || pb::LoadShard {
+            keep_train,
+            ..self.empty_shard_part()
+        };
         let mut parts = Vec::new();
-        let mut current = self.empty_shard_part();
+        let mut current = empty();
         let mut values = 0;
-        let lists = [
-            (TRAIN, &shard.train),
-            (VALIDATION, &shard.validation),
-            (TEST, &shard.test),
-        ];
-        for (which, rows) in lists {
+        for (which, rows) in lists.into_iter().enumerate() {
             for &r in rows {
                 let row = self.data.row(r);
                 if values + row.len() > part_values && values > 0 {
-                    parts.push(std::mem::replace(&mut current, self.empty_shard_part()));
+                    parts.push(std::mem::replace(&mut current, empty()));
                     values = 0;
                 }
                 values += row.len();
@@ -564,7 +586,6 @@ impl RunningJob {
             results: BTreeMap::new(),
             grad: Vec::new(),
             reduced: 0,
-            reduce_ms: 0.0,
             sent_at: cx.now,
         });
     }
@@ -704,8 +725,10 @@ impl RunningJob {
         let Phase::Step(mut pending) = std::mem::replace(&mut self.phase, Phase::Finished) else {
             return;
         };
-        pending.reduce_ready();
+        // What arrived before the last result was added while waiting; what is left is on the
+        // critical path.
         let t0 = Instant::now();
+        pending.reduce_ready();
         let mut sums = BatchSums::default();
         let mut compute: f64 = 0.0;
         for part in &pending.parts {
@@ -736,7 +759,7 @@ impl RunningJob {
             .as_secs_f64()
             * 1e3;
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-        let reduce = pending.reduce_ms + ms(t1 - t0);
+        let reduce = ms(t1 - t0);
         self.timing.steps += 1;
         self.timing.compute += compute;
         self.timing.wait += (total - compute).max(0.0);
@@ -981,6 +1004,7 @@ impl RunningJob {
             if let Some(entry) = cx.workers.get_mut(&w) {
                 entry.job = None;
                 entry.shard_rows = 0;
+                entry.speed = 0.0;
                 cx.actions.push(Action::Send(
                     w,
                     msg(Cmd::Release(pb::Release {

@@ -40,10 +40,22 @@ struct Sim {
     tamper: Box<dyn FnMut(WorkerId, Reply) -> Reply>,
 }
 
+/// A scheduler that gives every worker only its own shard of the training rows.
+fn sharded() -> SchedulerConfig {
+    SchedulerConfig {
+        replicate_values: 0,
+        ..SchedulerConfig::default()
+    }
+}
+
 impl Sim {
     fn new() -> Self {
+        Self::with(SchedulerConfig::default())
+    }
+
+    fn with(config: SchedulerConfig) -> Self {
         Self {
-            s: Scheduler::new(SchedulerConfig::default()),
+            s: Scheduler::new(config),
             now: Instant::now(),
             workers: BTreeMap::new(),
             replies: VecDeque::new(),
@@ -212,39 +224,103 @@ fn a_job_runs_to_completion_on_two_workers() {
 
 #[test]
 fn a_worker_lost_mid_step_is_replaced_and_the_result_is_unchanged() {
-    let mut clean = Sim::new();
-    for n in ["a", "b", "c"] {
-        clean.join(n);
+    for config in [SchedulerConfig::default(), sharded()] {
+        let mut clean = Sim::with(config);
+        for n in ["a", "b", "c"] {
+            clean.join(n);
+        }
+        clean.s.submit(job(1, 9, 2), clean.now);
+        clean.deliver_all();
+        let reference = clean.latest_params(&JobId::nth(1));
+
+        let mut faulty = Sim::with(config);
+        for n in ["a", "b", "c"] {
+            faulty.join(n);
+        }
+        faulty.s.submit(job(1, 9, 2), faulty.now);
+        // Worker 2 dies when the fourth step reaches it.
+        let victim = WorkerId(2);
+        faulty.run(|_, w, cmd| match cmd {
+            Cmd::Step(s) if w == victim && s.step == 4 => Fate::Kill,
+            _ => Fate::Deliver,
+        });
+        let id = JobId::nth(1);
+        assert_eq!(
+            faulty.final_state(&id).map(|s| s.0),
+            Some(JobState::Completed)
+        );
+        assert_eq!(steps_of(&faulty, &id), 9, "no step lost or applied twice");
+        let log: Vec<u64> = faulty.step_log.iter().map(|(_, s)| *s).collect();
+        assert_eq!(log, (1..=9).collect::<Vec<_>>());
+        let params = faulty.latest_params(&id);
+        for (a, b) in params.iter().zip(&reference) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-2), "{a} vs {b}");
+        }
+        // The survivors were resharded and took over.
+        assert!(faulty.epochs.last().is_some_and(|(_, e)| e.workers == 2));
+        // Survivors that hold the replicated training rows keep them: the reshard moves only
+        // validation and test rows. Sharded training rows move.
+        let second: Vec<&pb::LoadShard> = faulty
+            .sent
+            .iter()
+            .filter_map(|(_, c)| match c {
+                Cmd::LoadShard(l) if l.shard_version == 2 => Some(l),
+                _ => None,
+            })
+            .collect();
+        assert!(!second.is_empty());
+        let replicated = config.replicate_values > 0;
+        assert!(
+            second
+                .iter()
+                .all(|l| l.keep_train == replicated && l.train.is_some() != replicated),
+            "replicated {replicated}: {:?}",
+            second
+                .iter()
+                .map(|l| (l.keep_train, l.train.is_some()))
+                .collect::<Vec<_>>()
+        );
     }
-    clean.s.submit(job(1, 9, 2), clean.now);
+}
+
+#[test]
+fn a_worker_reporting_a_wrong_sample_count_is_dropped_and_the_step_recomputed() {
+    let mut clean = Sim::new();
+    clean.join("a");
+    clean.join("b");
+    clean.s.submit(job(1, 6, 4), clean.now);
     clean.deliver_all();
     let reference = clean.latest_params(&JobId::nth(1));
 
-    let mut faulty = Sim::new();
-    for n in ["a", "b", "c"] {
-        faulty.join(n);
-    }
-    faulty.s.submit(job(1, 9, 2), faulty.now);
-    // Worker 2 dies when the fourth step reaches it.
-    let victim = WorkerId(2);
-    faulty.run(|_, w, cmd| match cmd {
-        Cmd::Step(s) if w == victim && s.step == 4 => Fate::Kill,
-        _ => Fate::Deliver,
+    let mut sim = Sim::new();
+    let a = sim.join("a");
+    sim.join("b");
+    let mut lied = false;
+    sim.tamper = Box::new(move |w, reply| match reply {
+        Reply::StepResult(mut r) if w == a && !lied => {
+            lied = true;
+            if let Some(s) = &mut r.sums {
+                s.samples += 1;
+            }
+            Reply::StepResult(r)
+        }
+        other => other,
     });
-    let id = JobId::nth(1);
-    assert_eq!(
-        faulty.final_state(&id).map(|s| s.0),
-        Some(JobState::Completed)
+    sim.s.submit(job(1, 6, 4), sim.now);
+    sim.deliver_all();
+    assert!(
+        sim.disconnects
+            .iter()
+            .any(|(w, r)| *w == a && r.contains("samples for a step part of")),
+        "{:?}",
+        sim.disconnects
     );
-    assert_eq!(steps_of(&faulty, &id), 9, "no step lost or applied twice");
-    let log: Vec<u64> = faulty.step_log.iter().map(|(_, s)| *s).collect();
-    assert_eq!(log, (1..=9).collect::<Vec<_>>());
-    let params = faulty.latest_params(&id);
-    for (a, b) in params.iter().zip(&reference) {
-        assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-2), "{a} vs {b}");
+    let id = JobId::nth(1);
+    assert_eq!(sim.final_state(&id).map(|s| s.0), Some(JobState::Completed));
+    assert_eq!(steps_of(&sim, &id), 6);
+    for (x, y) in sim.latest_params(&id).iter().zip(&reference) {
+        assert!((x - y).abs() <= 1e-5 * y.abs().max(1e-2), "{x} vs {y}");
     }
-    // The survivors were resharded and took over.
-    assert!(faulty.epochs.last().is_some_and(|(_, e)| e.workers == 2));
 }
 
 #[test]
@@ -512,6 +588,63 @@ fn step_parts_follow_measured_speeds_and_a_change_of_speed_mid_job() {
         assert!((x - y).abs() <= 1e-5 * y.abs().max(1e-2), "{x} vs {y}");
     }
     let infos = sim.s.workers();
-    assert!(infos[&a].speed > 0.0 && infos[&b].speed > infos[&a].speed);
+    assert!(
+        infos[&a].speed == 0.0 && infos[&b].speed == 0.0,
+        "a speed belongs to a job; idle workers show none"
+    );
     assert_eq!(infos[&a].train_rows + infos[&b].train_rows, 30 * 40);
+}
+
+#[test]
+fn sharded_training_rows_move_to_follow_the_speeds_at_an_epoch_boundary() {
+    let b = WorkerId(2);
+    let mut reference = Sim::with(sharded());
+    reference.join("a");
+    reference.join("b");
+    reference.s.submit(job(1, 30, 5), reference.now);
+    reference.deliver_all();
+
+    let mut sim = Sim::with(sharded());
+    sim.join("a");
+    sim.join("b");
+    // b computes ten times slower than a.
+    sim.tamper = Box::new(move |w, reply| match reply {
+        Reply::StepResult(mut r) => {
+            let per_row = if w == b { 1.0 } else { 0.1 };
+            r.compute_ms = per_row * r.sums.map_or(0, |s| s.samples) as f64;
+            Reply::StepResult(r)
+        }
+        other => other,
+    });
+    sim.s.submit(job(1, 30, 5), sim.now);
+    sim.deliver_all();
+    let id = JobId::nth(1);
+    assert_eq!(sim.final_state(&id).map(|s| s.0), Some(JobState::Completed));
+    // Training rows each worker was sent, by shard version.
+    let mut train: BTreeMap<u64, [usize; 2]> = BTreeMap::new();
+    for (w, cmd) in &sim.sent {
+        if let Cmd::LoadShard(l) = cmd {
+            train.entry(l.shard_version).or_default()[usize::from(*w == b)] +=
+                l.train.as_ref().map_or(0, |t| t.ids.len());
+        }
+    }
+    let first = train[&1];
+    assert!(
+        first[0].abs_diff(first[1]) < 20,
+        "equal shards at first: {first:?}"
+    );
+    assert!(train.len() >= 2, "the shards were recomputed: {train:?}");
+    let [ra, rb] = *train.values().last().unwrap();
+    assert_eq!(ra + rb, 240);
+    assert!(
+        rb * 4 <= ra,
+        "the slow worker's shard shrank: a {ra}, b {rb}"
+    );
+    for (x, y) in sim
+        .latest_params(&id)
+        .iter()
+        .zip(&reference.latest_params(&id))
+    {
+        assert!((x - y).abs() <= 1e-5 * y.abs().max(1e-2), "{x} vs {y}");
+    }
 }
