@@ -8,15 +8,23 @@ use recur_client::cli::{self, Cli};
 
 fn main() {
     let cli = Cli::parse();
-    // SAFETY: nothing else runs yet (no runtime, no threads). Embedded workers (demo, local) each
-    // compute on their own thread; candle's matmul pool must not oversubscribe the cores.
+    // `recur worker --threads N` sizes this process's compute pool; everything else (embedded
+    // workers of demo and local, each computing on its own thread) uses one thread unless the
+    // environment says otherwise, so the matmul pool never oversubscribes the cores.
+    let threads = match &cli.command {
+        cli::Command::Worker(args) => Some(args.threads.max(1).to_string()),
+        _ => None,
+    };
+    // SAFETY: nothing else runs yet (no runtime, no threads), so no one reads the environment
+    // while it changes.
     #[allow(unsafe_code)]
     unsafe {
-        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-            std::env::set_var("RAYON_NUM_THREADS", "1");
-        }
-        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-            std::env::set_var("CANDLE_NUM_THREADS", "1");
+        for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+            match &threads {
+                Some(n) => std::env::set_var(var, n),
+                None if std::env::var_os(var).is_none() => std::env::set_var(var, "1"),
+                None => {}
+            }
         }
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -365,3 +365,36 @@ fn the_demo_beats_the_tutorial_and_answers_its_five_histories() {
     }
     assert_eq!(&std::fs::read(&chart).unwrap()[..4], b"\x89PNG");
 }
+
+#[test]
+fn recur_worker_threads_sizes_the_compute_pool() {
+    use std::io::{BufRead, BufReader};
+    // No coordinator listens on port 9: the worker starts, logs, and keeps retrying.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_recur"))
+        .args([
+            "--coordinator",
+            "http://127.0.0.1:9",
+            "worker",
+            "--threads",
+            "3",
+        ])
+        .env("RUST_LOG", "info")
+        .env("CANDLE_NUM_THREADS", "1")
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let line = BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("worker starting"));
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("the worker logs its start");
+    assert!(
+        line.contains("threads=3") && line.contains("compute_threads=3"),
+        "{line}"
+    );
+}

@@ -24,7 +24,9 @@ pub struct WorkerConfig {
     pub device: DeviceSpec,
     /// Compute threads (reported to the coordinator; the binary sizes candle's pool with it).
     pub threads: u32,
-    /// First reconnect delay; doubles up to `max_backoff`.
+    /// First reconnect delay; doubles up to `max_backoff` while attempts fail, back to this after
+    /// a session that joined. Each wait is drawn between half the delay and the delay, so
+    /// workers that lost the same coordinator do not all come back at once.
     pub min_backoff: Duration,
     /// Longest reconnect delay.
     pub max_backoff: Duration,
@@ -61,8 +63,39 @@ impl WorkerConfig {
 enum Ended {
     /// Shutdown was asked for; the worker said goodbye.
     Shutdown,
-    /// The connection was lost (or never made); try again.
-    Lost(String),
+    /// The connection was lost (or never made); try again. `joined` says whether the
+    /// coordinator had welcomed this worker, which resets the backoff.
+    Lost { reason: String, joined: bool },
+}
+
+/// Reconnect delays: exponential from `min` to `max`, each drawn with jitter in `[d/2, d]`.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max: max.max(min),
+            next: min,
+        }
+    }
+
+    /// The wait before the next attempt, given `unit` in `[0, 1)`; doubles the delay after it.
+    pub(crate) fn wait(&mut self, unit: f64) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+    }
+
+    /// Starts over from the shortest delay (after a session that worked).
+    pub(crate) fn reset(&mut self) {
+        self.next = self.min;
+    }
 }
 
 /// Runs the worker until `shutdown` completes: joins the coordinator, serves its commands, and
@@ -73,6 +106,21 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let device = config.device.open()?;
+    let compute_threads = recur_core::fused::compute_threads();
+    tracing::info!(
+        name = %config.name,
+        device = %config.device,
+        threads = config.threads,
+        compute_threads,
+        "worker starting"
+    );
+    if compute_threads != config.threads as usize && config.device == DeviceSpec::Cpu {
+        tracing::warn!(
+            threads = config.threads,
+            compute_threads,
+            "this process's compute pool was sized before this worker started; its threads setting does not apply"
+        );
+    }
     let address_error = |e: &dyn std::fmt::Display| Error::Address {
         address: config.coordinator.clone(),
         problem: e.to_string(),
@@ -96,27 +144,32 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let mut backoff = config.min_backoff;
+    let mut backoff = Backoff::new(config.min_backoff, config.max_backoff);
     loop {
         if *stop_rx.borrow() {
             return Ok(());
         }
-        match session(&config, &endpoint, device.clone(), stop_rx.clone()).await {
+        let outcome = session(&config, &endpoint, device.clone(), stop_rx.clone()).await;
+        if matches!(outcome, Ok(Ended::Lost { joined: true, .. })) {
+            backoff.reset();
+        }
+        let wait = backoff.wait(rand::random::<f64>());
+        let retry_in_ms = wait.as_millis() as u64;
+        match outcome {
             Ok(Ended::Shutdown) => return Ok(()),
-            Ok(Ended::Lost(reason)) => {
-                tracing::warn!(coordinator = %config.coordinator, %reason, retry_in_ms = backoff.as_millis() as u64, "connection lost");
+            Ok(Ended::Lost { reason, .. }) => {
+                tracing::warn!(coordinator = %config.coordinator, %reason, retry_in_ms, "connection lost");
             }
             Err(e @ Error::Refused(_)) => return Err(e),
             Err(e) => {
-                tracing::warn!(coordinator = %config.coordinator, error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot join");
+                tracing::warn!(coordinator = %config.coordinator, error = %e, retry_in_ms, "cannot join");
             }
         }
         let mut stop = stop_rx.clone();
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = stop.wait_for(|s| *s) => return Ok(()),
         }
-        backoff = (backoff * 2).min(config.max_backoff);
     }
 }
 
@@ -128,7 +181,12 @@ async fn session(
 ) -> Result<Ended> {
     let channel: Channel = match endpoint.connect().await {
         Ok(c) => c,
-        Err(e) => return Ok(Ended::Lost(format!("connect: {e}"))),
+        Err(e) => {
+            return Ok(Ended::Lost {
+                reason: format!("connect: {e}"),
+                joined: false,
+            });
+        }
     };
     let auth = match &config.token {
         Some(t) => Some(
@@ -174,7 +232,12 @@ async fn session(
         {
             return Err(Error::Refused(status.message().to_string()));
         }
-        Err(status) => return Ok(Ended::Lost(format!("join: {}", status.message()))),
+        Err(status) => {
+            return Ok(Ended::Lost {
+                reason: format!("join: {}", status.message()),
+                joined: false,
+            });
+        }
     };
     // The compute thread runs commands in order and sends the results itself.
     let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<pb::coordinator_message::Kind>();
@@ -193,6 +256,7 @@ async fn session(
         }
     });
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+    let mut joined = false;
     let ended = loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break None,
@@ -202,6 +266,7 @@ async fn session(
             message = inbound.message() => match message {
                 Ok(Some(pb::CoordinatorMessage { kind: Some(pb::coordinator_message::Kind::Welcome(w)) })) => {
                     tracing::info!(worker_id = %w.worker_id, coordinator = %config.coordinator, "joined");
+                    joined = true;
                     let every = Duration::from_millis(u64::from(w.heartbeat_interval_ms.max(10)));
                     heartbeat = tokio::time::interval(every);
                 }
@@ -220,7 +285,7 @@ async fn session(
     drop(cmd_tx);
     let _ = compute.await;
     match ended {
-        Some(reason) => Ok(Ended::Lost(reason)),
+        Some(reason) => Ok(Ended::Lost { reason, joined }),
         None => {
             send(
                 &out_tx,
@@ -236,5 +301,30 @@ async fn session(
             .await;
             Ok(Ended::Shutdown)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_resets() {
+        let ms = Duration::from_millis;
+        let mut b = Backoff::new(ms(100), ms(1000));
+        assert_eq!(b.wait(1.0), ms(100));
+        assert_eq!(b.wait(0.0), ms(100), "half of 200 ms at the low end");
+        assert_eq!(b.wait(0.5), ms(300), "three quarters of 400 ms");
+        assert_eq!(b.wait(1.0), ms(800));
+        assert_eq!(b.wait(1.0), ms(1000), "capped");
+        assert_eq!(b.wait(1.0), ms(1000));
+        b.reset();
+        assert_eq!(b.wait(1.0), ms(100));
+        // Two workers drawing different numbers wait different times.
+        let (mut x, mut y) = (
+            Backoff::new(ms(100), ms(1000)),
+            Backoff::new(ms(100), ms(1000)),
+        );
+        assert_ne!(x.wait(0.1), y.wait(0.9));
     }
 }

@@ -7,15 +7,13 @@ mod demo;
 mod json;
 mod plot;
 
-pub use args::Cli;
+pub use args::{Cli, Command};
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use args::{
-    CheckpointArgs, Command, GenCommand, LocalArgs, ModelArg, OptimizerArg, PredictArgs, TrainArgs,
-};
+use args::{CheckpointArgs, GenCommand, LocalArgs, ModelArg, OptimizerArg, PredictArgs, TrainArgs};
 use indicatif::{ProgressBar, ProgressStyle};
 use recur_core::data::BallConfig;
 use recur_proto::v1 as pb;

@@ -330,7 +330,12 @@ pub fn compile_cuda_kernels() -> Result<()> {
     cuda::ptx().map(|_| ())
 }
 
-/// Threads for the matrix products: the process's compute pool, read once.
+/// Threads for the matrix products: the process's compute pool, sized from `CANDLE_NUM_THREADS`
+/// (or the cores) when first read and fixed from then on.
+pub fn compute_threads() -> usize {
+    threads()
+}
+
 fn threads() -> usize {
     static THREADS: OnceLock<usize> = OnceLock::new();
     *THREADS.get_or_init(candle_core::utils::get_num_threads)
