@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod step;
+pub mod stop;
 pub mod train;
 
 pub use error::{Error, Result};

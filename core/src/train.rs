@@ -66,6 +66,16 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The stopping rules these settings give (no step budget: that is the job's).
+    pub fn stop_rules(&self) -> StopRules {
+        StopRules {
+            max_epochs: self.max_epochs,
+            patience: self.patience,
+            target_accuracy: self.target_accuracy,
+            max_steps: None,
+        }
+    }
+
     /// Checks every setting, naming the first that is out of range.
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
@@ -114,19 +124,8 @@ pub struct EpochRecord {
     pub samples_per_sec: f64,
 }
 
-/// Why training stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StopReason {
-    /// `max_epochs` ran.
-    MaxEpochs,
-    /// `patience` epochs passed without a better validation accuracy.
-    Patience,
-    /// Validation accuracy reached the target.
-    TargetAccuracy,
-    /// The caller stopped it.
-    Cancelled,
-}
+pub use crate::stop::StopReason;
+use crate::stop::StopRules;
 
 /// The outcome of a run.
 #[derive(Debug, Clone, PartialEq)]
@@ -250,11 +249,10 @@ impl Trainer {
         self.epoch += 1;
         let next_lr = self.scheduler.epoch_end(validation.loss);
         self.optimizer.set_lr(next_lr);
-        if self
-            .best
-            .as_ref()
-            .is_none_or(|(_, m, _)| validation.accuracy > m.accuracy)
-        {
+        if StopRules::is_better(
+            validation.accuracy,
+            self.best.as_ref().map(|(_, m, _)| m.accuracy),
+        ) {
             self.best = Some((self.epoch, validation, self.flat.clone()));
         }
         let seconds = start.elapsed().as_secs_f64();
@@ -290,18 +288,13 @@ impl Trainer {
             if on_epoch(&record).is_break() {
                 break StopReason::Cancelled;
             }
-            if self
-                .config
-                .target_accuracy
-                .is_some_and(|t| record.validation.accuracy >= t)
-            {
-                break StopReason::TargetAccuracy;
-            }
-            if record.epoch - best_epoch > self.config.patience {
-                break StopReason::Patience;
-            }
-            if record.epoch >= self.config.max_epochs {
-                break StopReason::MaxEpochs;
+            if let Some(stop) = self.config.stop_rules().after_epoch(
+                record.epoch,
+                0,
+                best_epoch,
+                record.validation.accuracy,
+            ) {
+                break stop;
             }
         };
         let (best_epoch, best_validation, best_flat) = self

@@ -27,6 +27,7 @@ use recur_core::data::{Dataset, Split, epoch_batches, shard_by_steps, split_batc
 use recur_core::metrics::{BatchSums, Metrics, MetricsAccumulator};
 use recur_core::model::Params;
 use recur_core::optim::{LrScheduler, Optimizer};
+use recur_core::stop::{StopReason, StopRules};
 use recur_proto::Bytes;
 use recur_proto::v1 as pb;
 
@@ -106,8 +107,17 @@ struct PendingEval {
     sums: Vec<BatchSums>,
 }
 
+/// What a job does next once it has workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    Step,
+    Eval(EvalKind),
+}
+
 #[derive(Debug)]
 enum Phase {
+    /// Nothing in flight: the job has no worker, or is between two pieces of work.
+    Waiting(Next),
     Step(PendingStep),
     Eval(PendingEval),
     Finished,
@@ -205,7 +215,12 @@ impl RunningJob {
                     },
                 ));
                 tracing::info!(job = %id, epoch = running.epoch, "job started");
-                running.begin_epoch(cx);
+                if running.stop.is_some() {
+                    tracing::info!(job = %id, epoch = running.epoch, stop = running.stop, "resumed after its last epoch; finishing without training more");
+                    running.finish_training(cx);
+                } else {
+                    running.begin_epoch(cx);
+                }
                 Some(running)
             }
             Err(reason) => {
@@ -246,6 +261,7 @@ impl RunningJob {
         let mut optimizer = Optimizer::new(t.optimizer, params.len()).map_err(|e| e.to_string())?;
         let mut lr = LrScheduler::new(t.schedule, t.optimizer.lr()).map_err(|e| e.to_string())?;
         let (mut version, mut epoch, mut best) = (0, 0, None);
+        let mut stop = None;
         if let Some(resume) = job.resume {
             let m = &resume.latest.manifest;
             if resume.latest.params.len() != params.len() || m.model != t.model {
@@ -269,6 +285,18 @@ impl RunningJob {
                     params: b.params,
                 })
             });
+            // The stop rules are applied again: a job stopped after its last checkpoint and
+            // before it was marked completed finishes without training more.
+            if let Some(last) = resume.history.last().and_then(|e| e.validation) {
+                let rules = StopRules {
+                    max_steps: job.spec.max_steps,
+                    ..t.stop_rules()
+                };
+                let best_epoch = best.as_ref().map_or(0, |b: &Best| b.epoch);
+                stop = rules
+                    .after_epoch(epoch, version, best_epoch, last.accuracy)
+                    .map(StopReason::as_str);
+            }
         }
         Ok(Self {
             id: job.id,
@@ -303,13 +331,21 @@ impl RunningJob {
             epoch_samples: 0,
             timing: Timing::default(),
             best,
-            stop: None,
+            stop,
             spec: job.spec,
         })
     }
 
     pub(crate) fn id(&self) -> &JobId {
         &self.id
+    }
+
+    /// The job's stopping rules.
+    fn rules(&self) -> StopRules {
+        StopRules {
+            max_steps: self.spec.max_steps,
+            ..self.spec.train.stop_rules()
+        }
     }
 
     pub(crate) fn is_finished(&self) -> bool {
@@ -331,7 +367,30 @@ impl RunningJob {
 
     /// Starts an epoch: picks up joined workers, shuffles the batches, issues the first step.
     fn begin_epoch(&mut self, cx: &mut Ctx<'_>) {
-        self.phase = Phase::Finished;
+        self.phase = Phase::Waiting(Next::Step);
+        self.refresh_members(cx);
+        let t = &self.spec.train;
+        self.batches = epoch_batches(&self.split.train, t.batch_size, t.seed, self.epoch);
+        self.cursor = 0;
+        self.train_acc = MetricsAccumulator::default();
+        self.timing = Timing::default();
+        self.epoch_start = cx.now;
+        self.epoch_samples = 0;
+        self.issue_step(cx);
+    }
+
+    /// A resumed job whose stop rules already hold (it was stopped after its last checkpoint
+    /// and before it was marked completed): evaluates the best parameters on the test rows and
+    /// completes, training nothing more.
+    fn finish_training(&mut self, cx: &mut Ctx<'_>) {
+        self.phase = Phase::Waiting(Next::Eval(EvalKind::Test));
+        self.refresh_members(cx);
+        self.start_eval(EvalKind::Test, cx);
+    }
+
+    /// Takes in the workers that joined (and out those that left), and reshards when the
+    /// members changed or their speeds drifted from the shards'.
+    fn refresh_members(&mut self, cx: &mut Ctx<'_>) {
         let active: Vec<WorkerId> = cx.workers.keys().copied().collect();
         // Shards follow the speeds, but not more often than every other epoch: moving a large
         // sharded training split costs more than a little imbalance.
@@ -342,14 +401,6 @@ impl RunningJob {
             self.members = active;
             self.reshard(cx);
         }
-        let t = &self.spec.train;
-        self.batches = epoch_batches(&self.split.train, t.batch_size, t.seed, self.epoch);
-        self.cursor = 0;
-        self.train_acc = MetricsAccumulator::default();
-        self.timing = Timing::default();
-        self.epoch_start = cx.now;
-        self.epoch_samples = 0;
-        self.issue_step(cx);
     }
 
     /// Divides the rows among the members by real steps, weighted by their speeds, and sends
@@ -570,6 +621,7 @@ impl RunningJob {
 
     fn issue_step(&mut self, cx: &mut Ctx<'_>) {
         if self.stalled {
+            self.phase = Phase::Waiting(Next::Step);
             return;
         }
         if self.cursor >= self.batches.len() {
@@ -591,6 +643,10 @@ impl RunningJob {
     }
 
     fn start_eval(&mut self, kind: EvalKind, cx: &mut Ctx<'_>) {
+        if self.stalled {
+            self.phase = Phase::Waiting(Next::Eval(kind));
+            return;
+        }
         let (which, rows) = match kind {
             EvalKind::Validation => (VALIDATION, self.split.validation.clone()),
             EvalKind::Test => (TEST, self.split.test.clone()),
@@ -773,8 +829,8 @@ impl RunningJob {
             compute_ms: compute,
             total_ms: total + ms(t2 - t0),
         });
-        if self.spec.max_steps.is_some_and(|m| self.version >= m) {
-            self.stop = Some("max_steps");
+        if self.rules().steps_done(self.version) {
+            self.stop = Some(StopReason::MaxSteps.as_str());
             self.start_eval(EvalKind::Validation, cx);
         } else {
             self.issue_step(cx);
@@ -831,10 +887,10 @@ impl RunningJob {
         let lr_used = self.optimizer.lr();
         let next_lr = self.lr.epoch_end(validation.loss);
         self.optimizer.set_lr(next_lr);
-        let improved = self
-            .best
-            .as_ref()
-            .is_none_or(|b| validation.accuracy > b.validation.accuracy);
+        let improved = StopRules::is_better(
+            validation.accuracy,
+            self.best.as_ref().map(|b| b.validation.accuracy),
+        );
         if improved {
             self.best = Some(Best {
                 epoch: self.epoch,
@@ -880,18 +936,12 @@ impl RunningJob {
         if improved {
             self.push_best(None, cx);
         }
-        let t = &self.spec.train;
         let best_epoch = self.best.as_ref().map_or(0, |b| b.epoch);
         if self.stop.is_none() {
-            self.stop = if t.target_accuracy.is_some_and(|a| validation.accuracy >= a) {
-                Some("target_accuracy")
-            } else if self.epoch - best_epoch > t.patience {
-                Some("patience")
-            } else if self.epoch >= t.max_epochs {
-                Some("max_epochs")
-            } else {
-                None
-            };
+            self.stop = self
+                .rules()
+                .after_epoch(self.epoch, self.version, best_epoch, validation.accuracy)
+                .map(StopReason::as_str);
         }
         if self.stop.is_some() || self.epoch.is_multiple_of(self.spec.checkpoint_every) {
             self.push_latest(cx);
@@ -1105,12 +1155,9 @@ impl RunningJob {
                 self.send_eval_parts(&eval, &ids, cx);
                 self.phase = Phase::Eval(eval);
             }
-            Phase::Finished => {
-                // Stalled before the first step was issued.
-                if self.stop.is_none() {
-                    self.issue_step(cx);
-                }
-            }
+            Phase::Waiting(Next::Step) => self.issue_step(cx),
+            Phase::Waiting(Next::Eval(kind)) => self.start_eval(kind, cx),
+            Phase::Finished => {}
         }
     }
 }

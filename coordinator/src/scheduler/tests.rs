@@ -648,3 +648,77 @@ fn sharded_training_rows_move_to_follow_the_speeds_at_an_epoch_boundary() {
         assert!((x - y).abs() <= 1e-5 * y.abs().max(1e-2), "{x} vs {y}");
     }
 }
+
+/// The checkpoints and history a coordinator killed right after a job's last `latest` write
+/// finds at restart (the job record still says running).
+fn resume_point(sim: &Sim, id: &JobId) -> Resume {
+    let last = |kind| {
+        sim.checkpoints
+            .iter()
+            .rev()
+            .find(|(j, k, _)| j == id && *k == kind)
+            .map(|(_, _, c)| c.clone())
+    };
+    Resume {
+        latest: last(CheckpointKind::Latest).expect("a latest checkpoint"),
+        best: last(CheckpointKind::Best),
+        history: sim
+            .epochs
+            .iter()
+            .filter(|(j, _)| j == id)
+            .map(|(_, e)| e.clone())
+            .collect(),
+    }
+}
+
+#[test]
+fn a_job_resumed_after_its_last_epoch_completes_without_training_more() {
+    let by_steps = job(1, 12, 1);
+    let mut by_epochs = job(1, 0, 1);
+    by_epochs.spec.train.max_epochs = 2;
+    for (spec, reason) in [(by_steps, "max_steps"), (by_epochs, "max_epochs")] {
+        let id = JobId::nth(1);
+        let mut first = Sim::new();
+        first.join("a");
+        first.join("b");
+        first.s.submit(spec.clone(), first.now);
+        first.deliver_all();
+        let done = first
+            .progress
+            .iter()
+            .rev()
+            .find(|(_, p)| p.state == Some(JobState::Completed))
+            .map(|(_, p)| p.clone())
+            .expect("the first run completes");
+        assert_eq!(done.stop_reason.as_deref(), Some(reason));
+
+        let mut second = Sim::new();
+        second.join("a");
+        second.join("b");
+        second.s.submit(
+            NewJob {
+                resume: Some(resume_point(&first, &id)),
+                ..spec
+            },
+            second.now,
+        );
+        second.deliver_all();
+        let finished = second
+            .progress
+            .iter()
+            .rev()
+            .find(|(_, p)| p.state.is_some_and(JobState::is_final))
+            .map(|(_, p)| p.clone())
+            .expect("the resumed job ends");
+        assert_eq!(finished.state, Some(JobState::Completed), "{reason}");
+        assert_eq!(finished.stop_reason.as_deref(), Some(reason));
+        assert_eq!(finished.steps, done.steps, "{reason}: no step trained after resuming");
+        assert_eq!(finished.epochs, done.epochs);
+        assert!(
+            !second.sent.iter().any(|(_, c)| matches!(c, Cmd::Step(_))),
+            "{reason}: a step was issued after the job had stopped"
+        );
+        assert!(second.epochs.is_empty(), "no epoch recorded twice");
+        assert_eq!(finished.test, done.test, "the same best parameters were tested");
+    }
+}
