@@ -107,6 +107,44 @@ struct PendingEval {
     sums: Vec<BatchSums>,
 }
 
+/// Failures of workers on the current step or evaluation. A worker that fails is dropped and its
+/// part reissued; the job fails only when the failure looks like the model's: a non-finite
+/// gradient from a second worker, or errors from as many workers as the work was first given to
+/// (at least two: a lone worker gets a second try after it reconnects).
+#[derive(Debug, Default)]
+struct Failures {
+    errors: Vec<String>,
+    non_finite: Vec<String>,
+    members: usize,
+}
+
+impl Failures {
+    fn start(&mut self, members: usize) {
+        *self = Self {
+            members,
+            ..Self::default()
+        };
+    }
+
+    /// The reason to fail the job, if the failures so far are the model's.
+    fn verdict(&self) -> Option<String> {
+        if self.non_finite.len() >= 2 {
+            return Some(format!(
+                "{}; reproduced by another worker: {}; the step was not applied (the model diverged: lower the learning rate)",
+                self.non_finite[0],
+                self.non_finite[1..].join("; ")
+            ));
+        }
+        if self.errors.len() >= self.members.max(2) {
+            return Some(format!(
+                "every worker failed the same work: {}",
+                self.errors.join("; ")
+            ));
+        }
+        None
+    }
+}
+
 /// What a job does next once it has workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Next {
@@ -180,6 +218,9 @@ pub(crate) struct RunningJob {
     stalled_since: Option<Instant>,
     next_part: u32,
     next_eval: u64,
+    /// Worker failures on the piece of work in flight (errors, non-finite gradients), with the
+    /// number of members when it was issued; cleared when it completes.
+    failures: Failures,
     train_acc: MetricsAccumulator,
     epoch_start: Instant,
     epoch_samples: u64,
@@ -326,6 +367,7 @@ impl RunningJob {
             stalled_since: None,
             next_part: 0,
             next_eval: 0,
+            failures: Failures::default(),
             train_acc: MetricsAccumulator::default(),
             epoch_start: now,
             epoch_samples: 0,
@@ -631,6 +673,7 @@ impl RunningJob {
         let rows = self.batches[self.cursor].clone();
         let parts = self.make_parts(TRAIN, &rows);
         let step = self.version + 1;
+        self.failures.start(self.members.len());
         self.send_step_parts(&parts, step, cx);
         self.phase = Phase::Step(PendingStep {
             step,
@@ -656,6 +699,7 @@ impl RunningJob {
             _ => self.version,
         };
         self.next_eval += 1;
+        self.failures.start(self.members.len());
         let parts = self.make_parts(which, &rows);
         let batches = rows.len().div_ceil(self.spec.train.batch_size);
         let eval = PendingEval {
@@ -732,11 +776,17 @@ impl RunningJob {
             .chunks_exact(4)
             .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
         {
+            let step = pending.step;
             let reason = format!(
-                "worker {worker} returned a non-finite gradient (value {bad}) at step {}; the step was not applied",
-                pending.step
+                "worker {worker} returned a non-finite gradient (value {bad}) at step {step}"
             );
-            self.fail(reason, cx);
+            self.failures.non_finite.push(reason.clone());
+            if let Some(verdict) = self.failures.verdict() {
+                self.fail(verdict, cx);
+            } else {
+                tracing::warn!(job = %self.id, %worker, step, "non-finite gradient; the worker is dropped and its part recomputed elsewhere");
+                cx.drops.push((worker, format!("{reason}; its part is recomputed")));
+            }
             return;
         }
         let Some(part) = pending.parts.iter().find(|p| p.id == r.part) else {
@@ -1078,6 +1128,23 @@ impl RunningJob {
                 ),
                 cx,
             );
+        }
+    }
+
+    /// A worker could not carry out a command of this job (out of memory, a failed kernel, a
+    /// shard it could not load): it is dropped and its part reissued, unless every worker fails
+    /// the same way.
+    pub(crate) fn worker_error(&mut self, worker: WorkerId, message: &str, cx: &mut Ctx<'_>) {
+        if self.is_finished() || !self.members.contains(&worker) {
+            return;
+        }
+        let reason = format!("worker {worker} failed: {message}");
+        self.failures.errors.push(reason.clone());
+        if let Some(verdict) = self.failures.verdict() {
+            self.fail(verdict, cx);
+        } else {
+            tracing::warn!(job = %self.id, %worker, error = %message, "worker failed; it is dropped and its part reissued");
+            cx.drops.push((worker, reason));
         }
     }
 

@@ -289,7 +289,7 @@ impl Scheduler {
             }
             Kind::Error(e) => self.with_job(now, |job, cx| {
                 if job.id().0 == e.job_id {
-                    job.fail(format!("worker {id} failed: {}", e.message), cx);
+                    job.worker_error(id, &e.message, cx);
                 }
             }),
             Kind::StepResult(r) => self.with_job(now, |job, cx| job.step_result(id, r, cx)),

@@ -413,37 +413,100 @@ fn a_gradient_of_the_wrong_length_drops_the_worker_and_nan_fails_the_job() {
     );
     assert_eq!(steps_of(&sim, &JobId::nth(1)), 6);
 
-    // A NaN gradient: the step is not applied and the job fails, naming the worker.
-    let mut sim = Sim::new();
-    let a = sim.join("a");
-    sim.s.submit(job(2, 6, 4), sim.now);
-    let actions = sim.s.take_actions();
-    for action in actions {
-        if let Action::Send(w, m) = action
-            && let Some(Reply::StepResult(mut r)) = m
-                .kind
-                .and_then(|c| sim.workers.get_mut(&w).and_then(|e| e.handle(c)))
-        {
-            let mut g = recur_core::convert::f32s_from_wire(&r.grad_sum, "grad").unwrap();
-            g[3] = f32::NAN;
-            r.grad_sum = recur_core::convert::f32s_to_wire(&g);
-            sim.s.message(a, Reply::StepResult(r), sim.now);
+}
+
+/// Rewrites step results: `nan` puts a NaN in the gradient, otherwise the result becomes the
+/// worker's error.
+fn spoil(r: pb::StepResult, nan: bool) -> Reply {
+    if nan {
+        let mut r = r;
+        let mut g = recur_core::convert::f32s_from_wire(&r.grad_sum, "grad").unwrap();
+        g[3] = f32::NAN;
+        r.grad_sum = recur_core::convert::f32s_to_wire(&g);
+        Reply::StepResult(r)
+    } else {
+        Reply::Error(pb::WorkerError {
+            job_id: r.job_id,
+            message: "CUDA_ERROR_OUT_OF_MEMORY".into(),
+        })
+    }
+}
+
+#[test]
+fn one_failing_worker_is_dropped_and_the_job_goes_on_unchanged() {
+    let mut clean = Sim::new();
+    clean.join("a");
+    clean.join("b");
+    clean.s.submit(job(1, 6, 4), clean.now);
+    clean.deliver_all();
+    let reference = clean.latest_params(&JobId::nth(1));
+    for nan in [true, false] {
+        let mut sim = Sim::new();
+        let a = sim.join("a");
+        sim.join("b");
+        // Worker a fails its third step part, once.
+        let mut seen = 0;
+        sim.tamper = Box::new(move |w, reply| match reply {
+            Reply::StepResult(r) if w == a => {
+                seen += 1;
+                if seen == 3 { spoil(r, nan) } else { Reply::StepResult(r) }
+            }
+            other => other,
+        });
+        sim.s.submit(job(1, 6, 4), sim.now);
+        sim.deliver_all();
+        let id = JobId::nth(1);
+        assert_eq!(
+            sim.final_state(&id).map(|s| s.0),
+            Some(JobState::Completed),
+            "nan {nan}: {:?}",
+            sim.final_state(&id)
+        );
+        assert!(
+            sim.disconnects.iter().any(|(w, _)| *w == a),
+            "nan {nan}: the failing worker is dropped"
+        );
+        assert_eq!(steps_of(&sim, &id), 6);
+        for (x, y) in sim.latest_params(&id).iter().zip(&reference) {
+            assert!((x - y).abs() <= 1e-5 * y.abs().max(1e-2), "{x} vs {y}");
         }
     }
-    for action in sim.s.take_actions() {
-        if let Action::Job(id, p) = action {
-            sim.progress.push((id, p));
+}
+
+#[test]
+fn a_failure_every_worker_reproduces_fails_the_job_without_applying_the_step() {
+    for nan in [true, false] {
+        let mut sim = Sim::new();
+        sim.join("a");
+        sim.tamper = Box::new(move |_, reply| match reply {
+            Reply::StepResult(r) => spoil(r, nan),
+            other => other,
+        });
+        sim.s.submit(job(2, 6, 4), sim.now);
+        sim.deliver_all();
+        let id = JobId::nth(2);
+        assert_eq!(sim.final_state(&id), None, "a lone worker's failure waits for another try");
+        // The worker comes back (a new connection) and fails the same step again.
+        sim.join("a-again");
+        sim.deliver_all();
+        let (state, reason) = sim.final_state(&id).unwrap();
+        assert_eq!(state, JobState::Failed);
+        if nan {
+            assert!(
+                reason.contains("non-finite gradient")
+                    && reason.contains("w-1")
+                    && reason.contains("reproduced by another worker")
+                    && reason.contains("not applied"),
+                "{reason}"
+            );
+        } else {
+            assert!(
+                reason.contains("every worker failed") && reason.contains("OUT_OF_MEMORY"),
+                "{reason}"
+            );
         }
+        assert_eq!(steps_of(&sim, &id), 0);
     }
-    let (state, reason) = sim.final_state(&JobId::nth(2)).unwrap();
-    assert_eq!(state, JobState::Failed);
-    assert!(
-        reason.contains("non-finite gradient")
-            && reason.contains("w-1")
-            && reason.contains("not applied"),
-        "{reason}"
-    );
-    assert_eq!(steps_of(&sim, &JobId::nth(2)), 0);
 }
 
 #[test]
