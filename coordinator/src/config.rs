@@ -41,6 +41,10 @@ pub struct CoordinatorConfig {
     /// so each step is split exactly by the workers' measured speeds; a larger split is sharded
     /// (each worker holds a part sized to its speed, and steps follow the rows' owners).
     pub replicate_values: usize,
+    /// The least time a worker gets for a part of a step or evaluation (all it gets while its
+    /// speed is unknown); otherwise ten times what its measured speed predicts. A worker that
+    /// misses it is dropped and its part reissued.
+    pub part_deadline_floor: Duration,
 }
 
 impl CoordinatorConfig {
@@ -67,6 +71,7 @@ impl CoordinatorConfig {
             client_token: None,
             worker_token: None,
             replicate_values: crate::scheduler::SchedulerConfig::default().replicate_values,
+            part_deadline_floor: crate::scheduler::SchedulerConfig::default().deadline_floor,
         }
     }
 
@@ -79,6 +84,9 @@ impl CoordinatorConfig {
         };
         if self.heartbeat_timeout.is_zero() {
             return bad("heartbeat timeout must be above 0");
+        }
+        if self.part_deadline_floor.is_zero() {
+            return bad("part deadline must be above 0");
         }
         if self.csv.max_bytes == 0 || self.csv.max_rows == 0 || self.csv.max_row_len < 2 {
             return bad("upload limits must allow at least one row of two values");

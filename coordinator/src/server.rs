@@ -57,6 +57,7 @@ pub async fn run(
         heartbeat_timeout: shared.config.heartbeat_timeout,
         no_worker_grace: shared.config.no_worker_grace,
         replicate_values: shared.config.replicate_values,
+        deadline_floor: shared.config.part_deadline_floor,
         ..SchedulerConfig::default()
     });
     recover_jobs(&shared)?;

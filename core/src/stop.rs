@@ -101,11 +101,24 @@ mod tests {
             "the target wins"
         );
         assert_eq!(rules.after_epoch(5, 50, 1, 0.5), Some(StopReason::Patience));
-        assert_eq!(rules.after_epoch(4, 50, 1, 0.5), None, "3 epochs without better");
-        assert_eq!(rules.after_epoch(5, 100, 5, 0.5), Some(StopReason::MaxSteps));
-        assert_eq!(rules.after_epoch(10, 99, 10, 0.5), Some(StopReason::MaxEpochs));
+        assert_eq!(
+            rules.after_epoch(4, 50, 1, 0.5),
+            None,
+            "3 epochs without better"
+        );
+        assert_eq!(
+            rules.after_epoch(5, 100, 5, 0.5),
+            Some(StopReason::MaxSteps)
+        );
+        assert_eq!(
+            rules.after_epoch(10, 99, 10, 0.5),
+            Some(StopReason::MaxEpochs)
+        );
         assert!(StopRules::is_better(0.1, None));
-        assert!(!StopRules::is_better(0.5, Some(0.5)), "ties keep the earlier epoch");
+        assert!(
+            !StopRules::is_better(0.5, Some(0.5)),
+            "ties keep the earlier epoch"
+        );
         assert!(rules.steps_done(100) && !rules.steps_done(99));
         assert_eq!(StopReason::MaxSteps.as_str(), "max_steps");
     }

@@ -581,3 +581,59 @@ async fn predict_replies_wait_for_no_delayed_ack() {
     }
     tc.shutdown().await;
 }
+
+#[test]
+fn a_worker_whose_compute_hangs_while_its_heartbeats_go_on_is_dropped_by_its_deadline() {
+    // The hung worker's compute thread sleeps for minutes; a runtime shut down in the background
+    // at the end leaves it behind instead of waiting for it.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut tc = TestCluster::start_with(1, |c| {
+            c.part_deadline_floor = Duration::from_secs(1);
+            // Only the deadline can find the hang: heartbeats keep coming, and would be waited
+            // for much longer.
+            c.heartbeat_timeout = Duration::from_secs(60);
+        })
+        .await;
+        let hung = tc
+            .cluster
+            .add_worker_with(|w| w.throttle_per_row = Duration::from_secs(10));
+        tc.wait_for_workers(2).await;
+        let data = BallConfig {
+            rows: 2000,
+            ..BallConfig::tutorial(10)
+        }
+        .generate()
+        .unwrap();
+        let dataset = tc.upload(&data).await;
+        let job = tc
+            .submit(pb::JobSpec {
+                batch_size: Some(100),
+                max_steps: 6,
+                ..spec(&dataset, 10)
+            })
+            .await;
+        // The hung worker's first part alone would take 500 s.
+        let (_, info) = tokio::time::timeout(Duration::from_secs(60), tc.follow(&job))
+            .await
+            .expect("the job finished without waiting for the hung worker");
+        assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
+        assert_eq!(info.steps, 6);
+        let names: Vec<String> = tc
+            .client
+            .workers()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|w| w.name)
+            .collect();
+        assert_eq!(names, ["local-1"], "the hung worker was dropped");
+        tc.cluster.kill_worker(hung);
+        tc.shutdown().await;
+    });
+    rt.shutdown_background();
+}

@@ -59,6 +59,11 @@ struct Args {
     /// holds a shard sized to its speed. 4 bytes a value per worker.
     #[arg(long, default_value_t = 1 << 25)]
     replicate_values: usize,
+    /// Seconds a worker gets at least for its part of a step or evaluation (all it gets while
+    /// its speed is unknown; otherwise ten times what its measured speed predicts). A worker
+    /// that misses it (a hung compute whose heartbeats go on) is dropped and its part reissued.
+    #[arg(long, default_value_t = 60)]
+    part_deadline_s: u64,
     /// Server certificate (PEM); with --tls-key, serves TLS only.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -90,6 +95,7 @@ fn main() -> anyhow::Result<()> {
     config.worker_token = args.worker_token.map(Secret::new);
     config.no_worker_grace = Duration::from_secs(args.no_worker_grace_s);
     config.replicate_values = args.replicate_values;
+    config.part_deadline_floor = Duration::from_secs(args.part_deadline_s);
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let read =
             |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));

@@ -18,7 +18,7 @@
 //! shard at the next epoch boundary (at once if the job had no workers).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use recur_core::checkpoint::{Checkpoint, FORMAT_VERSION, Manifest};
@@ -32,7 +32,7 @@ use recur_proto::Bytes;
 use recur_proto::v1 as pb;
 
 use super::balance::{Speeds, share_drift};
-use super::{Action, CheckpointKind, Ctx, JobProgress, JobState, NewJob, msg};
+use super::{Action, CheckpointKind, Ctx, JobProgress, JobState, NewJob, SchedulerConfig, msg};
 use crate::ids::{JobId, WorkerId};
 use crate::spec::JobSpec;
 
@@ -45,6 +45,8 @@ struct Part {
     rows: Vec<usize>,
     /// Time steps in `rows`.
     steps: usize,
+    /// When the worker's result is due.
+    due: Instant,
 }
 
 #[derive(Debug)]
@@ -580,7 +582,7 @@ impl RunningJob {
 
     /// Splits `rows` into parts, in member order: replicated training rows by the members'
     /// speeds, anything else by owner. Workers with no rows get no part.
-    fn make_parts(&mut self, which: usize, rows: &[usize]) -> Vec<Part> {
+    fn make_parts(&mut self, which: usize, rows: &[usize], cx: &Ctx<'_>) -> Vec<Part> {
         let by_worker: Vec<(WorkerId, Vec<usize>)> = if which == TRAIN && self.replicated {
             let weights = self.speeds.weights(&self.members);
             let data = &self.data;
@@ -603,14 +605,57 @@ impl RunningJob {
             .filter(|(_, rows)| !rows.is_empty())
             .map(|(worker, rows)| {
                 self.next_part += 1;
+                let steps = rows.iter().map(|&r| self.data.steps(r)).sum();
                 Part {
                     id: self.next_part,
                     worker,
-                    steps: rows.iter().map(|&r| self.data.steps(r)).sum(),
+                    steps,
                     rows,
+                    due: cx.now + self.part_budget(worker, steps, cx.config),
                 }
             })
             .collect()
+    }
+
+    /// How long `worker` may take for a part of `steps` time steps: `deadline_factor` times what
+    /// its measured speed predicts, and never less than `deadline_floor` (the whole budget while
+    /// its speed is unknown).
+    fn part_budget(&self, worker: WorkerId, steps: usize, config: &SchedulerConfig) -> Duration {
+        let expected_ms = self
+            .speeds
+            .get(worker)
+            .map_or(0.0, |speed| steps as f64 / speed.max(1e-9));
+        let budget = Duration::from_secs_f64((expected_ms * config.deadline_factor / 1e3).min(1e6));
+        budget.max(config.deadline_floor)
+    }
+
+    /// Drops the workers whose parts are past their deadline (a compute that hangs while the
+    /// worker's heartbeats go on); their parts are reissued like a lost worker's.
+    pub(crate) fn check_deadlines(&mut self, cx: &mut Ctx<'_>) {
+        let late: Vec<(WorkerId, usize, Instant)> = match &self.phase {
+            Phase::Step(p) => p
+                .parts
+                .iter()
+                .filter(|part| !p.results.contains_key(&part.id))
+                .map(|part| (part.worker, part.rows.len(), part.due))
+                .collect(),
+            Phase::Eval(e) => e
+                .parts
+                .iter()
+                .filter(|part| !e.done.contains(&part.id))
+                .map(|part| (part.worker, part.rows.len(), part.due))
+                .collect(),
+            Phase::Waiting(_) | Phase::Finished => Vec::new(),
+        };
+        for (worker, rows, due) in late {
+            if cx.now > due && !cx.drops.iter().any(|(w, _)| *w == worker) {
+                tracing::warn!(job = %self.id, %worker, rows, "step part past its deadline; the worker is dropped");
+                cx.drops.push((
+                    worker,
+                    format!("did not return its part of {rows} rows by its deadline (compute hung or far slower than measured)"),
+                ));
+            }
+        }
     }
 
     /// The parameters to send a worker with a command at `version`, if it lacks them.
@@ -671,7 +716,7 @@ impl RunningJob {
             return;
         }
         let rows = self.batches[self.cursor].clone();
-        let parts = self.make_parts(TRAIN, &rows);
+        let parts = self.make_parts(TRAIN, &rows, cx);
         let step = self.version + 1;
         self.failures.start(self.members.len());
         self.send_step_parts(&parts, step, cx);
@@ -700,7 +745,7 @@ impl RunningJob {
         };
         self.next_eval += 1;
         self.failures.start(self.members.len());
-        let parts = self.make_parts(which, &rows);
+        let parts = self.make_parts(which, &rows, cx);
         let batches = rows.len().div_ceil(self.spec.train.batch_size);
         let eval = PendingEval {
             id: self.next_eval,
@@ -785,7 +830,8 @@ impl RunningJob {
                 self.fail(verdict, cx);
             } else {
                 tracing::warn!(job = %self.id, %worker, step, "non-finite gradient; the worker is dropped and its part recomputed elsewhere");
-                cx.drops.push((worker, format!("{reason}; its part is recomputed")));
+                cx.drops
+                    .push((worker, format!("{reason}; its part is recomputed")));
             }
             return;
         }
@@ -1197,7 +1243,7 @@ impl RunningJob {
                     }
                     !redo
                 });
-                let new_parts = self.make_parts(TRAIN, &rows);
+                let new_parts = self.make_parts(TRAIN, &rows, cx);
                 self.send_step_parts(&new_parts, pending.step, cx);
                 pending.parts.extend(new_parts);
                 self.phase = Phase::Step(pending);
@@ -1216,7 +1262,7 @@ impl RunningJob {
                     }
                     !redo
                 });
-                let new_parts = self.make_parts(which, &rows);
+                let new_parts = self.make_parts(which, &rows, cx);
                 let ids: Vec<u32> = new_parts.iter().map(|p| p.id).collect();
                 eval.parts.extend(new_parts);
                 self.send_eval_parts(&eval, &ids, cx);

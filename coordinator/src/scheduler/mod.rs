@@ -39,6 +39,12 @@ pub struct SchedulerConfig {
     /// Every worker holds the whole training split when it has at most this many values (so
     /// each step is split exactly by the workers' speeds); a larger one is sharded.
     pub replicate_values: usize,
+    /// A part of a step or evaluation is due within this many times what the worker's measured
+    /// speed predicts...
+    pub deadline_factor: f64,
+    /// ...and never sooner than this (all the time a worker of unknown speed gets). A worker
+    /// that misses its deadline is dropped and its part reissued.
+    pub deadline_floor: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -48,6 +54,8 @@ impl Default for SchedulerConfig {
             shard_part_values: 1 << 18,
             no_worker_grace: Duration::from_secs(600),
             replicate_values: 1 << 25,
+            deadline_factor: 10.0,
+            deadline_floor: Duration::from_secs(60),
         }
     }
 }
@@ -368,11 +376,12 @@ impl Scheduler {
         }
     }
 
-    /// Drops workers whose heartbeats stopped, and fails a job that has waited for workers
-    /// longer than the grace period.
+    /// Drops workers whose heartbeats stopped or whose step part is past its deadline, and fails
+    /// a job that has waited for workers longer than the grace period.
     pub fn tick(&mut self, now: Instant) {
         let grace = self.config.no_worker_grace;
         self.with_job(now, |job, cx| job.check_grace(grace, cx));
+        self.with_job(now, |job, cx| job.check_deadlines(cx));
         let timeout = self.config.heartbeat_timeout;
         let dead: Vec<WorkerId> = self
             .workers

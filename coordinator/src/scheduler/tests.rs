@@ -23,6 +23,9 @@ enum Fate {
     Deliver,
     /// The worker dies before it can answer.
     Kill,
+    /// The worker takes the command and never answers (its compute hangs), though its stream
+    /// stays open.
+    Hang,
 }
 
 struct Sim {
@@ -105,6 +108,7 @@ impl Sim {
                                     self.replies.push_back((w, reply));
                                 }
                             }
+                            Fate::Hang => self.sent.push((w, cmd.clone())),
                             Fate::Kill => {
                                 self.workers.remove(&w);
                                 self.s.disconnect(w, "killed".into(), self.now);
@@ -412,7 +416,6 @@ fn a_gradient_of_the_wrong_length_drops_the_worker_and_nan_fails_the_job() {
         Some(JobState::Completed)
     );
     assert_eq!(steps_of(&sim, &JobId::nth(1)), 6);
-
 }
 
 /// Rewrites step results: `nan` puts a NaN in the gradient, otherwise the result becomes the
@@ -449,7 +452,11 @@ fn one_failing_worker_is_dropped_and_the_job_goes_on_unchanged() {
         sim.tamper = Box::new(move |w, reply| match reply {
             Reply::StepResult(r) if w == a => {
                 seen += 1;
-                if seen == 3 { spoil(r, nan) } else { Reply::StepResult(r) }
+                if seen == 3 {
+                    spoil(r, nan)
+                } else {
+                    Reply::StepResult(r)
+                }
             }
             other => other,
         });
@@ -485,7 +492,11 @@ fn a_failure_every_worker_reproduces_fails_the_job_without_applying_the_step() {
         sim.s.submit(job(2, 6, 4), sim.now);
         sim.deliver_all();
         let id = JobId::nth(2);
-        assert_eq!(sim.final_state(&id), None, "a lone worker's failure waits for another try");
+        assert_eq!(
+            sim.final_state(&id),
+            None,
+            "a lone worker's failure waits for another try"
+        );
         // The worker comes back (a new connection) and fails the same step again.
         sim.join("a-again");
         sim.deliver_all();
@@ -729,7 +740,7 @@ fn resume_point(sim: &Sim, id: &JobId) -> Resume {
             .epochs
             .iter()
             .filter(|(j, _)| j == id)
-            .map(|(_, e)| e.clone())
+            .map(|(_, e)| *e)
             .collect(),
     }
 }
@@ -775,13 +786,71 @@ fn a_job_resumed_after_its_last_epoch_completes_without_training_more() {
             .expect("the resumed job ends");
         assert_eq!(finished.state, Some(JobState::Completed), "{reason}");
         assert_eq!(finished.stop_reason.as_deref(), Some(reason));
-        assert_eq!(finished.steps, done.steps, "{reason}: no step trained after resuming");
+        assert_eq!(
+            finished.steps, done.steps,
+            "{reason}: no step trained after resuming"
+        );
         assert_eq!(finished.epochs, done.epochs);
         assert!(
             !second.sent.iter().any(|(_, c)| matches!(c, Cmd::Step(_))),
             "{reason}: a step was issued after the job had stopped"
         );
         assert!(second.epochs.is_empty(), "no epoch recorded twice");
-        assert_eq!(finished.test, done.test, "the same best parameters were tested");
+        assert_eq!(
+            finished.test, done.test,
+            "the same best parameters were tested"
+        );
+    }
+}
+
+#[test]
+fn a_worker_whose_compute_hangs_misses_its_deadline_and_its_part_is_reissued() {
+    let config = SchedulerConfig {
+        deadline_floor: Duration::from_secs(5),
+        ..SchedulerConfig::default()
+    };
+    let mut clean = Sim::with(config);
+    clean.join("a");
+    clean.join("b");
+    clean.s.submit(job(1, 6, 7), clean.now);
+    clean.deliver_all();
+    let reference = clean.latest_params(&JobId::nth(1));
+
+    let mut sim = Sim::with(config);
+    let a = sim.join("a");
+    let b = sim.join("b");
+    sim.s.submit(job(1, 6, 7), sim.now);
+    // a's compute hangs at step 3; its heartbeats go on.
+    sim.run(|_, w, cmd| match cmd {
+        Cmd::Step(s) if w == a && s.step == 3 => Fate::Hang,
+        _ => Fate::Deliver,
+    });
+    let id = JobId::nth(1);
+    assert_eq!(sim.step_log.len(), 2, "step 3 waits for a");
+    let before = sim.now + Duration::from_secs(4);
+    for w in [a, b] {
+        sim.s.message(w, Reply::Heartbeat(pb::Heartbeat {}), before);
+    }
+    sim.s.tick(before);
+    sim.deliver_all();
+    assert!(sim.s.workers().contains_key(&a), "not late yet");
+    let late = sim.now + Duration::from_secs(6);
+    for w in [a, b] {
+        sim.s.message(w, Reply::Heartbeat(pb::Heartbeat {}), late);
+    }
+    sim.s.tick(late);
+    sim.deliver_all();
+    assert!(
+        sim.disconnects
+            .iter()
+            .any(|(w, r)| *w == a && r.contains("deadline")),
+        "{:?}",
+        sim.disconnects
+    );
+    assert!(sim.s.workers().contains_key(&b));
+    assert_eq!(sim.final_state(&id).map(|s| s.0), Some(JobState::Completed));
+    assert_eq!(steps_of(&sim, &id), 6);
+    for (x, y) in sim.latest_params(&id).iter().zip(&reference) {
+        assert!((x - y).abs() <= 1e-5 * y.abs().max(1e-2), "{x} vs {y}");
     }
 }

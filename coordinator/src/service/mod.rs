@@ -28,6 +28,9 @@ pub(crate) enum Event {
     Join {
         hello: pb::Hello,
         tx: mpsc::UnboundedSender<Result<pb::CoordinatorMessage, Status>>,
+        /// Dropped when the coordinator drops the worker: its stream's reader stops, so the
+        /// stream closes even while the worker (a hung compute) keeps its end open.
+        stop_reading: oneshot::Sender<()>,
         reply: oneshot::Sender<WorkerId>,
     },
     Message(WorkerId, pb::worker_message::Kind),
@@ -35,6 +38,14 @@ pub(crate) enum Event {
     Submit(Box<NewJob>),
     Cancel(JobId, oneshot::Sender<bool>),
     Workers(oneshot::Sender<Vec<pb::WorkerInfo>>),
+}
+
+/// The coordinator's end of a worker's stream.
+#[derive(Debug)]
+pub(crate) struct WorkerStream {
+    tx: mpsc::UnboundedSender<Result<pb::CoordinatorMessage, Status>>,
+    /// Dropping it stops the reader of the worker's messages.
+    _stop_reading: oneshot::Sender<()>,
 }
 
 /// A live update for `WatchJob` subscribers.
@@ -86,12 +97,14 @@ pub(crate) async fn scheduler_loop(
     mut events: mpsc::UnboundedReceiver<Event>,
     mut shutdown: broadcast::Receiver<()>,
 ) {
-    let mut streams: HashMap<
-        WorkerId,
-        mpsc::UnboundedSender<Result<pb::CoordinatorMessage, Status>>,
-    > = HashMap::new();
+    let mut streams: HashMap<WorkerId, WorkerStream> = HashMap::new();
     let mut step_logs: HashMap<JobId, std::fs::File> = HashMap::new();
-    let tick_every = (shared.config.heartbeat_timeout / 4).max(Duration::from_millis(10));
+    let tick_every = (shared
+        .config
+        .heartbeat_timeout
+        .min(shared.config.part_deadline_floor)
+        / 4)
+    .max(Duration::from_millis(10));
     let mut ticker = tokio::time::interval(tick_every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut cancelled: Option<(oneshot::Sender<bool>, bool)> = None;
@@ -103,9 +116,9 @@ pub(crate) async fn scheduler_loop(
                 let Some(event) = event else { break };
                 let now = Instant::now();
                 match event {
-                    Event::Join { hello, tx, reply } => {
+                    Event::Join { hello, tx, stop_reading, reply } => {
                         let id = scheduler.join(&hello, now);
-                        streams.insert(id, tx);
+                        streams.insert(id, WorkerStream { tx, _stop_reading: stop_reading });
                         let _ = reply.send(id);
                     }
                     Event::Message(id, kind) => scheduler.message(id, kind, now),
@@ -157,19 +170,19 @@ fn worker_infos(scheduler: &Scheduler, now: Instant) -> Vec<pb::WorkerInfo> {
 
 fn perform(
     shared: &Shared,
-    streams: &mut HashMap<WorkerId, mpsc::UnboundedSender<Result<pb::CoordinatorMessage, Status>>>,
+    streams: &mut HashMap<WorkerId, WorkerStream>,
     step_logs: &mut HashMap<JobId, std::fs::File>,
     action: Action,
 ) {
     match action {
         Action::Send(id, message) => {
-            if let Some(tx) = streams.get(&id) {
-                let _ = tx.send(Ok(message));
+            if let Some(stream) = streams.get(&id) {
+                let _ = stream.tx.send(Ok(message));
             }
         }
         Action::Disconnect(id, reason) => {
-            if let Some(tx) = streams.remove(&id) {
-                let _ = tx.send(Err(Status::aborted(format!(
+            if let Some(stream) = streams.remove(&id) {
+                let _ = stream.tx.send(Err(Status::aborted(format!(
                     "dropped by the coordinator: {reason}"
                 ))));
             }

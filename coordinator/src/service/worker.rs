@@ -58,14 +58,27 @@ impl Workers for WorkerService {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let (reply, id) = oneshot::channel();
-        self.shared.send(Event::Join { hello, tx, reply })?;
+        let (stop_reading, mut dropped) = oneshot::channel::<()>();
+        self.shared.send(Event::Join {
+            hello,
+            tx,
+            stop_reading,
+            reply,
+        })?;
         let id = id
             .await
             .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
         let events = self.shared.events.clone();
         tokio::spawn(async move {
             let reason = loop {
-                match inbound.message().await {
+                let message = tokio::select! {
+                    biased;
+                    // The coordinator dropped this worker (or stopped): stop reading, which
+                    // closes the stream even if the worker keeps its end open.
+                    _ = &mut dropped => return,
+                    message = inbound.message() => message,
+                };
+                match message {
                     Ok(Some(pb::WorkerMessage { kind: Some(kind) })) => {
                         if events.send(Event::Message(id, kind)).is_err() {
                             return;
