@@ -45,6 +45,9 @@ pub struct CoordinatorConfig {
     /// speed is unknown); otherwise ten times what its measured speed predicts. A worker that
     /// misses it is dropped and its part reissued.
     pub part_deadline_floor: Duration,
+    /// For tests: every store and checkpoint write takes this much longer, as on a slow disk.
+    /// Zero in normal use.
+    pub write_delay: Duration,
 }
 
 impl CoordinatorConfig {
@@ -72,6 +75,7 @@ impl CoordinatorConfig {
             worker_token: None,
             replicate_values: crate::scheduler::SchedulerConfig::default().replicate_values,
             part_deadline_floor: crate::scheduler::SchedulerConfig::default().deadline_floor,
+            write_delay: Duration::ZERO,
         }
     }
 

@@ -637,3 +637,41 @@ fn a_worker_whose_compute_hangs_while_its_heartbeats_go_on_is_dropped_by_its_dea
     });
     rt.shutdown_background();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_disk_delays_epochs_but_never_drops_a_healthy_worker() {
+    // Every store and checkpoint write takes 400 ms, and a worker is silent after 600 ms: an
+    // epoch's writes (history, job record, best and latest checkpoints) block far longer than
+    // the heartbeat timeout.
+    let mut tc = TestCluster::start_with(2, |c| {
+        c.write_delay = Duration::from_millis(400);
+        c.heartbeat_timeout = Duration::from_millis(600);
+    })
+    .await;
+    let data = BallConfig {
+        rows: 1000,
+        ..BallConfig::tutorial(11)
+    }
+    .generate()
+    .unwrap();
+    let dataset = tc.upload(&data).await;
+    let job = tc
+        .submit(pb::JobSpec {
+            max_epochs: 3,
+            ..spec(&dataset, 11)
+        })
+        .await;
+    let (epochs, info) = tc.follow(&job).await;
+    assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
+    assert!(epochs.iter().all(|e| e.workers == 2), "a worker was dropped");
+    let ids: Vec<String> = tc
+        .client
+        .workers()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| w.id)
+        .collect();
+    assert_eq!(ids, ["w-1", "w-2"], "the original workers, never dropped and rejoined");
+    tc.shutdown().await;
+}

@@ -33,7 +33,8 @@ pub(crate) enum Event {
         stop_reading: oneshot::Sender<()>,
         reply: oneshot::Sender<WorkerId>,
     },
-    Message(WorkerId, pb::worker_message::Kind),
+    /// A worker's message, stamped when it was read from the stream.
+    Message(WorkerId, pb::worker_message::Kind, Instant),
     Closed(WorkerId, String),
     Submit(Box<NewJob>),
     Cancel(JobId, oneshot::Sender<bool>),
@@ -93,12 +94,10 @@ pub(crate) fn now_ms() -> u64 {
 /// Owns the scheduler: applies events, ticks heartbeats, and carries out the actions.
 pub(crate) async fn scheduler_loop(
     shared: Arc<Shared>,
-    mut scheduler: Scheduler,
+    scheduler: Scheduler,
     mut events: mpsc::UnboundedReceiver<Event>,
     mut shutdown: broadcast::Receiver<()>,
 ) {
-    let mut streams: HashMap<WorkerId, WorkerStream> = HashMap::new();
-    let mut step_logs: HashMap<JobId, std::fs::File> = HashMap::new();
     let tick_every = (shared
         .config
         .heartbeat_timeout
@@ -107,43 +106,114 @@ pub(crate) async fn scheduler_loop(
     .max(Duration::from_millis(10));
     let mut ticker = tokio::time::interval(tick_every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut cancelled: Option<(oneshot::Sender<bool>, bool)> = None;
+    let mut state = LoopState {
+        scheduler,
+        streams: HashMap::new(),
+        step_logs: HashMap::new(),
+    };
     loop {
-        tokio::select! {
+        let event = tokio::select! {
+            // Messages before ticks: a tick must never judge workers on stale news.
+            biased;
             _ = shutdown.recv() => break,
-            _ = ticker.tick() => scheduler.tick(Instant::now()),
-            event = events.recv() => {
-                let Some(event) = event else { break };
-                let now = Instant::now();
-                match event {
-                    Event::Join { hello, tx, stop_reading, reply } => {
-                        let id = scheduler.join(&hello, now);
-                        streams.insert(id, WorkerStream { tx, _stop_reading: stop_reading });
-                        let _ = reply.send(id);
-                    }
-                    Event::Message(id, kind) => scheduler.message(id, kind, now),
-                    Event::Closed(id, reason) => scheduler.disconnect(id, reason, now),
-                    Event::Submit(job) => scheduler.submit(*job, now),
-                    Event::Cancel(id, reply) => {
-                        // Answer only once the cancellation is stored (below), so the caller
-                        // reads the new state.
-                        cancelled = Some((reply, scheduler.cancel(&id, now)));
-                    }
-                    Event::Workers(reply) => {
-                        let _ = reply.send(worker_infos(&scheduler, now));
-                    }
+            event = events.recv() => match event {
+                Some(event) => Some(event),
+                None => break,
+            },
+            _ = ticker.tick() => None,
+        };
+        match event {
+            Some(event) => state.handle(&shared, event),
+            None => {
+                // Everything that arrived before this tick counts first: after a slow write
+                // the queued heartbeats (stamped when they were read) show who is alive.
+                while let Ok(event) = events.try_recv() {
+                    state.handle(&shared, event);
                 }
+                state.scheduler.tick(Instant::now());
+                state.perform_all(&shared);
             }
-        }
-        shared.metrics.workers.set(scheduler.workers().len() as i64);
-        for action in scheduler.take_actions() {
-            perform(&shared, &mut streams, &mut step_logs, action);
-        }
-        if let Some((reply, found)) = cancelled.take() {
-            let _ = reply.send(found);
         }
     }
     tracing::info!("scheduler loop stopped");
+}
+
+/// What the scheduler loop owns besides the scheduler: the workers' streams and the open step
+/// logs.
+struct LoopState {
+    scheduler: Scheduler,
+    streams: HashMap<WorkerId, WorkerStream>,
+    step_logs: HashMap<JobId, std::fs::File>,
+}
+
+impl LoopState {
+    /// Applies one event and carries out what it caused.
+    fn handle(&mut self, shared: &Shared, event: Event) {
+        let now = Instant::now();
+        let mut cancelled = None;
+        match event {
+            Event::Join {
+                hello,
+                tx,
+                stop_reading,
+                reply,
+            } => {
+                let id = self.scheduler.join(&hello, now);
+                self.streams.insert(
+                    id,
+                    WorkerStream {
+                        tx,
+                        _stop_reading: stop_reading,
+                    },
+                );
+                let _ = reply.send(id);
+            }
+            Event::Message(id, kind, read_at) => self.scheduler.message(id, kind, read_at),
+            Event::Closed(id, reason) => self.scheduler.disconnect(id, reason, now),
+            Event::Submit(job) => self.scheduler.submit(*job, now),
+            Event::Cancel(id, reply) => {
+                // Answer only once the cancellation is stored (below), so the caller reads the
+                // new state.
+                cancelled = Some((reply, self.scheduler.cancel(&id, now)));
+            }
+            Event::Workers(reply) => {
+                let _ = reply.send(worker_infos(&self.scheduler, now));
+            }
+        }
+        self.perform_all(shared);
+        if let Some((reply, found)) = cancelled {
+            let _ = reply.send(found);
+        }
+    }
+
+    /// Carries out the scheduler's actions. Store and checkpoint writes tell the runtime that
+    /// this thread blocks, so the tasks that read the workers' streams (and stamp their
+    /// messages) keep running elsewhere meanwhile.
+    fn perform_all(&mut self, shared: &Shared) {
+        shared
+            .metrics
+            .workers
+            .set(self.scheduler.workers().len() as i64);
+        let actions = self.scheduler.take_actions();
+        let writes = actions.iter().any(|a| {
+            matches!(
+                a,
+                Action::Job(..) | Action::Epoch(..) | Action::Checkpoint(..)
+            )
+        });
+        let run = || {
+            for action in actions {
+                perform(shared, &mut self.streams, &mut self.step_logs, action);
+            }
+        };
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if writes && multi_thread {
+            tokio::task::block_in_place(run);
+        } else {
+            run();
+        }
+    }
 }
 
 fn worker_infos(scheduler: &Scheduler, now: Instant) -> Vec<pb::WorkerInfo> {
@@ -188,6 +258,7 @@ fn perform(
             }
         }
         Action::Job(id, progress) => {
+            slow_disk(shared);
             let record = match shared.store.job(&id) {
                 Ok(Some(mut record)) => {
                     record.apply(&progress, now_ms());
@@ -208,6 +279,7 @@ fn perform(
             publish_job(shared, &record);
         }
         Action::Epoch(id, epoch) => {
+            slow_disk(shared);
             shared.metrics.epochs.inc();
             if let Err(e) = shared.store.append_epoch(&id, &epoch) {
                 tracing::error!(job = %id, error = %e, "could not persist epoch");
@@ -255,6 +327,7 @@ fn perform(
             }
         }
         Action::Checkpoint(id, kind, checkpoint) => {
+            slow_disk(shared);
             let dir = shared.jobs_dir().join(&id.0);
             if kind == CheckpointKind::Latest {
                 keep_previous(&dir);
@@ -268,6 +341,14 @@ fn perform(
                 Err(e) => tracing::error!(job = %id, error = %e, "could not write checkpoint"),
             }
         }
+    }
+}
+
+/// The test hook [`CoordinatorConfig::write_delay`]: a disk this much slower for each store or
+/// checkpoint write.
+fn slow_disk(shared: &Shared) {
+    if !shared.config.write_delay.is_zero() {
+        std::thread::sleep(shared.config.write_delay);
     }
 }
 

@@ -80,7 +80,8 @@ impl Workers for WorkerService {
                 };
                 match message {
                     Ok(Some(pb::WorkerMessage { kind: Some(kind) })) => {
-                        if events.send(Event::Message(id, kind)).is_err() {
+                        let read_at = std::time::Instant::now();
+                        if events.send(Event::Message(id, kind, read_at)).is_err() {
                             return;
                         }
                     }
