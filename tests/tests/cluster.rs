@@ -663,7 +663,10 @@ async fn a_slow_disk_delays_epochs_but_never_drops_a_healthy_worker() {
         .await;
     let (epochs, info) = tc.follow(&job).await;
     assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
-    assert!(epochs.iter().all(|e| e.workers == 2), "a worker was dropped");
+    assert!(
+        epochs.iter().all(|e| e.workers == 2),
+        "a worker was dropped"
+    );
     let ids: Vec<String> = tc
         .client
         .workers()
@@ -672,6 +675,10 @@ async fn a_slow_disk_delays_epochs_but_never_drops_a_healthy_worker() {
         .into_iter()
         .map(|w| w.id)
         .collect();
-    assert_eq!(ids, ["w-1", "w-2"], "the original workers, never dropped and rejoined");
+    assert_eq!(
+        ids,
+        ["w-1", "w-2"],
+        "the original workers, never dropped and rejoined"
+    );
     tc.shutdown().await;
 }
