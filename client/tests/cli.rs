@@ -386,10 +386,18 @@ fn recur_worker_threads_sizes_the_compute_pool() {
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let line = BufReader::new(stderr)
-        .lines()
-        .map_while(Result::ok)
-        .find(|l| l.contains("worker starting"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let line = BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("worker starting"));
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .ok()
+        .flatten();
     let _ = child.kill();
     let _ = child.wait();
     let line = line.expect("the worker logs its start");

@@ -640,12 +640,12 @@ fn a_worker_whose_compute_hangs_while_its_heartbeats_go_on_is_dropped_by_its_dea
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_disk_delays_epochs_but_never_drops_a_healthy_worker() {
-    // Every store and checkpoint write takes 400 ms, and a worker is silent after 600 ms: an
-    // epoch's writes (history, job record, best and latest checkpoints) block far longer than
-    // the heartbeat timeout.
+    // Every store and checkpoint write takes 1 s, and a worker is silent after 2 s: an epoch's
+    // writes (history, job record, best and latest checkpoints) block twice the heartbeat
+    // timeout, with room for a loaded machine's scheduling.
     let mut tc = TestCluster::start_with(2, |c| {
-        c.write_delay = Duration::from_millis(400);
-        c.heartbeat_timeout = Duration::from_millis(600);
+        c.write_delay = Duration::from_secs(1);
+        c.heartbeat_timeout = Duration::from_secs(2);
     })
     .await;
     let data = BallConfig {
@@ -657,7 +657,7 @@ async fn a_slow_disk_delays_epochs_but_never_drops_a_healthy_worker() {
     let dataset = tc.upload(&data).await;
     let job = tc
         .submit(pb::JobSpec {
-            max_epochs: 3,
+            max_epochs: 2,
             ..spec(&dataset, 11)
         })
         .await;

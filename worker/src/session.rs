@@ -25,7 +25,7 @@ pub struct WorkerConfig {
     /// Compute threads (reported to the coordinator; the binary sizes candle's pool with it).
     pub threads: u32,
     /// First reconnect delay; doubles up to `max_backoff` while attempts fail, back to this after
-    /// a session that joined. Each wait is drawn between half the delay and the delay, so
+    /// a session that joined and lasted at least `max_backoff`. Each wait is drawn between half the delay and the delay, so
     /// workers that lost the same coordinator do not all come back at once.
     pub min_backoff: Duration,
     /// Longest reconnect delay.
@@ -149,8 +149,13 @@ pub async fn run(
         if *stop_rx.borrow() {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let outcome = session(&config, &endpoint, device.clone(), stop_rx.clone()).await;
-        if matches!(outcome, Ok(Ended::Lost { joined: true, .. })) {
+        // A session that joined and lasted resets the backoff; one dropped right after its
+        // welcome does not, or a worker the coordinator keeps refusing would hammer it.
+        if matches!(outcome, Ok(Ended::Lost { joined: true, .. }))
+            && started.elapsed() >= config.max_backoff
+        {
             backoff.reset();
         }
         let wait = backoff.wait(rand::random::<f64>());

@@ -60,8 +60,9 @@ struct Args {
     #[arg(long, default_value_t = 1 << 25)]
     replicate_values: usize,
     /// Seconds a worker gets at least for its part of a step or evaluation (all it gets while
-    /// its speed is unknown; otherwise ten times what its measured speed predicts). A worker
-    /// that misses it (a hung compute whose heartbeats go on) is dropped and its part reissued.
+    /// its speed is unknown; otherwise ten times what its measured speed predicts; twice that
+    /// right after a new shard, doubled for each miss of the same work). A worker that misses
+    /// it (a hung compute whose heartbeats go on) is dropped and its part reissued.
     #[arg(long, default_value_t = 60)]
     part_deadline_s: u64,
     /// Server certificate (PEM); with --tls-key, serves TLS only.

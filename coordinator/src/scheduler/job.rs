@@ -331,11 +331,28 @@ impl RunningJob {
             // The stop rules are applied again: a job stopped after its last checkpoint and
             // before it was marked completed finishes without training more.
             if let Some(last) = resume.history.last().and_then(|e| e.validation) {
-                let rules = StopRules {
+                let mut rules = StopRules {
                     max_steps: job.spec.max_steps,
                     ..t.stop_rules()
                 };
-                let best_epoch = best.as_ref().map_or(0, |b: &Best| b.epoch);
+                // The best epoch as the history tells it (the best checkpoint may be missing, or
+                // newer than `latest` and so not kept); without the best parameters patience
+                // cannot end the job, since its test would have nothing to test.
+                let history_best = resume
+                    .history
+                    .iter()
+                    .filter_map(|e| Some((e.epoch, e.validation?.accuracy)))
+                    .fold(None, |acc: Option<(u64, f64)>, (e, a)| {
+                        if StopRules::is_better(a, acc.map(|x| x.1)) {
+                            Some((e, a))
+                        } else {
+                            acc
+                        }
+                    });
+                if best.is_none() {
+                    rules.patience = u64::MAX;
+                }
+                let best_epoch = history_best.map_or(0, |b| b.0);
                 stop = rules
                     .after_epoch(epoch, version, best_epoch, last.accuracy)
                     .map(StopReason::as_str);
@@ -626,7 +643,15 @@ impl RunningJob {
             .get(worker)
             .map_or(0.0, |speed| steps as f64 / speed.max(1e-9));
         let budget = Duration::from_secs_f64((expected_ms * config.deadline_factor / 1e3).min(1e6));
-        budget.max(config.deadline_floor)
+        // A part right after a reshard also waits for its shard to arrive and load; a part that
+        // was missed before gets twice the time for each miss.
+        let shard_allowance = if self.sent_version.contains_key(&worker) {
+            1
+        } else {
+            2
+        };
+        let misses = self.failures.errors.len().min(8) as u32;
+        budget.max(config.deadline_floor) * shard_allowance * 2u32.pow(misses)
     }
 
     /// Drops the workers whose parts are past their deadline (a compute that hangs while the
@@ -648,13 +673,29 @@ impl RunningJob {
             Phase::Waiting(_) | Phase::Finished => Vec::new(),
         };
         for (worker, rows, due) in late {
-            if cx.now > due && !cx.drops.iter().any(|(w, _)| *w == worker) {
-                tracing::warn!(job = %self.id, %worker, rows, "step part past its deadline; the worker is dropped");
-                cx.drops.push((
-                    worker,
-                    format!("did not return its part of {rows} rows by its deadline (compute hung or far slower than measured)"),
-                ));
+            // Parts of workers already gone wait for a worker to take them over.
+            if cx.now <= due
+                || !cx.workers.contains_key(&worker)
+                || cx.drops.iter().any(|(w, _)| *w == worker)
+            {
+                continue;
             }
+            let reason = format!(
+                "worker {worker} did not return its part of {rows} rows by its deadline (compute hung or far slower than measured)"
+            );
+            tracing::warn!(job = %self.id, %worker, rows, "part past its deadline; the worker is dropped");
+            // A deadline missed by every worker is the job's problem (the floor is too short
+            // for this model), not theirs: it fails rather than going round forever. Each miss
+            // doubles the next budget of the same work.
+            self.failures.errors.push(reason.clone());
+            if let Some(verdict) = self.failures.verdict() {
+                self.fail(
+                    format!("{verdict}; raise --part-deadline-s if the work is just slow"),
+                    cx,
+                );
+                return;
+            }
+            cx.drops.push((worker, reason));
         }
     }
 

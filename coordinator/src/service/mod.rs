@@ -113,24 +113,30 @@ pub(crate) async fn scheduler_loop(
     };
     loop {
         let event = tokio::select! {
-            // Messages before ticks: a tick must never judge workers on stale news.
+            // Ticks first, so a flood of messages cannot hold them off; each tick applies what
+            // was queued before it (below).
             biased;
             _ = shutdown.recv() => break,
+            _ = ticker.tick() => None,
             event = events.recv() => match event {
                 Some(event) => Some(event),
                 None => break,
             },
-            _ = ticker.tick() => None,
         };
         match event {
             Some(event) => state.handle(&shared, event),
             None => {
-                // Everything that arrived before this tick counts first: after a slow write
-                // the queued heartbeats (stamped when they were read) show who is alive.
-                while let Ok(event) = events.try_recv() {
+                // What was queued before this tick counts first: after a slow write the queued
+                // heartbeats (stamped when they were read) show who is alive. Only those: the
+                // drain must end even while messages keep coming.
+                // The tick judges the moment it fired, with everything read before it applied
+                // (even when applying it blocked on a write for a while).
+                let at = Instant::now();
+                for _ in 0..events.len() {
+                    let Ok(event) = events.try_recv() else { break };
                     state.handle(&shared, event);
                 }
-                state.scheduler.tick(Instant::now());
+                state.scheduler.tick(at);
                 state.perform_all(&shared);
             }
         }
@@ -194,21 +200,31 @@ impl LoopState {
             .metrics
             .workers
             .set(self.scheduler.workers().len() as i64);
-        let actions = self.scheduler.take_actions();
-        let writes = actions.iter().any(|a| {
+        // Messages to workers go out before the writes the same event caused: a worker computes
+        // its next part while the epoch's history and checkpoints are written, and the time a
+        // slow disk takes does not count against its deadline.
+        let (sends, writes): (Vec<Action>, Vec<Action>) = self
+            .scheduler
+            .take_actions()
+            .into_iter()
+            .partition(|a| matches!(a, Action::Send(..) | Action::Disconnect(..)));
+        for action in sends {
+            perform(shared, &mut self.streams, &mut self.step_logs, action);
+        }
+        let blocking = writes.iter().any(|a| {
             matches!(
                 a,
                 Action::Job(..) | Action::Epoch(..) | Action::Checkpoint(..)
             )
         });
         let run = || {
-            for action in actions {
+            for action in writes {
                 perform(shared, &mut self.streams, &mut self.step_logs, action);
             }
         };
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        if writes && multi_thread {
+        if blocking && multi_thread {
             tokio::task::block_in_place(run);
         } else {
             run();
