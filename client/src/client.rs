@@ -230,6 +230,18 @@ impl Client {
         Ok((manifest, bytes))
     }
 
+    /// The applied steps of a job's recorded epochs, in order.
+    pub async fn steps(&mut self, id: &str) -> Result<Vec<pb::StepRecord>> {
+        Ok(self
+            .inner
+            .get_steps(pb::GetStepsRequest {
+                job_id: id.to_string(),
+            })
+            .await?
+            .into_inner()
+            .steps)
+    }
+
     /// Connected workers.
     pub async fn workers(&mut self) -> Result<Vec<pb::WorkerInfo>> {
         Ok(self

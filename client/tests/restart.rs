@@ -1,18 +1,28 @@
-//! The coordinator killed (`kill -9`) mid-job and restarted on the same data directory: the job
-//! resumes from its latest checkpoint, workers reconnect by themselves, the history stays
-//! continuous, and a damaged checkpoint falls back to the one before it.
+//! The coordinator killed (`kill -9`) mid-job and restarted on the same data directory, again and
+//! again at random moments: the job resumes from its latest checkpoint set, workers reconnect by
+//! themselves, the history and the steps stay continuous, a damaged set falls back to the one
+//! before it (and says so), and a kill after the last checkpoint finishes the job without
+//! training more.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use rand::{Rng, SeedableRng};
 use recur_client::Client;
+use recur_client::local::LocalCluster;
+use recur_coordinator::CoordinatorConfig;
 use recur_proto::v1 as pb;
-use recur_tests::{Process, follow, wait_for};
+use recur_tests::{Process, check_steps, follow, soak_seed, wait_for};
 use recur_worker::WorkerConfig;
 
-/// A coordinator process: `recur local --workers 0` serves a real coordinator and no workers.
+/// A coordinator process: `recur local --workers 0` serves a real coordinator and no workers;
+/// `write_delay_ms` makes every store and checkpoint write that much slower (a test hook).
 fn coordinator(data_dir: &Path, port: u16) -> Process {
+    coordinator_with(data_dir, port, 0)
+}
+
+fn coordinator_with(data_dir: &Path, port: u16, write_delay_ms: u64) -> Process {
     Process(
         Command::new(env!("CARGO_BIN_EXE_recur"))
             .args([
@@ -21,6 +31,8 @@ fn coordinator(data_dir: &Path, port: u16) -> Process {
                 "0",
                 "--listen",
                 &format!("127.0.0.1:{port}"),
+                "--test-write-delay-ms",
+                &write_delay_ms.to_string(),
             ])
             .arg("--data-dir")
             .arg(data_dir)
@@ -54,8 +66,59 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The set a job's `latest` pointer names.
+fn latest_set(job_dir: &Path) -> Option<String> {
+    std::fs::read_to_string(job_dir.join("latest"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// The job's state and epochs as stored, read while no coordinator runs.
+fn stored_job(data_dir: &Path, job: &str) -> (recur_coordinator::scheduler::JobState, u64) {
+    let store = recur_coordinator::store::Store::open(&data_dir.join("jobs.redb")).unwrap();
+    let record = store
+        .job(&recur_coordinator::ids::JobId(job.to_string()))
+        .unwrap()
+        .unwrap();
+    (record.state, record.epochs)
+}
+
+const EPOCHS: u64 = 40;
+
+fn spec(dataset: String) -> pb::JobSpec {
+    pb::JobSpec {
+        dataset_id: dataset,
+        batch_size: Some(50),
+        max_epochs: EPOCHS,
+        patience: 1_000_000,
+        seed: 21,
+        ..Default::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_coordinator_resumes_its_job_from_the_latest_checkpoint() {
+async fn soak_a_coordinator_killed_eleven_times_completes_its_job_exactly() {
+    let seed = soak_seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    // The same job without faults.
+    let reference = {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = LocalCluster::start("127.0.0.1:0", CoordinatorConfig::new(dir.path()), 2)
+            .await
+            .unwrap();
+        let mut client = connect(&cluster.url()).await;
+        wait_for(20, "2 workers", async || {
+            client.workers().await.unwrap().len() == 2
+        })
+        .await;
+        let dataset = recur_tests::upload_ball(&mut client, 3000, 21).await;
+        let job = client.submit(spec(dataset)).await.unwrap().job_id;
+        let (_, info) = follow(&mut client, &job).await;
+        cluster.shutdown().await.unwrap();
+        info.test.unwrap().accuracy
+    };
+
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
@@ -77,63 +140,107 @@ async fn a_killed_coordinator_resumes_its_job_from_the_latest_checkpoint() {
         .collect();
 
     let dataset = recur_tests::upload_ball(&mut client, 3000, 21).await;
-    let spec = pb::JobSpec {
-        dataset_id: dataset,
-        batch_size: Some(50),
-        max_epochs: 24,
-        patience: 1_000_000,
-        seed: 21,
-        ..Default::default()
-    };
-    let job = client.submit(spec).await.unwrap().job_id;
+    let job = client.submit(spec(dataset)).await.unwrap().job_id;
     let job_dir = dir.path().join("jobs").join(&job);
 
-    for (round, kill_after) in [4u64, 10, 16].into_iter().enumerate() {
+    // Ten kills at random moments: a random epoch, a random delay into it. At least 15 epochs
+    // are left after the last, so no kill comes after the job ended however fast epochs run.
+    let mut at: Vec<u64> = (0..10).map(|_| rng.random_range(2..EPOCHS - 15)).collect();
+    at.sort_unstable();
+    for (round, kill_after) in at.into_iter().enumerate() {
         wait_for(120, &format!("epoch {kill_after}"), async || {
             epochs_done(&mut client, &job).await >= kill_after
         })
         .await;
+        // Not synchronisation: where in the epoch the kill lands.
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..20))).await;
         process.kill().unwrap();
         process.wait().unwrap();
-        if round == 1 {
-            // A damaged file found at start-up: the previous checkpoint is used instead.
-            std::fs::write(job_dir.join("latest.safetensors"), b"not a checkpoint").unwrap();
-        }
+        assert_eq!(
+            stored_job(dir.path(), &job).0,
+            recur_coordinator::scheduler::JobState::Running,
+            "seed {seed} round {round}: the kill came after the job ended"
+        );
+        let damaged = if round == 3 {
+            // A damaged set found at start-up: the one before it is used, and the job says so.
+            let set = latest_set(&job_dir).expect("a latest set");
+            std::fs::write(
+                job_dir.join("sets").join(&set).join("model.safetensors"),
+                b"not a checkpoint",
+            )
+            .unwrap();
+            Some(set)
+        } else {
+            None
+        };
         process = coordinator(dir.path(), port);
         client = connect(&url).await;
         let resumed = client.job(&job).await.unwrap();
         assert!(
             resumed.epochs >= kill_after.saturating_sub(2),
-            "round {round}: resumed at epoch {} (killed after {kill_after})",
+            "seed {seed} round {round}: resumed at epoch {} (killed after {kill_after})",
             resumed.epochs
         );
-        assert!(resumed.epochs > 1, "round {round}: started over");
+        assert!(
+            resumed.epochs > 1,
+            "seed {seed} round {round}: started over"
+        );
+        if let Some(set) = damaged {
+            assert!(
+                resumed.warnings.iter().any(|w| w.contains(&set)),
+                "seed {seed}: the damaged set {set} is not reported: {:?}",
+                resumed.warnings
+            );
+        }
     }
+
+    // The eleventh kill lands after the last epoch's checkpoint and before the job is marked
+    // completed: a slow disk (the test hook) holds that window open.
+    process.kill().unwrap();
+    process.wait().unwrap();
+    process = coordinator_with(dir.path(), port, 150);
+    let last = format!("-e{EPOCHS}-");
+    wait_for(120, "the last epoch's checkpoint", async || {
+        latest_set(&job_dir).is_some_and(|s| s.contains(&last))
+    })
+    .await;
+    process.kill().unwrap();
+    process.wait().unwrap();
+    assert_eq!(
+        stored_job(dir.path(), &job),
+        (recur_coordinator::scheduler::JobState::Running, EPOCHS),
+        "seed {seed}: the kill must land between the last checkpoint and completion"
+    );
+    process = coordinator(dir.path(), port);
+    client = connect(&url).await;
 
     let (history, info) = follow(&mut client, &job).await;
     let epochs: Vec<u64> = history.iter().map(|e| e.epoch).collect();
     assert_eq!(
         pb::JobState::try_from(info.state),
         Ok(pb::JobState::Completed),
-        "{}",
+        "seed {seed}: {}",
         info.message
     );
     assert_eq!(
         epochs,
-        (1..=24).collect::<Vec<_>>(),
-        "the history is continuous"
+        (1..=EPOCHS).collect::<Vec<_>>(),
+        "seed {seed}: every epoch once"
     );
-    let log: Vec<u64> = std::fs::read_to_string(job_dir.join("steps.log"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-        .collect();
     assert_eq!(
-        log,
-        (1..=24 * 36).collect::<Vec<u64>>(),
-        "every step counted once"
+        info.epochs, EPOCHS,
+        "seed {seed}: trained past the last epoch"
     );
-    assert!(info.test.unwrap().accuracy > 0.0);
+    check_steps(&client.steps(&job).await.unwrap(), 3000, 21, 50, EPOCHS);
+    let test = info.test.unwrap().accuracy;
+    assert!(
+        reference > 0.5,
+        "the reference run should have learned: {reference}"
+    );
+    assert!(
+        (test - reference).abs() <= 0.005,
+        "seed {seed}: test accuracy {test} vs {reference} without faults"
+    );
 
     let _ = stop.send(true);
     for w in workers {

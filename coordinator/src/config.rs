@@ -45,6 +45,9 @@ pub struct CoordinatorConfig {
     /// speed is unknown); otherwise ten times what its measured speed predicts. A worker that
     /// misses it is dropped and its part reissued.
     pub part_deadline_floor: Duration,
+    /// Checkpoint sets kept per role (latest, best) for each job, at least 1; the sets the
+    /// job's pointers name are always kept.
+    pub keep_checkpoints: usize,
     /// For tests: every store and checkpoint write takes this much longer, as on a slow disk.
     /// Zero in normal use.
     pub write_delay: Duration,
@@ -75,6 +78,7 @@ impl CoordinatorConfig {
             worker_token: None,
             replicate_values: crate::scheduler::SchedulerConfig::default().replicate_values,
             part_deadline_floor: crate::scheduler::SchedulerConfig::default().deadline_floor,
+            keep_checkpoints: 3,
             write_delay: Duration::ZERO,
         }
     }
@@ -100,6 +104,9 @@ impl CoordinatorConfig {
             || self.max_predict_rows == 0
         {
             return bad("upload, queue and prediction limits must be at least 1");
+        }
+        if self.keep_checkpoints == 0 {
+            return bad("keep at least 1 checkpoint set");
         }
         if self.max_message_bytes < 1 << 20 {
             return bad("max message size must be at least 1 MiB");

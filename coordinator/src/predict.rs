@@ -1,16 +1,22 @@
-//! Prediction: a job's best checkpoint, cached, answering batched requests on one thread.
+//! Prediction: a job's best checkpoint set, cached, answering batched requests on one thread.
 //!
 //! Requests queue on a channel; the predictor thread takes every request waiting, groups them by
 //! job and runs one forward pass per job, so concurrent callers share a batch without anyone
-//! waiting for a timer.
+//! waiting for a timer. Requests are validated before they are queued; should a batch's forward
+//! pass fail anyway, each request in it is run alone, so one request never fails another.
+//!
+//! The model is read from the set the job's `best` pointer names (see
+//! [`recur_core::sets`]): sets are immutable once named, and a set replaced while it is read is
+//! followed to its successor. The cache is invalidated by a generation count: a load that raced
+//! with a newer best is answered from but not kept.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, mpsc};
 
 use candle_core::Device;
-use recur_core::checkpoint::Checkpoint;
 use recur_core::model::SeqModel;
+use recur_core::sets::{CheckpointSets, Role};
 use recur_core::step::{Batch, predict};
 use tokio::sync::oneshot;
 
@@ -31,18 +37,25 @@ struct Request {
     reply: oneshot::Sender<Result<(Vec<f32>, u64)>>,
 }
 
+/// Cached models, and for each job the number of invalidations so far.
+#[derive(Debug, Default)]
+struct Cache {
+    models: HashMap<JobId, Arc<Loaded>>,
+    generation: HashMap<JobId, u64>,
+}
+
 /// Handle to the predictor thread.
 #[derive(Debug, Clone)]
 pub struct Predictor {
     tx: mpsc::Sender<Request>,
-    cache: Arc<Mutex<HashMap<JobId, Arc<Loaded>>>>,
+    cache: Arc<Mutex<Cache>>,
 }
 
 impl Predictor {
     /// Starts the predictor thread; checkpoints are read from `jobs_dir/<job>/best.*`.
     pub fn start(jobs_dir: PathBuf) -> Self {
         let (tx, rx) = mpsc::channel::<Request>();
-        let cache: Arc<Mutex<HashMap<JobId, Arc<Loaded>>>> = Arc::default();
+        let cache: Arc<Mutex<Cache>> = Arc::default();
         let thread_cache = cache.clone();
         std::thread::Builder::new()
             .name("recur-predict".into())
@@ -54,10 +67,12 @@ impl Predictor {
         Self { tx, cache }
     }
 
-    /// Forgets a job's cached model (a better checkpoint landed).
+    /// Forgets a job's cached model (a better checkpoint landed). A load already under way is
+    /// not cached when it finishes.
     pub fn invalidate(&self, job: &JobId) {
         if let Ok(mut cache) = self.cache.lock() {
-            cache.remove(job);
+            cache.models.remove(job);
+            *cache.generation.entry(job.clone()).or_default() += 1;
         }
     }
 
@@ -72,11 +87,7 @@ impl Predictor {
     }
 }
 
-fn serve(
-    rx: mpsc::Receiver<Request>,
-    jobs_dir: PathBuf,
-    cache: Arc<Mutex<HashMap<JobId, Arc<Loaded>>>>,
-) {
+fn serve(rx: mpsc::Receiver<Request>, jobs_dir: PathBuf, cache: Arc<Mutex<Cache>>) {
     while let Ok(first) = rx.recv() {
         let mut by_job: HashMap<JobId, Vec<Request>> = HashMap::new();
         by_job.entry(first.job.clone()).or_default().push(first);
@@ -98,63 +109,72 @@ fn serve(
     }
 }
 
-fn load(
-    job: &JobId,
-    jobs_dir: &std::path::Path,
-    cache: &Mutex<HashMap<JobId, Arc<Loaded>>>,
-) -> Result<Arc<Loaded>> {
-    if let Some(l) = cache.lock().ok().and_then(|c| c.get(job).cloned()) {
-        return Ok(l);
-    }
-    let dir = jobs_dir.join(&job.0);
-    let ckpt = Checkpoint::load(&dir, "best").map_err(|e| match e {
-        recur_core::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-            Error::FailedPrecondition(format!("{job} has no checkpoint yet"))
+fn load(job: &JobId, jobs_dir: &std::path::Path, cache: &Mutex<Cache>) -> Result<Arc<Loaded>> {
+    let generation = {
+        let cache = cache.lock().map_err(|_| Error::ShuttingDown)?;
+        if let Some(l) = cache.models.get(job) {
+            return Ok(l.clone());
         }
-        other => Error::Core(other),
-    })?;
+        cache.generation.get(job).copied().unwrap_or(0)
+    };
+    let sets = CheckpointSets::new(jobs_dir.join(&job.0));
+    let Some((_, ckpt)) = sets.load_current(Role::Best)? else {
+        return Err(Error::FailedPrecondition(format!(
+            "{job} has no checkpoint yet"
+        )));
+    };
     let loaded = Arc::new(Loaded {
         model: SeqModel::new(ckpt.params(&Device::Cpu)?),
         scale: ckpt.manifest.scale,
         epoch: ckpt.manifest.epoch,
     });
-    if let Ok(mut c) = cache.lock() {
-        c.insert(job.clone(), loaded.clone());
+    if let Ok(mut c) = cache.lock()
+        && c.generation.get(job).copied().unwrap_or(0) == generation
+    {
+        c.models.insert(job.clone(), loaded.clone());
     }
     Ok(loaded)
 }
 
 fn run_batch(loaded: &Loaded, requests: Vec<Request>) {
-    let scaled: Vec<Vec<f32>> = requests
+    let rows: Vec<&[f32]> = requests
         .iter()
-        .flat_map(|r| {
-            r.rows
-                .iter()
-                .map(|row| row.iter().map(|v| v / loaded.scale).collect())
-        })
+        .flat_map(|r| r.rows.iter().map(Vec::as_slice))
         .collect();
-    let inputs: Vec<&[f32]> = scaled.iter().map(Vec::as_slice).collect();
-    let result = Batch::from_inputs(&inputs, loaded.model.config().input_size, &Device::Cpu)
-        .and_then(|b| predict(&loaded.model, &b));
-    match result {
+    match forward(loaded, &rows) {
         Ok(preds) => {
             let out = loaded.model.config().output_size;
             let mut at = 0;
             for r in requests {
                 let n = r.rows.len() * out;
-                let values = preds[at..at + n].iter().map(|p| p * loaded.scale).collect();
+                let _ = r.reply.send(Ok((preds[at..at + n].to_vec(), loaded.epoch)));
                 at += n;
-                let _ = r.reply.send(Ok((values, loaded.epoch)));
             }
         }
-        Err(e) => {
-            let msg = e.to_string();
+        Err(e) if requests.len() == 1 => {
+            if let Some(r) = requests.into_iter().next() {
+                let _ = r.reply.send(Err(e));
+            }
+        }
+        // One request must not fail the others it was batched with: each runs alone.
+        Err(_) => {
             for r in requests {
-                let _ = r.reply.send(Err(Error::Core(recur_core::Error::BadRow {
-                    row: 0,
-                    problem: msg.clone(),
-                })));
+                let rows: Vec<&[f32]> = r.rows.iter().map(Vec::as_slice).collect();
+                let result = forward(loaded, &rows).map(|p| (p, loaded.epoch));
+                let _ = r.reply.send(result);
             }
         }
     }
+}
+
+/// Predictions (data units) for raw rows.
+fn forward(loaded: &Loaded, rows: &[&[f32]]) -> Result<Vec<f32>> {
+    let scaled: Vec<Vec<f32>> = rows
+        .iter()
+        .map(|row| row.iter().map(|v| v / loaded.scale).collect())
+        .collect();
+    let inputs: Vec<&[f32]> = scaled.iter().map(Vec::as_slice).collect();
+    let preds = Batch::from_inputs(&inputs, loaded.model.config().input_size, &Device::Cpu)
+        .and_then(|b| predict(&loaded.model, &b))?;
+    Ok(preds.into_iter().map(|p| p * loaded.scale).collect())
 }

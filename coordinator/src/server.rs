@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use recur_core::checkpoint::Checkpoint;
+use recur_core::sets::{CheckpointSets, Role};
 use recur_proto::transport::{
     CONNECTION_WINDOW, KEEPALIVE_INTERVAL, MAX_FRAME_SIZE, STREAM_WINDOW,
 };
@@ -21,7 +21,7 @@ use crate::datasets::Datasets;
 use crate::predict::Predictor;
 use crate::scheduler::{JobState, NewJob, Resume, Scheduler, SchedulerConfig};
 use crate::service::{ClientService, Event, Shared, WorkerService, scheduler_loop};
-use crate::store::Store;
+use crate::store::{JobRecord, Store};
 use crate::{Error, Result};
 
 /// Serves the coordinator on `listener` until `shutdown` completes, then stops: worker streams
@@ -184,13 +184,22 @@ fn recover_jobs(shared: &Shared) -> Result<()> {
             }
         };
         let dir = shared.jobs_dir().join(&record.id.0);
+        let mut record = record;
         let resume = if record.state == JobState::Running {
-            resume_point(shared, &record.id, &dir)?
+            match resume_point(shared, &mut record, &dir)? {
+                Ok(resume) => resume,
+                Err(reason) => {
+                    tracing::error!(job = %record.id, %reason, "cannot resume job");
+                    record.state = JobState::Failed;
+                    record.message = reason;
+                    shared.store.put_job(&record)?;
+                    continue;
+                }
+            }
         } else {
             None
         };
         // The record says where the job really continues from.
-        let mut record = record;
         record.epochs = resume.as_ref().map_or(0, |r| r.latest.manifest.epoch);
         record.steps = resume.as_ref().map_or(0, |r| r.latest.manifest.step);
         let best = resume.as_ref().and_then(|r| r.best.as_ref());
@@ -220,67 +229,57 @@ fn recover_jobs(shared: &Shared) -> Result<()> {
     Ok(())
 }
 
-/// The checkpoint a running job continues from: `latest`, or `previous` when `latest` is damaged
-/// (reported); `None` to start over. The history and step log are cut back to that point.
+/// The checkpoint set a running job continues from: the one `latest` names, or the newest older
+/// one when it is damaged (the damage is kept in the record's warnings, shown by `recur status`);
+/// `Ok(None)` to start over when the job never saved a set. A job whose sets are all damaged is
+/// not silently started over: the returned reason fails it. The history and the step log are cut
+/// back to the set's epoch and step.
 fn resume_point(
     shared: &Shared,
-    id: &crate::ids::JobId,
+    record: &mut JobRecord,
     dir: &std::path::Path,
-) -> Result<Option<Resume>> {
-    let mut resume = None;
-    for stem in ["latest", "previous"] {
-        match Checkpoint::load(dir, stem) {
-            Ok(latest) => {
-                resume = Some(latest);
-                break;
-            }
-            Err(recur_core::Error::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::error!(job = %id, checkpoint = stem, error = %e, "checkpoint damaged; trying an older one")
-            }
+) -> Result<std::result::Result<Option<Resume>, String>> {
+    let id = record.id.clone();
+    let sets = CheckpointSets::new(dir);
+    let recovered = sets.recover(Role::Latest, |_| true)?;
+    let Some((latest_set, latest)) = recovered.loaded else {
+        if recovered.existed {
+            let damage: Vec<String> = recovered.damaged.iter().map(|d| d.to_string()).collect();
+            return Ok(Err(format!(
+                "no checkpoint set of this job loads, so it cannot resume ({}); resubmit it to start over",
+                damage.join("; ")
+            )));
         }
-    }
-    let Some(latest) = resume else {
-        tracing::warn!(job = %id, "no usable checkpoint; the job starts over");
-        shared.store.truncate_history(id, 0)?;
-        cut_step_log(dir, 0);
-        return Ok(None);
+        tracing::info!(job = %id, "no checkpoint yet; the job starts over");
+        shared.store.truncate_history(&id, 0, 0)?;
+        return Ok(Ok(None));
     };
-    let best = Checkpoint::load(dir, "best")
-        .inspect_err(|e| tracing::error!(job = %id, error = %e, "best checkpoint unreadable"))
-        .ok()
-        .filter(|b| b.manifest.step <= latest.manifest.step);
-    shared.store.truncate_history(id, latest.manifest.epoch)?;
-    cut_step_log(dir, latest.manifest.step);
-    let history = shared.store.history(id)?;
-    tracing::info!(job = %id, epoch = latest.manifest.epoch, step = latest.manifest.step, "resuming job");
-    Ok(Some(Resume {
+    for d in &recovered.damaged {
+        tracing::error!(job = %id, set = %d.set, problem = %d.problem, resumed_from = %latest_set, "checkpoint set damaged; resuming from an older one");
+        record.warnings.push(format!(
+            "{d}; resumed from {latest_set} (epoch {})",
+            latest.manifest.epoch
+        ));
+    }
+    let step = latest.manifest.step;
+    let best = sets.recover(Role::Best, |m| m.step <= step)?;
+    for d in &best.damaged {
+        tracing::error!(job = %id, set = %d.set, problem = %d.problem, "best checkpoint set damaged");
+        record.warnings.push(match &best.loaded {
+            Some((name, _)) => format!("{d}; the best model is now {name}"),
+            None => format!("{d}; no earlier best set loads"),
+        });
+    }
+    shared
+        .store
+        .truncate_history(&id, latest.manifest.epoch, step)?;
+    let history = shared.store.history(&id)?;
+    tracing::info!(job = %id, epoch = latest.manifest.epoch, step, set = %latest_set, "resuming job");
+    Ok(Ok(Some(Resume {
         latest,
-        best,
+        best: best.loaded.map(|(_, b)| b),
         history,
-    }))
-}
-
-/// Keeps the step log's lines up to `step` (the steps a resumed job keeps).
-fn cut_step_log(dir: &std::path::Path, step: u64) {
-    let path = dir.join(crate::service::STEP_LOG);
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return;
-    };
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            l.split_whitespace()
-                .next()
-                .and_then(|s| s.parse::<u64>().ok())
-                .is_some_and(|s| s <= step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    if let Err(e) = recur_core::checkpoint::atomic_write(&path, kept.as_bytes()) {
-        tracing::error!(file = %path.display(), error = %e, "cannot cut the step log");
-    }
+    })))
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
-//! The job store: job records, per-epoch history and dataset metadata in redb (embedded,
-//! crash-safe). Values are JSON (records) or protobuf (epoch metrics).
+//! The job store: job records, per-epoch history, the applied steps and dataset metadata in redb
+//! (embedded, crash-safe). Values are JSON (records) or protobuf (epoch metrics, steps). An
+//! epoch's history and its steps are committed in one transaction, so the steps of every
+//! recorded epoch are complete and a resumed job's cut is exact.
 
 use std::path::Path;
 
@@ -18,6 +20,7 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("history");
 const DATASETS: TableDefinition<&str, &[u8]> = TableDefinition::new("datasets");
+const STEPS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("steps");
 
 /// A job as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,6 +49,9 @@ pub struct JobRecord {
     pub test: Option<Metrics>,
     /// Why training stopped.
     pub stop_reason: Option<String>,
+    /// Problems found and worked around (a damaged checkpoint set skipped at resume).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 impl JobRecord {
@@ -64,6 +70,7 @@ impl JobRecord {
             best_validation: None,
             test: None,
             stop_reason: None,
+            warnings: Vec::new(),
         }
     }
 
@@ -107,6 +114,7 @@ impl JobRecord {
             test: self.test.as_ref().map(pb::Metrics::from),
             last_epoch,
             stop_reason: self.stop_reason.clone().unwrap_or_default(),
+            warnings: self.warnings.clone(),
         }
     }
 }
@@ -150,6 +158,7 @@ impl Store {
         tx.open_table(JOBS).map_err(err)?;
         tx.open_table(HISTORY).map_err(err)?;
         tx.open_table(DATASETS).map_err(err)?;
+        tx.open_table(STEPS).map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(Self { db })
     }
@@ -201,15 +210,43 @@ impl Store {
         Ok(jobs)
     }
 
-    /// Records an epoch of a job.
-    pub fn append_epoch(&self, id: &JobId, epoch: &pb::EpochMetrics) -> Result<()> {
+    /// Records an epoch of a job and the steps applied in it, in one transaction.
+    pub fn append_epoch(
+        &self,
+        id: &JobId,
+        epoch: &pb::EpochMetrics,
+        steps: &[pb::StepRecord],
+    ) -> Result<()> {
         let bytes = epoch.encode_to_vec();
         let tx = self.db.begin_write().map_err(err)?;
         tx.open_table(HISTORY)
             .map_err(err)?
             .insert((id.0.as_str(), epoch.epoch), bytes.as_slice())
             .map_err(err)?;
+        {
+            let mut table = tx.open_table(STEPS).map_err(err)?;
+            for step in steps {
+                table
+                    .insert((id.0.as_str(), step.step), step.encode_to_vec().as_slice())
+                    .map_err(err)?;
+            }
+        }
         tx.commit().map_err(err)
+    }
+
+    /// Every recorded step of a job, in order.
+    pub fn steps(&self, id: &JobId) -> Result<Vec<pb::StepRecord>> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let table = tx.open_table(STEPS).map_err(err)?;
+        let mut out = Vec::new();
+        for entry in table
+            .range((id.0.as_str(), 0)..=(id.0.as_str(), u64::MAX))
+            .map_err(err)?
+        {
+            let (_, v) = entry.map_err(err)?;
+            out.push(pb::StepRecord::decode(v.value()).map_err(err)?);
+        }
+        Ok(out)
     }
 
     /// Every epoch of a job, in order.
@@ -243,18 +280,19 @@ impl Store {
         }
     }
 
-    /// Forgets epochs after `epoch` (a resumed job redoes them).
-    pub fn truncate_history(&self, id: &JobId, epoch: u64) -> Result<()> {
+    /// Forgets epochs after `epoch` and steps after `step` (a resumed job redoes them), in one
+    /// transaction.
+    pub fn truncate_history(&self, id: &JobId, epoch: u64, step: u64) -> Result<()> {
         let tx = self.db.begin_write().map_err(err)?;
-        {
-            let mut table = tx.open_table(HISTORY).map_err(err)?;
+        for (table, after) in [(HISTORY, epoch), (STEPS, step)] {
+            let mut table = tx.open_table(table).map_err(err)?;
             let stale: Vec<u64> = table
-                .range((id.0.as_str(), epoch + 1)..=(id.0.as_str(), u64::MAX))
+                .range((id.0.as_str(), after + 1)..=(id.0.as_str(), u64::MAX))
                 .map_err(err)?
                 .filter_map(|e| e.ok().map(|(k, _)| k.value().1))
                 .collect();
-            for e in stale {
-                table.remove((id.0.as_str(), e)).map_err(err)?;
+            for key in stale {
+                table.remove((id.0.as_str(), key)).map_err(err)?;
             }
         }
         tx.commit().map_err(err)
@@ -323,6 +361,14 @@ mod tests {
             );
             store.put_job(&rec).unwrap();
             for e in 1..=3 {
+                let steps: Vec<pb::StepRecord> = (1..=2)
+                    .map(|k| pb::StepRecord {
+                        step: (e - 1) * 2 + k,
+                        epoch: e,
+                        samples: 10,
+                        rows_digest: e,
+                    })
+                    .collect();
                 store
                     .append_epoch(
                         &id,
@@ -330,10 +376,11 @@ mod tests {
                             epoch: e,
                             ..Default::default()
                         },
+                        &steps,
                     )
                     .unwrap();
             }
-            store.truncate_history(&id, 2).unwrap();
+            store.truncate_history(&id, 2, 4).unwrap();
         }
         let store = Store::open(&path).unwrap();
         assert_eq!(store.next_job_id().unwrap(), JobId::nth(2));
@@ -349,6 +396,13 @@ mod tests {
             .map(|e| e.epoch)
             .collect();
         assert_eq!(epochs, [1, 2]);
+        let steps: Vec<(u64, u64)> = store
+            .steps(&JobId::nth(1))
+            .unwrap()
+            .iter()
+            .map(|s| (s.step, s.epoch))
+            .collect();
+        assert_eq!(steps, [(1, 1), (2, 1), (3, 2), (4, 2)]);
         assert!(store.job(&JobId::nth(7)).unwrap().is_none());
     }
 }

@@ -9,6 +9,7 @@
 //! - [`metrics`]: the tutorial's accuracy, MSE, MAE and exact-integer share.
 //! - [`optim`]: SGD, Adam, AdamW, Adadelta on flat vectors, and learning-rate schedules.
 //! - [`checkpoint`]: safetensors + JSON manifest, written atomically.
+//! - [`sets`]: a job's checkpoints as one directory per saved set with atomic role pointers.
 //! - [`step`] and [`train`]: one batch's gradient, and the whole training loop.
 
 #![warn(missing_docs)]
@@ -22,6 +23,7 @@ pub mod fused;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod sets;
 pub mod step;
 pub mod stop;
 pub mod train;

@@ -221,3 +221,61 @@ pub async fn follow(client: &mut Client, job: &str) -> (Vec<pb::EpochMetrics>, p
 pub fn state(info: &pb::JobInfo) -> pb::JobState {
     pb::JobState::try_from(info.state).unwrap_or(pb::JobState::Unspecified)
 }
+
+/// Checks the steps a job stored (`recur`'s `GetSteps`) against what its spec implies: numbered
+/// 1, 2, 3… with none missing or repeated; `epochs` epochs; every step of exactly `batch` rows
+/// except each epoch's last (the remainder); and every epoch used every training row of the
+/// dataset (`rows` rows, split with `seed`, 60/20/20) exactly once, by the row digests.
+pub fn check_steps(steps: &[pb::StepRecord], rows: usize, seed: u64, batch: usize, epochs: u64) {
+    let train = recur_core::data::Split::new(rows, seed, Default::default())
+        .unwrap()
+        .train;
+    let per_epoch = train.len().div_ceil(batch);
+    assert_eq!(
+        steps.iter().map(|s| s.step).collect::<Vec<_>>(),
+        (1..=epochs * per_epoch as u64).collect::<Vec<_>>(),
+        "every step once, in order"
+    );
+    let whole = recur_core::data::rows_digest(&train);
+    for (k, chunk) in steps.chunks(per_epoch).enumerate() {
+        let epoch = k as u64 + 1;
+        let mut digest = 0u64;
+        for (i, s) in chunk.iter().enumerate() {
+            assert_eq!(s.epoch, epoch, "step {} is in the wrong epoch", s.step);
+            let expected = if i + 1 < per_epoch {
+                batch
+            } else {
+                train.len() - batch * (per_epoch - 1)
+            };
+            assert_eq!(
+                s.samples, expected as u64,
+                "step {} of epoch {epoch} did not use its global batch",
+                s.step
+            );
+            digest = digest.wrapping_add(s.rows_digest);
+        }
+        assert_eq!(
+            digest, whole,
+            "epoch {epoch} did not use every training row exactly once"
+        );
+    }
+}
+
+/// The seed of a soak test's random moments: `RECUR_SOAK_SEED` to replay a failure, else a new
+/// one. It is printed (shown with the output of a failing test) so a failure can be replayed.
+#[allow(
+    clippy::print_stderr,
+    reason = "the seed must reach whoever reads a failing test's output"
+)]
+pub fn soak_seed() -> u64 {
+    let seed = std::env::var("RECUR_SOAK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    eprintln!("soak seed {seed} (replay with RECUR_SOAK_SEED={seed})");
+    seed
+}

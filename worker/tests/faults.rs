@@ -1,15 +1,16 @@
 //! Worker processes that die (`kill -9`) or stop (`SIGSTOP`) in the middle of a job.
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
 
 use recur_client::Client;
 use recur_client::local::LocalCluster;
 use recur_coordinator::CoordinatorConfig;
 use recur_core::data::BallConfig;
 use recur_proto::v1 as pb;
-use recur_tests::{Process, follow, wait_for};
+use recur_tests::{Process, check_steps, follow, soak_seed, wait_for};
 
 fn worker(url: &str, name: &str) -> Process {
     Process(
@@ -31,15 +32,6 @@ fn signal(child: &Child, sig: &str) {
     assert!(status.success());
 }
 
-fn step_log(dir: &std::path::Path, job: &str) -> Vec<u64> {
-    let path: PathBuf = dir.join("jobs").join(job).join("steps.log");
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-        .collect()
-}
-
 fn job_spec(dataset: &str, max_epochs: u64) -> pb::JobSpec {
     pb::JobSpec {
         dataset_id: dataset.into(),
@@ -54,7 +46,7 @@ fn job_spec(dataset: &str, max_epochs: u64) -> pb::JobSpec {
 const STEPS_PER_EPOCH: usize = 36; // 3,000 rows, 60 % for training, batches of 50
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_worker_processes_mid_epoch_loses_no_step() {
+async fn soak_ten_worker_kills_at_random_moments_lose_no_step() {
     let data = BallConfig {
         rows: 3000,
         ..BallConfig::tutorial(12)
@@ -100,19 +92,26 @@ async fn killing_worker_processes_mid_epoch_loses_no_step() {
         .unwrap()
         .dataset_id;
     let id = client.submit(job_spec(&dataset, 150)).await.unwrap().job_id;
-    let total = 150 * STEPS_PER_EPOCH;
-    for (k, (epoch, offset)) in [(5, 5), (60, 17), (120, 30)].into_iter().enumerate() {
-        let at = epoch * STEPS_PER_EPOCH + offset;
-        wait_for(60, &format!("step {at}"), async || {
-            step_log(dir.path(), &id).len() >= at
+    // Ten kills at random moments: a random epoch, a random delay into it, a random victim.
+    let seed = soak_seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut at: Vec<u64> = (0..10).map(|_| rng.random_range(2..140)).collect();
+    at.sort_unstable();
+    for (k, epoch) in at.into_iter().enumerate() {
+        wait_for(120, &format!("epoch {epoch}"), async || {
+            client.job(&id).await.unwrap().epochs >= epoch
         })
         .await;
-        let mut victim = workers.remove(0);
+        // Not synchronisation: where in the epoch the fault lands.
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..20))).await;
+        let mut victim = workers.remove(rng.random_range(0..workers.len()));
         victim.kill().unwrap();
         victim.wait().unwrap();
-        assert!(
-            step_log(dir.path(), &id).len() < total,
-            "kill {k} came after the job ended"
+        let info = client.job(&id).await.unwrap();
+        assert_eq!(
+            pb::JobState::try_from(info.state),
+            Ok(pb::JobState::Running),
+            "seed {seed}: kill {k} came after the job ended"
         );
         workers.push(worker(&url, &format!("replacement{k}")));
     }
@@ -121,24 +120,21 @@ async fn killing_worker_processes_mid_epoch_loses_no_step() {
         let _ = w.kill();
         let _ = w.wait();
     }
+    let steps = client.steps(&id).await.unwrap();
     cluster.shutdown().await.unwrap();
 
     assert_eq!(
         pb::JobState::try_from(info.state),
         Ok(pb::JobState::Completed),
-        "{}",
+        "seed {seed}: {}",
         info.message
     );
     assert_eq!(
         epochs.iter().map(|e| e.epoch).collect::<Vec<_>>(),
-        (1..=150).collect::<Vec<_>>()
+        (1..=150).collect::<Vec<_>>(),
+        "seed {seed}"
     );
-    let log = step_log(dir.path(), &id);
-    assert_eq!(
-        log,
-        (1..=total as u64).collect::<Vec<_>>(),
-        "every step once, in order"
-    );
+    check_steps(&steps, 3000, 12, 50, 150);
     let (test, reference_test) = (
         info.test.unwrap().accuracy,
         reference.test.unwrap().accuracy,
@@ -216,12 +212,14 @@ async fn a_stopped_worker_is_dropped_and_rejoins_after_sigcont() {
         pb::JobState::try_from(info.state),
         Ok(pb::JobState::Cancelled)
     );
-    let log = step_log(dir.path(), &id);
+    // The steps of every recorded epoch are stored (the cancelled epoch's are not).
+    let steps = client.steps(&id).await.unwrap();
     assert_eq!(
-        log,
-        (1..=log.len() as u64).collect::<Vec<_>>(),
-        "every step once, in order"
+        steps.len() % STEPS_PER_EPOCH,
+        0,
+        "only whole epochs are stored"
     );
+    check_steps(&steps, 3000, 12, 50, (steps.len() / STEPS_PER_EPOCH) as u64);
     for w in &mut workers {
         let _ = w.kill();
         let _ = w.wait();

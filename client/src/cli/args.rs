@@ -121,6 +121,12 @@ pub struct LocalArgs {
     /// Where the workers compute: `cpu` or `cuda:N` (a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Checkpoint sets kept per job and role (latest, best); the sets in use are always kept.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep_checkpoints: u64,
+    /// Test hook: every store and checkpoint write takes this many ms longer (a slow disk).
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub test_write_delay_ms: u64,
 }
 
 /// `recur worker`.

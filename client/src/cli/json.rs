@@ -65,6 +65,7 @@ pub fn job(j: &pb::JobInfo) -> Value {
         "best_validation": metrics(j.best_validation.as_ref()),
         "test": metrics(j.test.as_ref()),
         "stop_reason": j.stop_reason,
+        "warnings": j.warnings,
         "last_epoch": j.last_epoch.as_ref().map_or(Value::Null, epoch),
         "created_unix_ms": j.created_unix_ms,
         "updated_unix_ms": j.updated_unix_ms,

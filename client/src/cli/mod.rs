@@ -328,6 +328,9 @@ fn print_job(info: &pb::JobInfo, as_json: bool) {
     if !info.stop_reason.is_empty() {
         println!("stopped by {}", info.stop_reason);
     }
+    for w in &info.warnings {
+        println!("warning    {w}");
+    }
 }
 
 fn print_summary(info: &pb::JobInfo) {
@@ -717,7 +720,9 @@ async fn local(args: LocalArgs) -> Result<()> {
         .clone()
         .or_else(|| temp.as_ref().map(|t| t.path().to_path_buf()))
         .unwrap_or_default();
-    let config = recur_coordinator::CoordinatorConfig::new(&data_dir);
+    let mut config = recur_coordinator::CoordinatorConfig::new(&data_dir);
+    config.keep_checkpoints = args.keep_checkpoints as usize;
+    config.write_delay = std::time::Duration::from_millis(args.test_write_delay_ms);
     let device = parse_device(&args.device)?;
     let cluster = LocalCluster::start_on(&args.listen, config, args.workers, device)
         .await

@@ -65,6 +65,12 @@ struct Args {
     /// it (a hung compute whose heartbeats go on) is dropped and its part reissued.
     #[arg(long, default_value_t = 60)]
     part_deadline_s: u64,
+    /// Checkpoint sets kept per job and role (latest, best); the sets in use are always kept.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    keep_checkpoints: u64,
+    /// Test hook: every store and checkpoint write takes this many ms longer (a slow disk).
+    #[arg(long, default_value_t = 0, hide = true)]
+    test_write_delay_ms: u64,
     /// Server certificate (PEM); with --tls-key, serves TLS only.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -97,6 +103,8 @@ fn main() -> anyhow::Result<()> {
     config.no_worker_grace = Duration::from_secs(args.no_worker_grace_s);
     config.replicate_values = args.replicate_values;
     config.part_deadline_floor = Duration::from_secs(args.part_deadline_s);
+    config.keep_checkpoints = args.keep_checkpoints as usize;
+    config.write_delay = Duration::from_millis(args.test_write_delay_ms);
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let read =
             |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));

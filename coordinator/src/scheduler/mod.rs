@@ -83,24 +83,8 @@ impl JobState {
     }
 }
 
-/// Which checkpoint of a job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CheckpointKind {
-    /// The best parameters by validation accuracy.
-    Best,
-    /// The most recent epoch, with optimizer state.
-    Latest,
-}
-
-impl CheckpointKind {
-    /// The file stem.
-    pub fn stem(self) -> &'static str {
-        match self {
-            Self::Best => "best",
-            Self::Latest => "latest",
-        }
-    }
-}
+/// Which checkpoint of a job: the role of a checkpoint set.
+pub use recur_core::sets::Role as CheckpointKind;
 
 /// What changed about a job; the store merges it into the job's record.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -132,8 +116,8 @@ pub enum Action {
     Disconnect(WorkerId, String),
     /// A job's state or progress changed.
     Job(JobId, JobProgress),
-    /// A job finished an epoch.
-    Epoch(JobId, pb::EpochMetrics),
+    /// A job finished an epoch: store its history and the steps applied in it together.
+    Epoch(JobId, pb::EpochMetrics, Vec<pb::StepRecord>),
     /// Write a checkpoint (atomically; `best` before `latest` when both come).
     Checkpoint(JobId, CheckpointKind, Box<Checkpoint>),
     /// An optimizer step was applied: append it to the job's step log.

@@ -39,6 +39,8 @@ struct Sim {
     disconnects: Vec<(WorkerId, String)>,
     sent: Vec<(WorkerId, Cmd)>,
     step_log: Vec<(JobId, u64)>,
+    /// The steps stored with each epoch.
+    steps: Vec<(JobId, pb::StepRecord)>,
     /// Rewrites replies on their way back to the scheduler (a misbehaving worker).
     tamper: Box<dyn FnMut(WorkerId, Reply) -> Reply>,
 }
@@ -68,6 +70,7 @@ impl Sim {
             disconnects: Vec::new(),
             sent: Vec::new(),
             step_log: Vec::new(),
+            steps: Vec::new(),
             tamper: Box::new(|_, reply| reply),
         }
     }
@@ -120,7 +123,11 @@ impl Sim {
                         self.disconnects.push((w, reason));
                     }
                     Action::Job(id, p) => self.progress.push((id, p)),
-                    Action::Epoch(id, e) => self.epochs.push((id, e)),
+                    Action::Epoch(id, e, steps) => {
+                        self.steps
+                            .extend(steps.into_iter().map(|s| (id.clone(), s)));
+                        self.epochs.push((id, e))
+                    }
                     Action::Checkpoint(id, kind, c) => self.checkpoints.push((id, kind, *c)),
                     Action::StepApplied { job, step, .. } => self.step_log.push((job, step)),
                 }
@@ -188,6 +195,54 @@ fn job(n: u64, max_steps: u64, seed: u64) -> NewJob {
     }
 }
 
+/// Checks the steps stored with the history of job `n` (made by [`job`] with `seed`): numbered
+/// 1, 2, 3…; every step of exactly the batch (40) but an epoch's last; every complete epoch used
+/// every training row once (its steps' row digests add up to the training split's).
+fn check_stored_steps(sim: &Sim, n: u64, seed: u64) {
+    let id = JobId::nth(n);
+    let reference = job(n, 1, seed);
+    let t = &reference.spec.train;
+    let train = recur_core::data::Split::new(reference.data.len(), t.seed, t.split)
+        .unwrap()
+        .train;
+    let steps: Vec<&pb::StepRecord> = sim
+        .steps
+        .iter()
+        .filter(|(j, _)| *j == id)
+        .map(|(_, s)| s)
+        .collect();
+    assert!(!steps.is_empty(), "no steps stored");
+    assert_eq!(
+        steps.iter().map(|s| s.step).collect::<Vec<_>>(),
+        (1..=steps.len() as u64).collect::<Vec<_>>(),
+        "every step once, in order"
+    );
+    let per_epoch = train.len().div_ceil(t.batch_size);
+    let last_epoch = steps.last().map_or(0, |s| s.epoch);
+    for epoch in 1..=last_epoch {
+        let of: Vec<&&pb::StepRecord> = steps.iter().filter(|s| s.epoch == epoch).collect();
+        for (k, s) in of.iter().enumerate() {
+            let full = (k + 1) * t.batch_size <= train.len();
+            let expected = if full {
+                t.batch_size
+            } else {
+                train.len() % t.batch_size
+            };
+            assert_eq!(s.samples, expected as u64, "epoch {epoch} step {}", s.step);
+        }
+        if of.len() == per_epoch {
+            let digest = of
+                .iter()
+                .fold(0u64, |acc, s| acc.wrapping_add(s.rows_digest));
+            assert_eq!(
+                digest,
+                recur_core::data::rows_digest(&train),
+                "epoch {epoch} did not use every training row exactly once"
+            );
+        }
+    }
+}
+
 fn steps_of(sim: &Sim, job: &JobId) -> u64 {
     sim.progress
         .iter()
@@ -210,6 +265,7 @@ fn a_job_runs_to_completion_on_two_workers() {
     // 240 training rows in batches of 40: 6 steps an epoch, so 2 epochs.
     let epochs: Vec<u64> = sim.epochs.iter().map(|(_, e)| e.epoch).collect();
     assert_eq!(epochs, [1, 2]);
+    check_stored_steps(&sim, 1, 1);
     assert!(sim.epochs.iter().all(|(_, e)| e.workers == 2));
     assert!(
         sim.checkpoints
@@ -256,6 +312,7 @@ fn a_worker_lost_mid_step_is_replaced_and_the_result_is_unchanged() {
         assert_eq!(steps_of(&faulty, &id), 9, "no step lost or applied twice");
         let log: Vec<u64> = faulty.step_log.iter().map(|(_, s)| *s).collect();
         assert_eq!(log, (1..=9).collect::<Vec<_>>());
+        check_stored_steps(&faulty, 1, 2);
         let params = faulty.latest_params(&id);
         for (a, b) in params.iter().zip(&reference) {
             assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-2), "{a} vs {b}");

@@ -3,6 +3,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use recur_core::sets::{CheckpointSets, Role};
 use recur_proto::v1 as pb;
 use recur_proto::v1::recur_server::Recur;
 use sha2::{Digest, Sha256};
@@ -382,20 +383,18 @@ impl Recur for ClientService {
         let req = request.into_inner();
         let id = job_id(&req.job_id)?;
         self.record(&id)?;
-        let kind = if req.kind == pb::CheckpointKind::Latest as i32 {
-            "latest"
+        let (role, kind) = if req.kind == pb::CheckpointKind::Latest as i32 {
+            (Role::Latest, "latest")
         } else {
-            "best"
+            (Role::Best, "best")
         };
-        let dir = self.shared.jobs_dir().join(&id.0);
-        let (manifest, bytes) = tokio::task::spawn_blocking(move || read_checkpoint(&dir, kind))
+        let sets = CheckpointSets::new(self.shared.jobs_dir().join(&id.0));
+        let (manifest, bytes) = tokio::task::spawn_blocking(move || sets.read_current(role))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| match e {
-                Error::NotFound(_) => {
-                    Status::failed_precondition(format!("{id} has no {kind} checkpoint yet"))
-                }
-                other => other.into(),
+            .map_err(Error::from)?
+            .ok_or_else(|| {
+                Status::failed_precondition(format!("{id} has no {kind} checkpoint yet"))
             })?;
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
@@ -433,6 +432,16 @@ impl Recur for ClientService {
             .await
             .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
         Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+
+    async fn get_steps(
+        &self,
+        request: Request<pb::GetStepsRequest>,
+    ) -> Result<Response<pb::GetStepsResponse>, Status> {
+        let id = job_id(&request.into_inner().job_id)?;
+        self.record(&id)?;
+        let steps = self.shared.store.steps(&id)?;
+        Ok(Response::new(pb::GetStepsResponse { steps }))
     }
 
     #[tracing::instrument(skip_all)]
@@ -496,31 +505,4 @@ impl Recur for ClientService {
         self.shared.metrics.predicted.inc_by(count);
         Ok(Response::new(pb::PredictResponse { predictions, epoch }))
     }
-}
-
-/// Reads a checkpoint's manifest and parameter file, retrying if a write lands in between.
-fn read_checkpoint(dir: &std::path::Path, stem: &str) -> Result<(String, Vec<u8>), Error> {
-    let paths = recur_core::checkpoint::CheckpointPaths::new(dir, stem);
-    for _ in 0..5 {
-        let manifest = match std::fs::read_to_string(&paths.manifest) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::NotFound(stem.into()));
-            }
-            Err(e) => return Err(Error::io(&paths.manifest, e)),
-        };
-        let bytes = std::fs::read(&paths.model).map_err(|e| Error::io(&paths.model, e))?;
-        // A write may land between the two reads: keep the pair only if the steps agree.
-        let manifest_step = serde_json::from_str::<recur_core::checkpoint::Manifest>(&manifest)
-            .ok()
-            .map(|m| m.step);
-        if manifest_step.is_some()
-            && manifest_step == recur_core::checkpoint::model_file_step(&bytes)
-        {
-            return Ok((manifest, bytes));
-        }
-    }
-    Err(Error::FailedPrecondition(format!(
-        "{stem} checkpoint kept changing while being read; try again"
-    )))
 }

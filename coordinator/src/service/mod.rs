@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use recur_core::sets::CheckpointSets;
 use recur_proto::v1 as pb;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tonic::Status;
@@ -109,7 +110,6 @@ pub(crate) async fn scheduler_loop(
     let mut state = LoopState {
         scheduler,
         streams: HashMap::new(),
-        step_logs: HashMap::new(),
     };
     loop {
         let event = tokio::select! {
@@ -144,12 +144,10 @@ pub(crate) async fn scheduler_loop(
     tracing::info!("scheduler loop stopped");
 }
 
-/// What the scheduler loop owns besides the scheduler: the workers' streams and the open step
-/// logs.
+/// What the scheduler loop owns besides the scheduler: the workers' streams.
 struct LoopState {
     scheduler: Scheduler,
     streams: HashMap<WorkerId, WorkerStream>,
-    step_logs: HashMap<JobId, std::fs::File>,
 }
 
 impl LoopState {
@@ -209,7 +207,7 @@ impl LoopState {
             .into_iter()
             .partition(|a| matches!(a, Action::Send(..) | Action::Disconnect(..)));
         for action in sends {
-            perform(shared, &mut self.streams, &mut self.step_logs, action);
+            perform(shared, &mut self.streams, action);
         }
         let blocking = writes.iter().any(|a| {
             matches!(
@@ -219,7 +217,7 @@ impl LoopState {
         });
         let run = || {
             for action in writes {
-                perform(shared, &mut self.streams, &mut self.step_logs, action);
+                perform(shared, &mut self.streams, action);
             }
         };
         let multi_thread = tokio::runtime::Handle::try_current()
@@ -254,12 +252,7 @@ fn worker_infos(scheduler: &Scheduler, now: Instant) -> Vec<pb::WorkerInfo> {
         .collect()
 }
 
-fn perform(
-    shared: &Shared,
-    streams: &mut HashMap<WorkerId, WorkerStream>,
-    step_logs: &mut HashMap<JobId, std::fs::File>,
-    action: Action,
-) {
+fn perform(shared: &Shared, streams: &mut HashMap<WorkerId, WorkerStream>, action: Action) {
     match action {
         Action::Send(id, message) => {
             if let Some(stream) = streams.get(&id) {
@@ -294,10 +287,10 @@ fn perform(
             };
             publish_job(shared, &record);
         }
-        Action::Epoch(id, epoch) => {
+        Action::Epoch(id, epoch, steps) => {
             slow_disk(shared);
             shared.metrics.epochs.inc();
-            if let Err(e) = shared.store.append_epoch(&id, &epoch) {
+            if let Err(e) = shared.store.append_epoch(&id, &epoch, &steps) {
                 tracing::error!(job = %id, error = %e, "could not persist epoch");
             }
             let _ = shared.watch.send(WatchEvent {
@@ -307,13 +300,11 @@ fn perform(
             });
         }
         Action::StepApplied {
-            job,
-            step,
             samples,
             compute_ms,
             total_ms,
+            ..
         } => {
-            use std::io::Write;
             let m = &shared.metrics;
             m.steps.inc();
             m.samples.inc_by(samples);
@@ -321,35 +312,13 @@ fn perform(
             m.compute_seconds.observe(compute_ms / 1e3);
             m.wait_seconds
                 .observe((total_ms - compute_ms).max(0.0) / 1e3);
-            if !step_logs.contains_key(&job) {
-                let dir = shared.jobs_dir().join(&job.0);
-                let file = std::fs::create_dir_all(&dir).and_then(|()| {
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(dir.join(STEP_LOG))
-                });
-                match file {
-                    Ok(f) => {
-                        step_logs.insert(job.clone(), f);
-                    }
-                    Err(e) => tracing::error!(job = %job, error = %e, "cannot open the step log"),
-                }
-            }
-            if let Some(f) = step_logs.get_mut(&job)
-                && let Err(e) = writeln!(f, "{step} {samples}")
-            {
-                tracing::error!(job = %job, error = %e, "cannot append to the step log");
-            }
         }
         Action::Checkpoint(id, kind, checkpoint) => {
             slow_disk(shared);
-            let dir = shared.jobs_dir().join(&id.0);
-            if kind == CheckpointKind::Latest {
-                keep_previous(&dir);
-            }
-            match checkpoint.save(&dir, kind.stem()) {
-                Ok(_) => {
+            let sets = CheckpointSets::new(shared.jobs_dir().join(&id.0));
+            match sets.save(kind, &checkpoint, shared.config.keep_checkpoints) {
+                Ok(set) => {
+                    tracing::debug!(job = %id, %set, "checkpoint set written");
                     if kind == CheckpointKind::Best {
                         shared.predictor.invalidate(&id);
                     }
@@ -365,29 +334,6 @@ fn perform(
 fn slow_disk(shared: &Shared) {
     if !shared.config.write_delay.is_zero() {
         std::thread::sleep(shared.config.write_delay);
-    }
-}
-
-/// The file, in a job's directory, that lists every applied step as `STEP SAMPLES`.
-pub(crate) const STEP_LOG: &str = "steps.log";
-
-/// Renames the `latest` checkpoint's files to `previous` before a new `latest` is written, so a
-/// damaged `latest` found at start-up can fall back to the one before it.
-fn keep_previous(dir: &std::path::Path) {
-    let latest = recur_core::checkpoint::CheckpointPaths::new(dir, "latest");
-    let previous = recur_core::checkpoint::CheckpointPaths::new(dir, "previous");
-    // The manifest goes first: a `previous` with a stale manifest fails its step check, never
-    // passes for complete.
-    for (from, to) in [
-        (&latest.manifest, &previous.manifest),
-        (&latest.model, &previous.model),
-        (&latest.optimizer, &previous.optimizer),
-    ] {
-        if from.exists()
-            && let Err(e) = std::fs::rename(from, to)
-        {
-            tracing::warn!(file = %from.display(), error = %e, "cannot keep the previous checkpoint");
-        }
     }
 }
 

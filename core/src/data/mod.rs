@@ -7,7 +7,9 @@ mod split;
 
 pub use csv::{CsvErrors, CsvLimits, LineError, LineProblem, parse_csv};
 pub use generate::BallConfig;
-pub use split::{Scale, Split, SplitFractions, epoch_batches, shard_by_steps, split_batch};
+pub use split::{
+    Scale, Split, SplitFractions, epoch_batches, rows_digest, shard_by_steps, split_batch,
+};
 
 use std::fmt::Write as _;
 

@@ -134,6 +134,20 @@ impl Split {
     }
 }
 
+/// A digest of a multiset of row indices: the wrapping sum of a 64-bit mix of each. Digests add
+/// up (`rows_digest(a ++ b) == rows_digest(a).wrapping_add(rows_digest(b))`), so the digests of
+/// an epoch's steps sum to the digest of the training split exactly when the steps used each of
+/// its rows once (up to a 2^-64 chance), in whatever order and grouping.
+pub fn rows_digest(rows: &[usize]) -> u64 {
+    rows.iter().fold(0u64, |acc, &r| {
+        // SplitMix64's finaliser: consecutive indices land far apart.
+        let mut z = (r as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        acc.wrapping_add(z ^ (z >> 31))
+    })
+}
+
 /// Weights usable for sharing out work: one per worker, each positive and finite; anything else
 /// (an empty list, a zero, a NaN) makes every weight 1.
 fn usable_weights(weights: &[f64]) -> Vec<f64> {
@@ -251,6 +265,24 @@ pub fn epoch_batches(rows: &[usize], batch_size: usize, seed: u64, epoch: u64) -
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rows_digest_adds_up_and_tells_multisets_apart() {
+        let all: Vec<usize> = (0..500).collect();
+        let (a, b) = all.split_at(137);
+        assert_eq!(
+            rows_digest(&all),
+            rows_digest(a).wrapping_add(rows_digest(b))
+        );
+        let mut shuffled = all.clone();
+        shuffled.reverse();
+        assert_eq!(rows_digest(&shuffled), rows_digest(&all));
+        // A row used twice and another never is a different multiset.
+        let mut twice = all.clone();
+        twice[3] = 4;
+        assert_ne!(rows_digest(&twice), rows_digest(&all));
+        assert_ne!(rows_digest(&all[1..]), rows_digest(&all));
+    }
+
     use super::*;
     use proptest::prelude::*;
 

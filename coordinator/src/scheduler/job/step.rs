@@ -1,0 +1,295 @@
+//! Training steps: each global mini-batch cut into parts, the workers' gradient sums added in
+//! part order as they arrive, averaged over the rows the coordinator assigned, and applied by the
+//! optimizer.
+
+use std::time::Instant;
+
+use recur_core::convert::{add_wire_f32s, f32s_from_wire, f32s_to_wire};
+use recur_core::data::rows_digest;
+use recur_core::metrics::BatchSums;
+use recur_core::stop::StopReason;
+use recur_proto::Bytes;
+use recur_proto::v1 as pb;
+
+use super::eval::EvalKind;
+use super::round::{Part, Round};
+use super::sharding::TRAIN;
+use super::{Next, Phase, RunningJob};
+use crate::ids::WorkerId;
+use crate::scheduler::{Action, Ctx, msg};
+
+use pb::coordinator_message::Kind as Cmd;
+
+#[derive(Debug)]
+pub(super) struct PartResult {
+    /// The gradient sum as it travelled, until it is added to the step's total.
+    grad: Option<Bytes>,
+    sums: BatchSums,
+    compute_ms: f64,
+}
+
+#[derive(Debug)]
+pub(super) struct PendingStep {
+    /// The step being computed (1-based): `version + 1`.
+    pub(super) step: u64,
+    pub(super) round: Round<PartResult>,
+    /// The gradient sum of `parts[..reduced]`: results are added as they arrive, but always in
+    /// part order (a result waits for those before it), so the sum does not depend on timing.
+    grad: Vec<f32>,
+    reduced: usize,
+    sent_at: Instant,
+}
+
+impl PendingStep {
+    /// Adds every result whose turn has come to the running sum.
+    fn reduce_ready(&mut self) {
+        while let Some(part) = self.round.parts.get(self.reduced) {
+            let Some(result) = self.round.results.get_mut(&part.id) else {
+                break;
+            };
+            if let Some(g) = result.grad.take() {
+                // Lengths were checked when the result arrived.
+                if self.reduced == 0 {
+                    let first = f32s_from_wire(&g, "StepResult.grad_sum");
+                    debug_assert!(first.is_ok(), "gradient lengths are checked on arrival");
+                    self.grad = first.unwrap_or_default();
+                } else {
+                    let added = add_wire_f32s(&mut self.grad, &g);
+                    debug_assert!(added, "gradient lengths are checked on arrival");
+                }
+            }
+            self.reduced += 1;
+        }
+    }
+}
+
+impl RunningJob {
+    /// The parameters to send a worker with a command at `version`, if it lacks them.
+    pub(super) fn params_for(
+        &mut self,
+        worker: WorkerId,
+        version: u64,
+        values: &Bytes,
+    ) -> Option<pb::FlatVector> {
+        if self.sent_version.get(&worker) == Some(&version) {
+            return None;
+        }
+        self.sent_version.insert(worker, version);
+        Some(pb::FlatVector {
+            version,
+            values: values.clone(),
+        })
+    }
+
+    /// The current parameters as they travel, encoded once per version and shared by every
+    /// message that carries them.
+    pub(super) fn wire_params(&mut self) -> Bytes {
+        match &self.wire {
+            Some((v, bytes)) if *v == self.version => bytes.clone(),
+            _ => {
+                let bytes = f32s_to_wire(&self.params);
+                self.wire = Some((self.version, bytes.clone()));
+                bytes
+            }
+        }
+    }
+
+    pub(super) fn send_step_parts(&mut self, parts: &[Part], step: u64, cx: &mut Ctx<'_>) {
+        let values = self.wire_params();
+        for part in parts {
+            let params = self.params_for(part.worker, self.version, &values);
+            cx.actions.push(Action::Send(
+                part.worker,
+                msg(Cmd::Step(pb::Step {
+                    job_id: self.id.0.clone(),
+                    step,
+                    part: part.id,
+                    params,
+                    version: self.version,
+                    rows: part.rows.iter().map(|&r| r as u64).collect(),
+                })),
+            ));
+        }
+    }
+
+    pub(super) fn issue_step(&mut self, cx: &mut Ctx<'_>) {
+        if self.stalled {
+            self.phase = Phase::Waiting(Next::Step);
+            return;
+        }
+        if self.cursor >= self.batches.len() {
+            self.start_eval(EvalKind::Validation, cx);
+            return;
+        }
+        let rows = self.batches[self.cursor].clone();
+        let parts = self.make_parts(TRAIN, &rows, cx);
+        let step = self.version + 1;
+        self.failures.start(self.members.len());
+        self.send_step_parts(&parts, step, cx);
+        self.phase = Phase::Step(PendingStep {
+            step,
+            round: Round::new(parts),
+            grad: Vec::new(),
+            reduced: 0,
+            sent_at: cx.now,
+        });
+    }
+
+    pub(crate) fn step_result(&mut self, worker: WorkerId, r: pb::StepResult, cx: &mut Ctx<'_>) {
+        let expected_len = self.params.len();
+        let Phase::Step(pending) = &mut self.phase else {
+            return;
+        };
+        let fresh = r.job_id == self.id.0
+            && r.step == pending.step
+            && r.version == self.version
+            && pending.round.awaited(r.part, worker).is_some();
+        if !fresh {
+            tracing::debug!(job = %self.id, %worker, step = r.step, part = r.part, "stale step result discarded");
+            return;
+        }
+        if r.grad_sum.len() != expected_len * 4 {
+            cx.drops.push((
+                worker,
+                format!(
+                    "sent a gradient of {} bytes for a model of {expected_len} parameters ({} bytes)",
+                    r.grad_sum.len(),
+                    expected_len * 4
+                ),
+            ));
+            return;
+        }
+        if let Some(bad) = r
+            .grad_sum
+            .chunks_exact(4)
+            .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
+        {
+            let step = pending.step;
+            let reason = format!(
+                "worker {worker} returned a non-finite gradient (value {bad}) at step {step}"
+            );
+            self.failures.non_finite.push(reason.clone());
+            if let Some(verdict) = self.failures.verdict() {
+                self.fail(verdict, cx);
+            } else {
+                tracing::warn!(job = %self.id, %worker, step, "non-finite gradient; the worker is dropped and its part recomputed elsewhere");
+                cx.drops
+                    .push((worker, format!("{reason}; its part is recomputed")));
+            }
+            return;
+        }
+        let Some(part) = pending.round.awaited(r.part, worker) else {
+            return;
+        };
+        // The coordinator knows how many samples it asked for; a worker must agree.
+        let sums = match r.sums.as_ref().map(BatchSums::from) {
+            Some(sums) if sums.samples == part.rows.len() as u64 => sums,
+            other => {
+                cx.drops.push((
+                    worker,
+                    format!(
+                        "reported {} samples for a step part of {} rows",
+                        other.map_or("no".to_string(), |s| s.samples.to_string()),
+                        part.rows.len()
+                    ),
+                ));
+                return;
+            }
+        };
+        self.speeds.observe(worker, part.steps, r.compute_ms);
+        if let Some(w) = cx.workers.get_mut(&worker) {
+            w.steps += 1;
+            w.train_rows += part.rows.len() as u64;
+            w.speed = self.speeds.get(worker).unwrap_or(0.0) * 1e3;
+        }
+        pending.round.results.insert(
+            r.part,
+            PartResult {
+                grad: Some(r.grad_sum),
+                sums,
+                compute_ms: r.compute_ms,
+            },
+        );
+        pending.reduce_ready();
+        if pending.round.complete() {
+            self.apply_step(cx);
+        }
+    }
+
+    pub(super) fn apply_step(&mut self, cx: &mut Ctx<'_>) {
+        let Phase::Step(mut pending) = std::mem::replace(&mut self.phase, Phase::Finished) else {
+            return;
+        };
+        // What arrived before the last result was added while waiting; what is left is on the
+        // critical path.
+        let t0 = Instant::now();
+        pending.reduce_ready();
+        let mut sums = BatchSums::default();
+        let mut compute: f64 = 0.0;
+        for part in &pending.round.parts {
+            if let Some(r) = pending.round.results.get(&part.id) {
+                sums.add(&r.sums);
+                compute = compute.max(r.compute_ms);
+            }
+        }
+        // Every part's sample count was checked against the rows it was given.
+        let samples: u64 = pending
+            .round
+            .parts
+            .iter()
+            .map(|p| p.rows.len() as u64)
+            .sum();
+        let mut grad = std::mem::take(&mut pending.grad);
+        let n = samples.max(1) as f32;
+        grad.iter_mut().for_each(|v| *v /= n);
+        let t1 = Instant::now();
+        if let Err(e) = self.optimizer.step(&mut self.params, &grad) {
+            self.fail(format!("optimizer step failed: {e}"), cx);
+            return;
+        }
+        let t2 = Instant::now();
+        self.version += 1;
+        self.cursor += 1;
+
+        self.epoch_samples += samples;
+        let used: Vec<usize> = pending
+            .round
+            .parts
+            .iter()
+            .flat_map(|p| p.rows.iter().copied())
+            .collect();
+        self.epoch_steps.push(pb::StepRecord {
+            step: self.version,
+            epoch: self.epoch + 1,
+            samples,
+            rows_digest: rows_digest(&used),
+        });
+        self.train_acc.add_batch(&sums);
+        let total = cx
+            .now
+            .saturating_duration_since(pending.sent_at)
+            .as_secs_f64()
+            * 1e3;
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        let reduce = ms(t1 - t0);
+        self.timing.steps += 1;
+        self.timing.compute += compute;
+        self.timing.wait += (total - compute).max(0.0);
+        self.timing.reduce += reduce;
+        self.timing.optimizer += ms(t2 - t1);
+        self.timing.total += total + ms(t2 - t0);
+        cx.actions.push(Action::StepApplied {
+            job: self.id.clone(),
+            step: self.version,
+            samples,
+            compute_ms: compute,
+            total_ms: total + ms(t2 - t0),
+        });
+        if self.rules().steps_done(self.version) {
+            self.stop = Some(StopReason::MaxSteps.as_str());
+            self.start_eval(EvalKind::Validation, cx);
+        } else {
+            self.issue_step(cx);
+        }
+    }
+}
