@@ -73,5 +73,5 @@ impl Datasets {
 }
 
 fn poisoned() -> Error {
-    Error::Store("dataset cache lock poisoned".into())
+    Error::Poisoned("dataset cache")
 }

@@ -25,7 +25,10 @@ pub enum Error {
     Core(#[from] recur_core::Error),
     /// The job store failed.
     #[error("job store: {0}")]
-    Store(String),
+    Store(#[from] StoreError),
+    /// A lock was poisoned by a thread that panicked while holding it.
+    #[error("{0} lock poisoned")]
+    Poisoned(&'static str),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -34,6 +37,28 @@ pub enum Error {
         /// The error.
         source: std::io::Error,
     },
+}
+
+/// Why the job store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database file could not be opened.
+    #[error("{path}: {source}")]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// Why.
+        source: redb::DatabaseError,
+    },
+    /// A transaction, table, storage or commit error.
+    #[error(transparent)]
+    Db(#[from] redb::Error),
+    /// A stored record that does not parse.
+    #[error("unreadable record: {0}")]
+    Record(#[from] serde_json::Error),
+    /// A stored history entry or step that does not decode.
+    #[error("unreadable entry: {0}")]
+    Entry(#[from] prost::DecodeError),
 }
 
 impl Error {
@@ -58,7 +83,9 @@ impl From<Error> for tonic::Status {
             | Error::Core(recur_core::Error::BadRow { .. })
             | Error::Core(recur_core::Error::InvalidConfig { .. })
             | Error::Core(recur_core::Error::InvalidSetting { .. }) => Self::invalid_argument(msg),
-            Error::Core(_) | Error::Store(_) | Error::Io { .. } => Self::internal(msg),
+            Error::Core(_) | Error::Store(_) | Error::Poisoned(_) | Error::Io { .. } => {
+                Self::internal(msg)
+            }
         }
     }
 }

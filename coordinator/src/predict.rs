@@ -38,10 +38,44 @@ struct Request {
 }
 
 /// Cached models, and for each job the number of invalidations so far.
-#[derive(Debug, Default)]
-struct Cache {
-    models: HashMap<JobId, Arc<Loaded>>,
+#[derive(Debug)]
+struct Cache<T = Arc<Loaded>> {
+    models: HashMap<JobId, T>,
     generation: HashMap<JobId, u64>,
+}
+
+impl<T> Default for Cache<T> {
+    fn default() -> Self {
+        Self {
+            models: HashMap::new(),
+            generation: HashMap::new(),
+        }
+    }
+}
+
+impl<T: Clone> Cache<T> {
+    /// The cached model, or the generation a load must start from.
+    fn lookup(&self, job: &JobId) -> Result<T, u64> {
+        match self.models.get(job) {
+            Some(m) => Ok(m.clone()),
+            None => Err(self.generation.get(job).copied().unwrap_or(0)),
+        }
+    }
+
+    /// Forgets the job's model; loads that began before are not kept.
+    fn invalidate(&mut self, job: &JobId) {
+        self.models.remove(job);
+        *self.generation.entry(job.clone()).or_default() += 1;
+    }
+
+    /// Keeps a model loaded from `generation`, unless an invalidation came since.
+    fn insert(&mut self, job: &JobId, generation: u64, model: T) -> bool {
+        let current = self.generation.get(job).copied().unwrap_or(0) == generation;
+        if current {
+            self.models.insert(job.clone(), model);
+        }
+        current
+    }
 }
 
 /// Handle to the predictor thread.
@@ -71,8 +105,7 @@ impl Predictor {
     /// not cached when it finishes.
     pub fn invalidate(&self, job: &JobId) {
         if let Ok(mut cache) = self.cache.lock() {
-            cache.models.remove(job);
-            *cache.generation.entry(job.clone()).or_default() += 1;
+            cache.invalidate(job);
         }
     }
 
@@ -110,12 +143,9 @@ fn serve(rx: mpsc::Receiver<Request>, jobs_dir: PathBuf, cache: Arc<Mutex<Cache>
 }
 
 fn load(job: &JobId, jobs_dir: &std::path::Path, cache: &Mutex<Cache>) -> Result<Arc<Loaded>> {
-    let generation = {
-        let cache = cache.lock().map_err(|_| Error::ShuttingDown)?;
-        if let Some(l) = cache.models.get(job) {
-            return Ok(l.clone());
-        }
-        cache.generation.get(job).copied().unwrap_or(0)
+    let generation = match cache.lock().map_err(|_| Error::ShuttingDown)?.lookup(job) {
+        Ok(cached) => return Ok(cached),
+        Err(generation) => generation,
     };
     let sets = CheckpointSets::new(jobs_dir.join(&job.0));
     let Some((_, ckpt)) = sets.load_current(Role::Best)? else {
@@ -128,10 +158,8 @@ fn load(job: &JobId, jobs_dir: &std::path::Path, cache: &Mutex<Cache>) -> Result
         scale: ckpt.manifest.scale,
         epoch: ckpt.manifest.epoch,
     });
-    if let Ok(mut c) = cache.lock()
-        && c.generation.get(job).copied().unwrap_or(0) == generation
-    {
-        c.models.insert(job.clone(), loaded.clone());
+    if let Ok(mut c) = cache.lock() {
+        c.insert(job, generation, loaded.clone());
     }
     Ok(loaded)
 }
@@ -177,4 +205,25 @@ fn forward(loaded: &Loaded, rows: &[&[f32]]) -> Result<Vec<f32>> {
     let preds = Batch::from_inputs(&inputs, loaded.model.config().input_size, &Device::Cpu)
         .and_then(|b| predict(&loaded.model, &b))?;
     Ok(preds.into_iter().map(|p| p * loaded.scale).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_load_that_raced_with_an_invalidation_is_not_cached() {
+        let job = JobId::nth(1);
+        let mut cache: Cache<u64> = Cache::default();
+        // A load starts (the old best), a new best lands and invalidates, the load finishes.
+        let generation = cache.lookup(&job).unwrap_err();
+        cache.invalidate(&job);
+        assert!(!cache.insert(&job, generation, 1), "a stale model was kept");
+        assert_eq!(cache.lookup(&job), Err(1), "the next request loads again");
+        // A load with no invalidation meanwhile is kept, until the next one.
+        assert!(cache.insert(&job, 1, 2));
+        assert_eq!(cache.lookup(&job), Ok(2));
+        cache.invalidate(&job);
+        assert_eq!(cache.lookup(&job), Err(2));
+    }
 }

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{DatasetId, JobId};
 use crate::scheduler::{JobProgress, JobState};
 use crate::spec::JobSpec;
+use crate::error::StoreError;
 use crate::{Error, Result};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -144,15 +145,28 @@ pub struct Store {
     db: Database,
 }
 
-fn err(e: impl std::fmt::Display) -> Error {
-    Error::Store(e.to_string())
+fn err(e: impl Into<redb::Error>) -> Error {
+    Error::Store(StoreError::Db(e.into()))
+}
+
+fn bad_record(e: serde_json::Error) -> Error {
+    Error::Store(StoreError::Record(e))
+}
+
+fn bad_entry(e: prost::DecodeError) -> Error {
+    Error::Store(StoreError::Entry(e))
 }
 
 impl Store {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self> {
         let db =
-            Database::create(path).map_err(|e| Error::Store(format!("{}: {e}", path.display())))?;
+            Database::create(path).map_err(|source| {
+                Error::Store(StoreError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            })?;
         let tx = db.begin_write().map_err(err)?;
         tx.open_table(META).map_err(err)?;
         tx.open_table(JOBS).map_err(err)?;
@@ -178,7 +192,7 @@ impl Store {
 
     /// Writes a job record.
     pub fn put_job(&self, job: &JobRecord) -> Result<()> {
-        let bytes = serde_json::to_vec(job).map_err(err)?;
+        let bytes = serde_json::to_vec(job).map_err(bad_record)?;
         let tx = self.db.begin_write().map_err(err)?;
         tx.open_table(JOBS)
             .map_err(err)?
@@ -194,7 +208,7 @@ impl Store {
         let Some(v) = table.get(id.0.as_str()).map_err(err)? else {
             return Ok(None);
         };
-        serde_json::from_slice(v.value()).map(Some).map_err(err)
+        serde_json::from_slice(v.value()).map(Some).map_err(bad_record)
     }
 
     /// Every job record, newest first.
@@ -204,7 +218,7 @@ impl Store {
         let mut jobs = Vec::new();
         for entry in table.iter().map_err(err)? {
             let (_, v) = entry.map_err(err)?;
-            jobs.push(serde_json::from_slice::<JobRecord>(v.value()).map_err(err)?);
+            jobs.push(serde_json::from_slice::<JobRecord>(v.value()).map_err(bad_record)?);
         }
         jobs.sort_by_key(|j| std::cmp::Reverse((j.created_ms, job_number(&j.id))));
         Ok(jobs)
@@ -244,7 +258,7 @@ impl Store {
             .map_err(err)?
         {
             let (_, v) = entry.map_err(err)?;
-            out.push(pb::StepRecord::decode(v.value()).map_err(err)?);
+            out.push(pb::StepRecord::decode(v.value()).map_err(bad_entry)?);
         }
         Ok(out)
     }
@@ -259,7 +273,7 @@ impl Store {
             .map_err(err)?
         {
             let (_, v) = entry.map_err(err)?;
-            out.push(pb::EpochMetrics::decode(v.value()).map_err(err)?);
+            out.push(pb::EpochMetrics::decode(v.value()).map_err(bad_entry)?);
         }
         Ok(out)
     }
@@ -274,7 +288,7 @@ impl Store {
         match range.next_back() {
             Some(entry) => {
                 let (_, v) = entry.map_err(err)?;
-                pb::EpochMetrics::decode(v.value()).map(Some).map_err(err)
+                pb::EpochMetrics::decode(v.value()).map(Some).map_err(bad_entry)
             }
             None => Ok(None),
         }
@@ -300,7 +314,7 @@ impl Store {
 
     /// Records a dataset.
     pub fn put_dataset(&self, id: &DatasetId, meta: &DatasetMeta) -> Result<()> {
-        let bytes = serde_json::to_vec(meta).map_err(err)?;
+        let bytes = serde_json::to_vec(meta).map_err(bad_record)?;
         let tx = self.db.begin_write().map_err(err)?;
         tx.open_table(DATASETS)
             .map_err(err)?
@@ -316,7 +330,7 @@ impl Store {
         let Some(v) = table.get(id.0.as_str()).map_err(err)? else {
             return Ok(None);
         };
-        serde_json::from_slice(v.value()).map(Some).map_err(err)
+        serde_json::from_slice(v.value()).map(Some).map_err(bad_record)
     }
 }
 

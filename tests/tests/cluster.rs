@@ -408,6 +408,86 @@ async fn predict_matches_the_downloaded_checkpoint_and_names_bad_rows() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predictions_never_fail_while_checkpoint_sets_are_replaced() {
+    // One set kept per role: each new best removes the one before, under the predictor.
+    let mut tc = TestCluster::start_with(2, |c| c.keep_checkpoints = 1).await;
+    let data = BallConfig {
+        rows: 1000,
+        ..BallConfig::tutorial(6)
+    }
+    .generate()
+    .unwrap();
+    let dataset = tc.upload(&data).await;
+    let job = tc
+        .submit(pb::JobSpec {
+            max_epochs: 40,
+            patience: 1000,
+            ..spec(&dataset, 6)
+        })
+        .await;
+    let url = tc.cluster.url();
+    let mut watcher = recur_client::Client::connect(&url, None).await.unwrap();
+    recur_tests::wait_for(60, "a first best checkpoint", async || {
+        watcher
+            .job(&job)
+            .await
+            .is_ok_and(|j| j.best_validation.is_some())
+    })
+    .await;
+    // Two callers predict until the job ends; a third sends bad histories at the same time.
+    let caller = |url: String, job: String| async move {
+        let mut c = recur_client::Client::connect(&url, None).await.unwrap();
+        let mut epochs = Vec::new();
+        loop {
+            let done = c.job(&job).await.unwrap().state == pb::JobState::Completed as i32;
+            let answer = c
+                .predict(&job, vec![vec![1.0, 3.0, 5.0], vec![2.0, 0.0]])
+                .await
+                .unwrap_or_else(|e| panic!("a prediction failed during training: {e}"));
+            assert_eq!(answer.predictions.len(), 2);
+            epochs.push(answer.epoch);
+            if done {
+                return epochs;
+            }
+        }
+    };
+    let bad = {
+        let (url, job) = (url.clone(), job.clone());
+        tokio::spawn(async move {
+            let mut c = recur_client::Client::connect(&url, None).await.unwrap();
+            for _ in 0..200 {
+                let err = c
+                    .predict(&job, vec![vec![1.0], vec![f32::INFINITY]])
+                    .await
+                    .unwrap_err();
+                assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+            }
+        })
+    };
+    let a = tokio::spawn(caller(url.clone(), job.clone()));
+    let b = tokio::spawn(caller(url.clone(), job.clone()));
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    bad.await.unwrap();
+    let info = tc.client.job(&job).await.unwrap();
+    for epochs in [&a, &b] {
+        assert!(
+            epochs.windows(2).all(|w| w[0] <= w[1]),
+            "a caller went back to an older model: {epochs:?}"
+        );
+        assert_eq!(epochs.last(), Some(&info.best_epoch), "the final best answers");
+    }
+    let mut seen: Vec<u64> = a.iter().chain(&b).copied().collect();
+    seen.dedup();
+    seen.sort_unstable();
+    seen.dedup();
+    assert!(
+        seen.len() >= 2,
+        "the best set was never replaced while predicting: {seen:?}"
+    );
+    tc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_joins_mid_job_gets_a_shard_at_the_next_epoch() {
     let mut tc = TestCluster::start(1).await;
     let data = BallConfig::tutorial(6).generate().unwrap();

@@ -40,6 +40,7 @@ async fn every_rpc(url: &str, token: Option<&str>) -> Vec<(&'static str, Option<
             code(c.checkpoint("job-1", false).await.map(|_| ())),
         ),
         ("ListWorkers", code(c.workers().await.map(|_| ()))),
+        ("GetSteps", code(c.steps("job-1").await.map(|_| ()))),
         (
             "Predict",
             code(c.predict("job-1", vec![vec![1.0]]).await.map(|_| ())),
