@@ -11,10 +11,10 @@ use recur_proto::v1 as pb;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use crate::error::StoreError;
 use crate::ids::{DatasetId, JobId};
 use crate::scheduler::{JobProgress, JobState};
 use crate::spec::JobSpec;
-use crate::error::StoreError;
 use crate::{Error, Result};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -160,13 +160,12 @@ fn bad_entry(e: prost::DecodeError) -> Error {
 impl Store {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let db =
-            Database::create(path).map_err(|source| {
-                Error::Store(StoreError::Open {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            })?;
+        let db = Database::create(path).map_err(|source| {
+            Error::Store(StoreError::Open {
+                path: path.to_path_buf(),
+                source,
+            })
+        })?;
         let tx = db.begin_write().map_err(err)?;
         tx.open_table(META).map_err(err)?;
         tx.open_table(JOBS).map_err(err)?;
@@ -208,7 +207,9 @@ impl Store {
         let Some(v) = table.get(id.0.as_str()).map_err(err)? else {
             return Ok(None);
         };
-        serde_json::from_slice(v.value()).map(Some).map_err(bad_record)
+        serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(bad_record)
     }
 
     /// Every job record, newest first.
@@ -288,7 +289,9 @@ impl Store {
         match range.next_back() {
             Some(entry) => {
                 let (_, v) = entry.map_err(err)?;
-                pb::EpochMetrics::decode(v.value()).map(Some).map_err(bad_entry)
+                pb::EpochMetrics::decode(v.value())
+                    .map(Some)
+                    .map_err(bad_entry)
             }
             None => Ok(None),
         }
@@ -330,7 +333,9 @@ impl Store {
         let Some(v) = table.get(id.0.as_str()).map_err(err)? else {
             return Ok(None);
         };
-        serde_json::from_slice(v.value()).map(Some).map_err(bad_record)
+        serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(bad_record)
     }
 }
 

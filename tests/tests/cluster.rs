@@ -474,7 +474,11 @@ async fn predictions_never_fail_while_checkpoint_sets_are_replaced() {
             epochs.windows(2).all(|w| w[0] <= w[1]),
             "a caller went back to an older model: {epochs:?}"
         );
-        assert_eq!(epochs.last(), Some(&info.best_epoch), "the final best answers");
+        assert_eq!(
+            epochs.last(),
+            Some(&info.best_epoch),
+            "the final best answers"
+        );
     }
     let mut seen: Vec<u64> = a.iter().chain(&b).copied().collect();
     seen.dedup();

@@ -16,7 +16,7 @@ use recur_proto::v1 as pb;
 use serde_json::json;
 
 use super::args::{BenchArgs, BenchWorkload};
-use super::{CliError, Result};
+use super::error::{CliError, Result};
 use crate::Client;
 
 /// The longest one run may take.

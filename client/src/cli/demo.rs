@@ -8,7 +8,10 @@ use recur_proto::v1 as pb;
 use serde_json::json;
 
 use super::args::DemoArgs;
-use super::{CliError, Result, format_value, history, plot, print_summary, upload, watch};
+use super::error::{CliError, Result};
+use super::jobs::{history, upload, watch};
+use super::plot;
+use super::text::{format_value, print_summary};
 use crate::Client;
 use crate::local::LocalCluster;
 
@@ -28,7 +31,7 @@ pub(super) async fn run(args: DemoArgs, as_json: bool) -> Result<()> {
     let start = Instant::now();
     let dir = tempfile::tempdir()?;
     let config = recur_coordinator::CoordinatorConfig::new(dir.path().join("data"));
-    let device = super::parse_device(&args.device)?;
+    let device = super::cluster::parse_device(&args.device)?;
     let cluster = LocalCluster::start_on("127.0.0.1:0", config, args.workers, device)
         .await
         .map_err(|e| CliError::new(e.to_string(), ""))?;

@@ -7,7 +7,7 @@ use plotters::prelude::*;
 use plotters::style::FontStyle;
 use recur_proto::v1 as pb;
 
-use super::CliError;
+use super::error::CliError;
 
 static FONT: Once = Once::new();
 

@@ -1,0 +1,58 @@
+//! The CLI's error: one line, a hint, and an exit code.
+
+use crate::ClientError;
+
+/// A failed command: one line, a hint, and the exit code.
+#[derive(Debug)]
+pub struct CliError {
+    /// What went wrong (may span lines when a file has several bad lines).
+    pub message: String,
+    /// What to do about it; empty for none.
+    pub hint: String,
+    /// The process exit code.
+    pub code: i32,
+}
+
+impl CliError {
+    /// An error with a hint, exit code 1.
+    pub fn new(message: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            hint: hint.into(),
+            code: 1,
+        }
+    }
+}
+
+impl From<ClientError> for CliError {
+    fn from(e: ClientError) -> Self {
+        match &e {
+            ClientError::Unreachable { .. } => Self::new(
+                e.to_string(),
+                "start a cluster with `recur local`, or point --coordinator (RECUR_COORDINATOR) at one",
+            ),
+            ClientError::Status(s) => {
+                let hint = match s.code() {
+                    tonic::Code::NotFound => "`recur jobs` lists the jobs",
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                        "pass the coordinator's client token with --token or RECUR_TOKEN"
+                    }
+                    tonic::Code::Unavailable => {
+                        "is the coordinator running? `recur local` starts one"
+                    }
+                    _ => "",
+                };
+                Self::new(e.to_string(), hint)
+            }
+            ClientError::BadToken => Self::new(e.to_string(), "use a token of printable ASCII"),
+        }
+    }
+}
+
+impl From<std::io::Error> for CliError {
+    fn from(e: std::io::Error) -> Self {
+        Self::new(e.to_string(), "")
+    }
+}
+
+pub type Result<T, E = CliError> = std::result::Result<T, E>;

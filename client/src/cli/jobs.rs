@@ -1,0 +1,305 @@
+//! Jobs: train (upload, submit, watch), list, status, watch, cancel, plot.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use recur_proto::v1 as pb;
+use serde_json::json;
+
+use super::args::{ModelArg, OptimizerArg, TrainArgs};
+use super::error::{CliError, Result};
+use super::text::{epoch_line, jobs_table, print_job, print_summary};
+use super::{json, plot};
+use crate::{Client, ClientError};
+
+/// `recur jobs`.
+pub(super) async fn list(client: &mut Client, as_json: bool) -> Result<()> {
+    let jobs = client.jobs().await?;
+    if as_json {
+        println!(
+            "{}",
+            serde_json::Value::Array(jobs.iter().map(json::job).collect())
+        );
+    } else {
+        jobs_table(&jobs);
+    }
+    Ok(())
+}
+
+/// `recur status JOB`.
+pub(super) async fn status(client: &mut Client, job: &str, as_json: bool) -> Result<()> {
+    let info = client.job(job).await?;
+    print_job(&info, as_json);
+    Ok(())
+}
+
+/// `recur watch JOB`.
+pub(super) async fn follow(client: &mut Client, job: &str, as_json: bool) -> Result<()> {
+    let info = watch(client, job, as_json).await?;
+    if !as_json {
+        print_summary(&info);
+    }
+    Ok(())
+}
+
+/// `recur cancel JOB`.
+pub(super) async fn cancel(client: &mut Client, job: &str, as_json: bool) -> Result<()> {
+    let info = client.cancel(job).await?;
+    if as_json {
+        println!("{}", json::job(&info));
+    } else {
+        println!(
+            "{} {} at epoch {}, step {}",
+            info.id,
+            json::state_name(info.state),
+            info.epochs,
+            info.steps
+        );
+    }
+    Ok(())
+}
+
+/// `recur plot JOB -o FILE`.
+pub(super) async fn plot(
+    client: &mut Client,
+    job: &str,
+    output: &Path,
+    as_json: bool,
+) -> Result<()> {
+    let (epochs, _) = history(client, job).await?;
+    if epochs.is_empty() {
+        return Err(CliError::new(
+            format!("{job} has no finished epoch yet"),
+            "plot it once an epoch is done",
+        ));
+    }
+    plot::accuracy_chart(output, &format!("{job}: accuracy per epoch"), &epochs)?;
+    if as_json {
+        println!("{}", json!({"path": output, "epochs": epochs.len()}));
+    } else {
+        println!("wrote {} ({} epochs)", output.display(), epochs.len());
+    }
+    Ok(())
+}
+
+/// A job's epochs so far and its current state (does not wait for the job to end).
+pub(super) async fn history(
+    client: &mut Client,
+    job: &str,
+) -> Result<(Vec<pb::EpochMetrics>, pb::JobInfo)> {
+    let mut stream = client.watch(job).await?;
+    let mut epochs = Vec::new();
+    while let Some(msg) = stream.message().await.map_err(ClientError::from)? {
+        match msg.event {
+            Some(pb::watch_job_response::Event::Epoch(e)) => epochs.push(e),
+            Some(pb::watch_job_response::Event::Job(j)) => return Ok((epochs, j)),
+            None => {}
+        }
+    }
+    Err(CliError::new(
+        format!("the coordinator ended the stream of {job} early"),
+        "",
+    ))
+}
+
+pub(super) fn epoch_bar(max_epochs: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(max_epochs);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} epoch {pos} {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Follows a job until it ends (or Ctrl-C, which leaves it running); returns its final state.
+pub(super) async fn watch(client: &mut Client, job: &str, as_json: bool) -> Result<pb::JobInfo> {
+    let mut stream = client.watch(job).await?;
+    let bar = epoch_bar(0);
+    let mut last = None;
+    loop {
+        let msg = tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                bar.finish_and_clear();
+                eprintln!("stopped watching; {job} keeps running (`recur cancel {job}` stops it)");
+                std::process::exit(0);
+            }
+            msg = stream.message() => msg.map_err(ClientError::from)?,
+        };
+        let Some(msg) = msg else { break };
+        match msg.event {
+            Some(pb::watch_job_response::Event::Epoch(e)) => {
+                if as_json {
+                    println!("{}", json!({"event": "epoch", "epoch": json::epoch(&e)}));
+                }
+                bar.set_position(e.epoch);
+                bar.set_message(epoch_line(&e));
+            }
+            Some(pb::watch_job_response::Event::Job(j)) => {
+                if as_json {
+                    println!("{}", json!({"event": "job", "job": json::job(&j)}));
+                }
+                if !j.message.is_empty() {
+                    bar.set_message(j.message.clone());
+                }
+                last = Some(j);
+            }
+            None => {}
+        }
+    }
+    bar.finish_and_clear();
+    last.ok_or_else(|| {
+        CliError::new(
+            format!("the coordinator ended the stream of {job} early"),
+            "",
+        )
+    })
+}
+
+pub(super) fn train_spec(args: &TrainArgs, dataset_id: String) -> Result<pb::JobSpec> {
+    let kind = match args.model {
+        ModelArg::RnnTanh => pb::ModelKind::RnnTanh,
+        ModelArg::RnnRelu => pb::ModelKind::RnnRelu,
+        ModelArg::Lstm => pb::ModelKind::Lstm,
+        ModelArg::Gru => pb::ModelKind::Gru,
+    };
+    let optimizer = match args.optimizer {
+        OptimizerArg::Sgd => pb::optimizer_spec::Kind::Sgd,
+        OptimizerArg::Adam => pb::optimizer_spec::Kind::Adam,
+        OptimizerArg::Adamw => pb::optimizer_spec::Kind::Adamw,
+        OptimizerArg::Adadelta => pb::optimizer_spec::Kind::Adadelta,
+    };
+    if let Some(lr) = args.lr
+        && !(lr.is_finite() && lr > 0.0)
+    {
+        return Err(CliError::new(
+            format!("--lr {lr} is not a positive number"),
+            "for example --lr 0.01",
+        ));
+    }
+    let (scale, scale_auto) = if args.scale == "auto" {
+        (None, true)
+    } else {
+        match args.scale.parse::<f32>() {
+            Ok(v) if v.is_finite() && v > 0.0 => (Some(v), false),
+            _ => {
+                return Err(CliError::new(
+                    format!(
+                        "--scale {} is neither `auto` nor a positive number",
+                        args.scale
+                    ),
+                    "for example --scale 50 or --scale auto",
+                ));
+            }
+        }
+    };
+    let name = args.name.clone().unwrap_or_else(|| {
+        args.file
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+    });
+    Ok(pb::JobSpec {
+        name,
+        dataset_id,
+        model: Some(pb::ModelConfig {
+            kind: kind as i32,
+            input_size: 1,
+            hidden_size: args.hidden,
+            num_layers: args.layers,
+            bidirectional: args.bidirectional,
+            output_size: 1,
+        }),
+        optimizer: Some(pb::OptimizerSpec {
+            kind: optimizer as i32,
+            lr: args.lr,
+            ..Default::default()
+        }),
+        batch_size: Some(args.batch),
+        max_epochs: args.epochs,
+        patience: args.patience,
+        target_accuracy: args.target_accuracy,
+        seed: args.seed,
+        scale,
+        scale_auto,
+        ..Default::default()
+    })
+}
+
+/// Uploads a file with a byte progress bar; returns the dataset id.
+pub(crate) async fn upload(
+    client: &mut Client,
+    path: &Path,
+    bytes: Vec<u8>,
+) -> Result<pb::UploadDatasetResponse> {
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(bytes.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template("uploading {bytes}/{total_bytes} {wide_bar} {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let progress = bar.clone();
+    let name = path.display().to_string();
+    let result = client
+        .upload(&name, bytes, move |n| progress.set_position(n))
+        .await;
+    bar.finish_and_clear();
+    result.map_err(|e| match e.code() {
+        Some(tonic::Code::InvalidArgument) => {
+            CliError::new(e.to_string(), "fix the file and run again")
+        }
+        _ => e.into(),
+    })
+}
+
+pub(super) async fn train(client: &mut Client, args: TrainArgs, as_json: bool) -> Result<()> {
+    let bytes = std::fs::read(&args.file)
+        .map_err(|e| CliError::new(format!("{}: {e}", args.file.display()), "check the path"))?;
+    let uploaded = upload(client, &args.file, bytes).await?;
+    let spec = train_spec(&args, uploaded.dataset_id.clone())?;
+    let submitted = client.submit(spec).await?;
+    let job = submitted.job_id;
+    if !as_json {
+        let rows = uploaded.stats.map_or(0, |s| s.rows);
+        eprintln!(
+            "uploaded {} ({rows} rows) as dataset {}",
+            args.file.display(),
+            &uploaded.dataset_id[..12]
+        );
+        eprintln!(
+            "submitted {job} ({} ahead in the queue)",
+            submitted.queue_position
+        );
+    }
+    if args.detach {
+        if as_json {
+            println!(
+                "{}",
+                json!({"job_id": job, "dataset_id": uploaded.dataset_id})
+            );
+        } else {
+            println!("{job}");
+        }
+        return Ok(());
+    }
+    let info = watch(client, &job, as_json).await?;
+    if !as_json {
+        print_summary(&info);
+        println!("job id: {job}");
+    }
+    if pb::JobState::try_from(info.state) == Ok(pb::JobState::Failed) {
+        return Err(CliError::new(
+            format!("{job} failed: {}", info.message),
+            "`recur status` shows the job",
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! Using a trained model: predictions and checkpoint downloads.
+
+use std::io::{BufRead, Write};
+
+use serde_json::json;
+
+use super::args::{CheckpointArgs, PredictArgs};
+use super::error::{CliError, Result};
+use super::text::format_value;
+use crate::Client;
+
+/// Parses `1,3,5,7` (spaces allowed) into values.
+pub(super) fn parse_history(text: &str) -> Result<Vec<f32>, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("the history is empty".into());
+    }
+    text.split(',')
+        .enumerate()
+        .map(|(i, v)| {
+            let v = v.trim();
+            match v.parse::<f32>() {
+                Ok(x) if x.is_finite() => Ok(x),
+                _ => Err(format!("value {} `{v}` is not a number", i + 1)),
+            }
+        })
+        .collect()
+}
+
+pub(super) async fn predict(client: &mut Client, args: PredictArgs, as_json: bool) -> Result<()> {
+    let job = args.job;
+    if args.interactive {
+        let stdin = std::io::stdin();
+        let mut stdout = std::io::stdout();
+        loop {
+            print!("History ball locations: ");
+            stdout.flush()?;
+            let mut line = String::new();
+            if stdin.lock().read_line(&mut line)? == 0 {
+                println!();
+                return Ok(());
+            }
+            if line.trim().is_empty() {
+                continue;
+            }
+            match parse_history(&line) {
+                Err(e) => println!("error: {e}"),
+                Ok(history) => match client.predict(&job, vec![history]).await {
+                    Ok(r) => println!("Next ball location: {}", format_value(r.predictions[0])),
+                    Err(e) if e.code() == Some(tonic::Code::InvalidArgument) => {
+                        println!("error: {e}")
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+            }
+        }
+    }
+    let history = args.history.unwrap_or_default();
+    if history == "-" {
+        let mut rows = Vec::new();
+        for (i, line) in std::io::stdin().lock().lines().enumerate() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            rows.push(parse_history(&line).map_err(|e| {
+                CliError::new(
+                    format!("stdin:{}: {e}", i + 1),
+                    "give one history per line, like 1,3,5,7",
+                )
+            })?);
+        }
+        if rows.is_empty() {
+            return Err(CliError::new(
+                "stdin has no histories",
+                "give one history per line, like 1,3,5,7",
+            ));
+        }
+        let mut predictions = Vec::with_capacity(rows.len());
+        for chunk in rows.chunks(1000) {
+            predictions.extend(client.predict(&job, chunk.to_vec()).await?.predictions);
+        }
+        if as_json {
+            println!("{}", json!({"predictions": predictions}));
+        } else {
+            for p in predictions {
+                println!("{}", format_value(p));
+            }
+        }
+        return Ok(());
+    }
+    let values =
+        parse_history(&history).map_err(|e| CliError::new(e, "give a history like 1,3,5,7"))?;
+    let r = client.predict(&job, vec![values]).await?;
+    if as_json {
+        println!(
+            "{}",
+            json!({"predictions": r.predictions, "epoch": r.epoch})
+        );
+    } else {
+        println!("{}", format_value(r.predictions[0]));
+    }
+    Ok(())
+}
+
+pub(super) async fn checkpoint(
+    client: &mut Client,
+    args: CheckpointArgs,
+    as_json: bool,
+) -> Result<()> {
+    let (manifest, bytes) = client.checkpoint(&args.job, args.latest).await?;
+    let manifest_path = args.output.with_extension("json");
+    recur_core::checkpoint::atomic_write(&args.output, &bytes)
+        .map_err(|e| CliError::new(e.to_string(), "check the output path"))?;
+    recur_core::checkpoint::atomic_write(&manifest_path, manifest.as_bytes())
+        .map_err(|e| CliError::new(e.to_string(), "check the output path"))?;
+    if as_json {
+        println!(
+            "{}",
+            json!({"path": args.output, "manifest": manifest_path, "bytes": bytes.len()})
+        );
+    } else {
+        println!(
+            "wrote {} ({} bytes) and {}",
+            args.output.display(),
+            bytes.len(),
+            manifest_path.display()
+        );
+    }
+    Ok(())
+}
