@@ -855,6 +855,13 @@ fn a_job_resumed_after_its_last_epoch_completes_without_training_more() {
             "{reason}: a step was issued after the job had stopped"
         );
         assert!(second.epochs.is_empty(), "no epoch recorded twice");
+        assert!(
+            !second
+                .sent
+                .iter()
+                .any(|(_, c)| matches!(c, Cmd::LoadShard(l) if l.train.is_some())),
+            "{reason}: training rows were sent to a job that only tests"
+        );
         // The same best parameters were tested (sums may be added in another order).
         let (t, d) = (finished.test.unwrap(), done.test.unwrap());
         assert_eq!(t.samples, d.samples);
@@ -955,4 +962,84 @@ fn a_resumed_job_without_its_best_checkpoint_trains_on_instead_of_stopping_for_p
         second.final_state(&id).map(|s| s.0),
         Some(JobState::Completed)
     );
+}
+
+#[test]
+fn with_three_workers_the_job_fails_only_when_every_one_fails_the_same_step() {
+    // Two of three fail: they are dropped, the third computes the step, the job completes.
+    let mut sim = Sim::new();
+    let (a, b, _c) = (sim.join("a"), sim.join("b"), sim.join("c"));
+    sim.tamper = Box::new(move |w, reply| match reply {
+        Reply::StepResult(r) if w == a || w == b => spoil(r, false),
+        other => other,
+    });
+    sim.s.submit(job(1, 6, 4), sim.now);
+    sim.deliver_all();
+    let id = JobId::nth(1);
+    assert_eq!(
+        sim.final_state(&id).map(|s| s.0),
+        Some(JobState::Completed),
+        "{:?}",
+        sim.final_state(&id)
+    );
+    assert_eq!(steps_of(&sim, &id), 6);
+    for w in [a, b] {
+        assert!(sim.disconnects.iter().any(|(d, _)| *d == w), "{w} dropped");
+    }
+    check_stored_steps(&sim, 1, 4);
+
+    // All three fail the same step: the job fails at once, naming all three, step not applied.
+    let mut sim = Sim::new();
+    for n in ["a", "b", "c"] {
+        sim.join(n);
+    }
+    sim.tamper = Box::new(|_, reply| match reply {
+        Reply::StepResult(r) => spoil(r, false),
+        other => other,
+    });
+    sim.s.submit(job(2, 6, 4), sim.now);
+    sim.deliver_all();
+    let id = JobId::nth(2);
+    let (state, reason) = sim.final_state(&id).unwrap();
+    assert_eq!(state, JobState::Failed);
+    assert!(reason.contains("every worker failed"), "{reason}");
+    for w in ["w-1", "w-2", "w-3"] {
+        assert!(reason.contains(w), "{w} missing from: {reason}");
+    }
+    assert_eq!(steps_of(&sim, &id), 0);
+}
+
+#[test]
+fn a_worker_whose_evaluation_hangs_misses_its_deadline_and_the_evaluation_completes() {
+    let config = SchedulerConfig {
+        deadline_floor: Duration::from_secs(5),
+        ..SchedulerConfig::default()
+    };
+    let mut sim = Sim::with(config);
+    let a = sim.join("a");
+    let b = sim.join("b");
+    sim.s.submit(job(1, 6, 7), sim.now);
+    // a's compute hangs in the first validation; its heartbeats go on.
+    sim.run(|_, w, cmd| match cmd {
+        Cmd::Evaluate(_) if w == a => Fate::Hang,
+        _ => Fate::Deliver,
+    });
+    let id = JobId::nth(1);
+    assert!(sim.epochs.is_empty(), "the epoch waits for a's evaluation");
+    let late = sim.now + Duration::from_secs(11);
+    for w in [a, b] {
+        sim.s.message(w, Reply::Heartbeat(pb::Heartbeat {}), late);
+    }
+    sim.s.tick(late);
+    sim.deliver_all();
+    assert!(
+        sim.disconnects
+            .iter()
+            .any(|(w, r)| *w == a && r.contains("deadline")),
+        "{:?}",
+        sim.disconnects
+    );
+    assert_eq!(sim.final_state(&id).map(|s| s.0), Some(JobState::Completed));
+    assert_eq!(sim.epochs.len(), 1);
+    assert_eq!(sim.epochs[0].1.workers, 1, "b evaluated a's rows too");
 }

@@ -77,7 +77,9 @@ impl RunningJob {
         let test_shards = by_speed(&self.split.test);
         for (k, &w) in self.members.iter().enumerate() {
             let keep_train = replicated && self.holds_train.contains(&w);
+            // A job that has finished training (resumed after its last epoch) only evaluates.
             let train: &[usize] = match (replicated, keep_train) {
+                _ if self.stop.is_some() => &[],
                 (false, _) => &train_shards[k],
                 (true, false) => &self.split.train,
                 (true, true) => &[],
@@ -104,7 +106,7 @@ impl RunningJob {
                 cx.actions.push(Action::Send(w, msg(Cmd::LoadShard(part))));
             }
         }
-        self.holds_train = if replicated {
+        self.holds_train = if replicated && self.stop.is_none() {
             self.members.iter().copied().collect()
         } else {
             BTreeSet::new()
