@@ -230,16 +230,26 @@ impl Client {
         Ok((manifest, bytes))
     }
 
-    /// The applied steps of a job's recorded epochs, in order.
+    /// The applied steps of a job's recorded epochs, in order (every page).
     pub async fn steps(&mut self, id: &str) -> Result<Vec<pb::StepRecord>> {
-        Ok(self
-            .inner
-            .get_steps(pb::GetStepsRequest {
-                job_id: id.to_string(),
-            })
-            .await?
-            .into_inner()
-            .steps)
+        let mut all: Vec<pb::StepRecord> = Vec::new();
+        loop {
+            let from_step = all.last().map_or(1, |s| s.step + 1);
+            let page = self
+                .inner
+                .get_steps(pb::GetStepsRequest {
+                    job_id: id.to_string(),
+                    from_step,
+                    limit: 0,
+                })
+                .await?
+                .into_inner()
+                .steps;
+            if page.is_empty() {
+                return Ok(all);
+            }
+            all.extend(page);
+        }
     }
 
     /// Connected workers.

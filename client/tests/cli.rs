@@ -194,6 +194,19 @@ async fn the_cli_drives_a_cluster_end_to_end() {
         ],
     ))
     .await);
+    // A bare file name, as the README shows it: written in the current directory.
+    let here = d.join("here");
+    std::fs::create_dir(&here).unwrap();
+    let mut bare = recur(&url, &["checkpoint", "job-1", "-o", "bare.safetensors"]);
+    bare.current_dir(&here);
+    ok(run(bare).await);
+    load_state_dict(
+        &here.join("bare.safetensors"),
+        ModelConfig::tutorial(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(here.join("bare.json").exists(), "the manifest beside it");
 
     // plot: PNG and SVG
     let png = d.join("acc.png");

@@ -145,7 +145,7 @@ async fn soak_a_coordinator_killed_eleven_times_completes_its_job_exactly() {
 
     // Ten kills at random moments: a random epoch, a random delay into it. At least 15 epochs
     // are left after the last, so no kill comes after the job ended however fast epochs run.
-    let mut at: Vec<u64> = (0..10).map(|_| rng.random_range(2..EPOCHS - 15)).collect();
+    let mut at: Vec<u64> = (0..10).map(|_| rng.random_range(5..EPOCHS - 15)).collect();
     at.sort_unstable();
     for (round, kill_after) in at.into_iter().enumerate() {
         wait_for(120, &format!("epoch {kill_after}"), async || {
@@ -176,14 +176,12 @@ async fn soak_a_coordinator_killed_eleven_times_completes_its_job_exactly() {
         process = coordinator(dir.path(), port);
         client = connect(&url).await;
         let resumed = client.job(&job).await.unwrap();
+        // The record may lead the checkpoint by an epoch, and a damaged set costs one more.
+        let slack = if damaged.is_some() { 3 } else { 2 };
         assert!(
-            resumed.epochs >= kill_after.saturating_sub(2),
+            resumed.epochs >= kill_after - slack,
             "seed {seed} round {round}: resumed at epoch {} (killed after {kill_after})",
             resumed.epochs
-        );
-        assert!(
-            resumed.epochs > 1,
-            "seed {seed} round {round}: started over"
         );
         if let Some(set) = damaged {
             assert!(
@@ -195,10 +193,20 @@ async fn soak_a_coordinator_killed_eleven_times_completes_its_job_exactly() {
     }
 
     // The eleventh kill lands after the last epoch's checkpoint and before the job is marked
-    // completed: a slow disk (the test hook) holds that window open.
+    // completed: a slow disk (the test hook) holds that window open (the best and completion
+    // writes still to come take 2 x 300 ms). Only the last epochs run on the slow disk.
+    wait_for(120, &format!("epoch {}", EPOCHS - 10), async || {
+        epochs_done(&mut client, &job).await >= EPOCHS - 10
+    })
+    .await;
     process.kill().unwrap();
     process.wait().unwrap();
-    process = coordinator_with(dir.path(), port, 150);
+    assert_eq!(
+        stored_job(dir.path(), &job).0,
+        recur_coordinator::scheduler::JobState::Running,
+        "seed {seed}: the job ended before the slow-disk round"
+    );
+    process = coordinator_with(dir.path(), port, 300);
     let last = format!("-e{EPOCHS}-");
     wait_for(120, "the last epoch's checkpoint", async || {
         latest_set(&job_dir).is_some_and(|s| s.contains(&last))

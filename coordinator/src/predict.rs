@@ -209,7 +209,44 @@ fn forward(loaded: &Loaded, rows: &[&[f32]]) -> Result<Vec<f32>> {
 
 #[cfg(test)]
 mod tests {
+    use recur_core::model::{ModelConfig, Params};
+
     use super::*;
+
+    #[test]
+    fn a_request_that_fails_the_batch_fails_alone() {
+        let params = Params::init(ModelConfig::tutorial(), 1, &Device::Cpu).unwrap();
+        let loaded = Loaded {
+            model: SeqModel::new(params),
+            scale: 50.0,
+            epoch: 3,
+        };
+        let request = |rows: Vec<Vec<f32>>| {
+            let (reply, rx) = oneshot::channel();
+            (
+                Request {
+                    job: JobId::nth(1),
+                    rows,
+                    reply,
+                },
+                rx,
+            )
+        };
+        // An empty history cannot be packed: a batch holding it fails as a whole.
+        let (good, mut good_rx) = request(vec![vec![1.0, 3.0, 5.0]]);
+        let (bad, mut bad_rx) = request(vec![vec![2.0], vec![]]);
+        let (also_good, mut also_rx) = request(vec![vec![4.0, 2.0], vec![7.0]]);
+        run_batch(&loaded, vec![good, bad, also_good]);
+        let (one, epoch) = good_rx.try_recv().unwrap().unwrap();
+        assert_eq!((one.len(), epoch), (1, 3));
+        assert!(bad_rx.try_recv().unwrap().is_err());
+        let (two, _) = also_rx.try_recv().unwrap().unwrap();
+        assert_eq!(two.len(), 2);
+        // The answers are those of each request alone.
+        let (alone, mut alone_rx) = request(vec![vec![4.0, 2.0], vec![7.0]]);
+        run_batch(&loaded, vec![alone]);
+        assert_eq!(alone_rx.try_recv().unwrap().unwrap().0, two);
+    }
 
     #[test]
     fn a_load_that_raced_with_an_invalidation_is_not_cached() {

@@ -163,12 +163,23 @@ pub(crate) fn incoming(listener: TcpListener) -> TcpIncoming {
 }
 
 /// Re-queues the jobs a previous run left queued or running; running ones resume from their
-/// `latest` checkpoint (or start over when it is missing or damaged, which is logged).
+/// `latest` checkpoint set (see [`resume_point`]). Checkpoints of the earlier file layout are
+/// converted to sets first, for every job.
 fn recover_jobs(shared: &Shared) -> Result<()> {
     let mut jobs = shared.store.jobs()?;
     jobs.reverse(); // oldest first
     let mut resumed = Vec::new();
     for record in jobs {
+        let dir = shared.jobs_dir().join(&record.id.0);
+        match CheckpointSets::new(&dir).migrate_legacy(shared.config.keep_checkpoints) {
+            Ok(roles) if !roles.is_empty() => {
+                tracing::info!(job = %record.id, ?roles, "checkpoints of the earlier layout converted to sets");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(job = %record.id, error = %e, "cannot convert checkpoints of the earlier layout");
+            }
+        }
         if record.state.is_final() {
             continue;
         }
@@ -183,7 +194,6 @@ fn recover_jobs(shared: &Shared) -> Result<()> {
                 continue;
             }
         };
-        let dir = shared.jobs_dir().join(&record.id.0);
         let mut record = record;
         let resume = if record.state == JobState::Running {
             match resume_point(shared, &mut record, &dir)? {
@@ -254,9 +264,15 @@ fn resume_point(
         shared.store.truncate_history(&id, 0, 0)?;
         return Ok(Ok(None));
     };
+    let mut warn = |warning: String| {
+        // A restart before the next save finds the same damage again: say it once.
+        if !record.warnings.contains(&warning) {
+            record.warnings.push(warning);
+        }
+    };
     for d in &recovered.damaged {
         tracing::error!(job = %id, set = %d.set, problem = %d.problem, resumed_from = %latest_set, "checkpoint set damaged; resuming from an older one");
-        record.warnings.push(format!(
+        warn(format!(
             "{d}; resumed from {latest_set} (epoch {})",
             latest.manifest.epoch
         ));
@@ -265,10 +281,23 @@ fn resume_point(
     let best = sets.recover(Role::Best, |m| m.step <= step)?;
     for d in &best.damaged {
         tracing::error!(job = %id, set = %d.set, problem = %d.problem, "best checkpoint set damaged");
-        record.warnings.push(match &best.loaded {
+        warn(match &best.loaded {
             Some((name, _)) => format!("{d}; the best model is now {name}"),
             None => format!("{d}; no earlier best set loads"),
         });
+    }
+    // The pointers follow the resume point: `latest` away from a damaged set, `best` back from
+    // one saved after it (its epoch is trained again), so downloads and predictions serve what
+    // the job's record says.
+    if sets.current(Role::Latest).ok().flatten().as_deref() != Some(latest_set.as_str()) {
+        sets.point(Role::Latest, &latest_set)?;
+    }
+    match &best.loaded {
+        Some((name, _)) if sets.current(Role::Best).ok().flatten().as_deref() != Some(name) => {
+            sets.point(Role::Best, name)?;
+        }
+        Some(_) => {}
+        None => sets.unpoint(Role::Best)?,
     }
     shared
         .store

@@ -249,14 +249,15 @@ impl Store {
         tx.commit().map_err(err)
     }
 
-    /// Every recorded step of a job, in order.
-    pub fn steps(&self, id: &JobId) -> Result<Vec<pb::StepRecord>> {
+    /// Up to `limit` recorded steps of a job from step `from`, in order.
+    pub fn steps(&self, id: &JobId, from: u64, limit: usize) -> Result<Vec<pb::StepRecord>> {
         let tx = self.db.begin_read().map_err(err)?;
         let table = tx.open_table(STEPS).map_err(err)?;
         let mut out = Vec::new();
         for entry in table
-            .range((id.0.as_str(), 0)..=(id.0.as_str(), u64::MAX))
+            .range((id.0.as_str(), from)..=(id.0.as_str(), u64::MAX))
             .map_err(err)?
+            .take(limit)
         {
             let (_, v) = entry.map_err(err)?;
             out.push(pb::StepRecord::decode(v.value()).map_err(bad_entry)?);
@@ -416,12 +417,19 @@ mod tests {
             .collect();
         assert_eq!(epochs, [1, 2]);
         let steps: Vec<(u64, u64)> = store
-            .steps(&JobId::nth(1))
+            .steps(&JobId::nth(1), 0, usize::MAX)
             .unwrap()
             .iter()
             .map(|s| (s.step, s.epoch))
             .collect();
         assert_eq!(steps, [(1, 1), (2, 1), (3, 2), (4, 2)]);
+        let page: Vec<u64> = store
+            .steps(&JobId::nth(1), 2, 2)
+            .unwrap()
+            .iter()
+            .map(|s| s.step)
+            .collect();
+        assert_eq!(page, [2, 3]);
         assert!(store.job(&JobId::nth(7)).unwrap().is_none());
     }
 }

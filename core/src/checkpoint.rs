@@ -315,7 +315,11 @@ fn encode<'a>(
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the new one: a
 /// temporary file in the same directory, fsynced, renamed over `path`, then the directory fsynced.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    // A bare file name's parent is "", which names no directory: it is the current one.
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
     let file_name = path
         .file_name()
         .ok_or_else(|| Error::checkpoint(path, "not a file path"))?

@@ -126,12 +126,55 @@ impl CheckpointSets {
         let target = sets.join(&name);
         fs::rename(&partial, &target).map_err(|e| Error::io(&target, e))?;
         sync_dir(&sets)?;
+        self.point(role, &name)?;
+        // The set is saved once the pointer moved; pruning is housekeeping, retried next time.
+        if let Err(e) = self.prune(role, keep.max(1)) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove old checkpoint sets");
+        }
+        Ok(name)
+    }
+
+    /// Points `role` at set `name` (atomically).
+    pub fn point(&self, role: Role, name: &str) -> Result<()> {
         atomic_write(
             &self.dir.join(role.as_str()),
             format!("{name}\n").as_bytes(),
-        )?;
-        self.prune(role, keep.max(1))?;
-        Ok(name)
+        )
+    }
+
+    /// Removes the role's pointer (the role then has no current set).
+    pub fn unpoint(&self, role: Role) -> Result<()> {
+        let path = self.dir.join(role.as_str());
+        match fs::remove_file(&path) {
+            Ok(()) => sync_dir(&self.dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
+    /// Converts checkpoints of the earlier layout (`latest.json`, `latest.safetensors`, … side by
+    /// side in the job's directory) into sets, so a coordinator upgraded in place resumes its
+    /// jobs and serves their models. Returns the roles converted; a legacy checkpoint that does
+    /// not load is left where it is and reported by the error.
+    pub fn migrate_legacy(&self, keep: usize) -> Result<Vec<Role>> {
+        let mut done = Vec::new();
+        for role in [Role::Latest, Role::Best] {
+            let legacy = CheckpointPaths::new(&self.dir, role.as_str());
+            if !legacy.manifest.exists() || self.current(role)?.is_some() {
+                continue;
+            }
+            let checkpoint = Checkpoint::load(&self.dir, role.as_str())?;
+            self.save(role, &checkpoint, keep)?;
+            for file in [&legacy.manifest, &legacy.model, &legacy.optimizer] {
+                if let Err(e) = fs::remove_file(file)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    return Err(Error::io(file, e));
+                }
+            }
+            done.push(role);
+        }
+        Ok(done)
     }
 
     /// The set the role's pointer names, if any.
@@ -140,7 +183,11 @@ impl CheckpointSets {
         match fs::read_to_string(&path) {
             Ok(s) => {
                 let name = s.trim();
-                if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+                let valid = !name.contains(['/', '\\'])
+                    && !name.starts_with('.')
+                    && seq_of(name).is_some()
+                    && role_of(name) == Some(role);
+                if !valid {
                     return Err(Error::checkpoint(&path, format!("bad pointer `{name}`")));
                 }
                 Ok(Some(name.to_string()))
@@ -294,13 +341,18 @@ impl CheckpointSets {
             .filter(|n| role_of(n) == Some(role))
             .collect();
         mine.sort_by_key(|n| std::cmp::Reverse(seq_of(n)));
+        let sets = self.sets_dir();
         for name in mine.into_iter().skip(keep) {
             if !pinned.contains(&name) {
+                // Out of sight first (one rename), so a crash mid-removal leaves no half set
+                // under a set's name.
                 let path = self.path(&name);
-                fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+                let doomed = sets.join(format!("{PARTIAL}removed-{name}"));
+                fs::rename(&path, &doomed).map_err(|e| Error::io(&path, e))?;
+                sync_dir(&sets)?;
+                fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))?;
             }
         }
-        let sets = self.sets_dir();
         for entry in fs::read_dir(&sets).map_err(|e| Error::io(&sets, e))? {
             let entry = entry.map_err(|e| Error::io(&sets, e))?;
             if entry.file_name().to_string_lossy().starts_with(PARTIAL) {
@@ -444,6 +496,61 @@ mod tests {
         assert!(name.starts_with("000003-"), "{name}");
         assert_eq!(sets.names().unwrap(), [name]);
         assert!(!partial.exists());
+    }
+
+    #[test]
+    fn readers_never_fail_while_a_writer_replaces_sets() {
+        let dir = tempfile::tempdir().unwrap();
+        let sets = CheckpointSets::new(dir.path());
+        sets.save(Role::Best, &ckpt(1), 1).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let writer = scope.spawn(|| {
+                for e in 2..200 {
+                    sets.save(Role::Best, &ckpt(e), 1).unwrap();
+                }
+                stop.store(true, std::sync::atomic::Ordering::Release);
+            });
+            let readers: Vec<_> = (0..2)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let (mut reads, mut last) = (0, 0);
+                        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                            let (_, c) = sets.load_current(Role::Best).unwrap().unwrap();
+                            assert!(c.manifest.epoch >= last, "went back to an older set");
+                            last = c.manifest.epoch;
+                            let (manifest, _) = sets.read_current(Role::Best).unwrap().unwrap();
+                            assert!(manifest.contains("\"epoch\""));
+                            reads += 1;
+                        }
+                        reads
+                    })
+                })
+                .collect();
+            writer.join().unwrap();
+            for r in readers {
+                assert!(r.join().unwrap() > 0);
+            }
+        });
+    }
+
+    #[test]
+    fn legacy_checkpoints_become_sets_and_bad_pointers_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        ckpt(4).save(dir.path(), "latest").unwrap();
+        ckpt(3).save(dir.path(), "best").unwrap();
+        let sets = CheckpointSets::new(dir.path());
+        assert_eq!(sets.migrate_legacy(3).unwrap(), [Role::Latest, Role::Best]);
+        assert_eq!(sets.load_current(Role::Latest).unwrap().unwrap().1, ckpt(4));
+        assert_eq!(sets.load_current(Role::Best).unwrap().unwrap().1, ckpt(3));
+        assert!(!dir.path().join("latest.json").exists());
+        assert!(sets.migrate_legacy(3).unwrap().is_empty(), "done once");
+        // A pointer naming no set of its role is an error, not an empty role.
+        fs::write(dir.path().join("latest"), "garbage\n").unwrap();
+        assert!(sets.current(Role::Latest).is_err());
+        let best = sets.current(Role::Best).unwrap().unwrap();
+        fs::write(dir.path().join("latest"), format!("{best}\n")).unwrap();
+        assert!(sets.current(Role::Latest).is_err());
     }
 
     #[test]

@@ -439,7 +439,9 @@ async fn predictions_never_fail_while_checkpoint_sets_are_replaced() {
         let mut c = recur_client::Client::connect(&url, None).await.unwrap();
         let mut epochs = Vec::new();
         loop {
-            let done = c.job(&job).await.unwrap().state == pb::JobState::Completed as i32;
+            let info = c.job(&job).await.unwrap();
+            let done =
+                state(&info) != pb::JobState::Running && state(&info) != pb::JobState::Queued;
             let answer = c
                 .predict(&job, vec![vec![1.0, 3.0, 5.0], vec![2.0, 0.0]])
                 .await
@@ -466,9 +468,14 @@ async fn predictions_never_fail_while_checkpoint_sets_are_replaced() {
     };
     let a = tokio::spawn(caller(url.clone(), job.clone()));
     let b = tokio::spawn(caller(url.clone(), job.clone()));
-    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    let (a, b) = tokio::time::timeout(Duration::from_secs(300), async {
+        (a.await.unwrap(), b.await.unwrap())
+    })
+    .await
+    .expect("the job did not end in time");
     bad.await.unwrap();
     let info = tc.client.job(&job).await.unwrap();
+    assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
     for epochs in [&a, &b] {
         assert!(
             epochs.windows(2).all(|w| w[0] <= w[1]),

@@ -8,11 +8,13 @@
 mod device;
 mod executor;
 mod session;
+mod signal;
 mod tls;
 
 pub use device::DeviceSpec;
 pub use executor::Executor;
 pub use session::{WorkerConfig, run};
+pub use signal::shutdown_signal;
 pub use tls::client_tls;
 
 /// The worker protocol version this build speaks (the coordinator's must match).

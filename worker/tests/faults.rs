@@ -92,18 +92,27 @@ async fn soak_ten_worker_kills_at_random_moments_lose_no_step() {
         .unwrap()
         .dataset_id;
     let id = client.submit(job_spec(&dataset, 150)).await.unwrap().job_id;
-    // Ten kills at random moments: a random epoch, a random delay into it, a random victim.
+    // Ten kills at random moments: ten different epochs, a random delay into the epoch (up to
+    // the last epoch's length), a random victim among three joined workers.
     let seed = soak_seed();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut at: Vec<u64> = (0..10).map(|_| rng.random_range(2..140)).collect();
+    let mut at: Vec<u64> = rand::seq::index::sample(&mut rng, 137, 10)
+        .into_iter()
+        .map(|e| e as u64 + 3)
+        .collect();
     at.sort_unstable();
     for (k, epoch) in at.into_iter().enumerate() {
-        wait_for(120, &format!("epoch {epoch}"), async || {
-            client.job(&id).await.unwrap().epochs >= epoch
+        let mut epoch_ms = 1;
+        wait_for(120, &format!("epoch {epoch} with 3 workers"), async || {
+            let info = client.job(&id).await.unwrap();
+            epoch_ms = info
+                .last_epoch
+                .map_or(1, |e| ((e.seconds * 1e3) as u64).max(1));
+            info.epochs >= epoch && client.workers().await.unwrap().len() == 3
         })
         .await;
         // Not synchronisation: where in the epoch the fault lands.
-        tokio::time::sleep(Duration::from_millis(rng.random_range(0..20))).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..epoch_ms))).await;
         let mut victim = workers.remove(rng.random_range(0..workers.len()));
         victim.kill().unwrap();
         victim.wait().unwrap();
@@ -224,5 +233,32 @@ async fn a_stopped_worker_is_dropped_and_rejoins_after_sigcont() {
         let _ = w.kill();
         let _ = w.wait();
     }
+    cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_worker_process_gracefully_with_a_goodbye() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = CoordinatorConfig::new(dir.path());
+    // Far longer than the test waits: the worker's leaving is seen from its Goodbye.
+    config.heartbeat_timeout = Duration::from_secs(120);
+    let cluster = LocalCluster::start("127.0.0.1:0", config, 0).await.unwrap();
+    let url = cluster.url();
+    let mut w = worker(&url, "term");
+    let mut client = Client::connect(&url, None).await.unwrap();
+    wait_for(30, "the worker to join", async || {
+        client.workers().await.unwrap().len() == 1
+    })
+    .await;
+    signal(&w, "-TERM");
+    let status = tokio::task::spawn_blocking(move || w.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "SIGTERM is a clean exit: {status:?}");
+    wait_for(10, "the coordinator to see the worker leave", async || {
+        client.workers().await.unwrap().is_empty()
+    })
+    .await;
     cluster.shutdown().await.unwrap();
 }

@@ -26,7 +26,7 @@ pub(crate) fn parse_device(device: &str) -> Result<recur_worker::DeviceSpec> {
     Ok(spec)
 }
 
-/// `recur worker`: runs until Ctrl-C.
+/// `recur worker`: runs until Ctrl-C or SIGTERM.
 pub(super) async fn worker(
     args: WorkerArgs,
     coordinator: String,
@@ -41,11 +41,9 @@ pub(super) async fn worker(
     config.threads = args.threads;
     config.token = args.worker_token;
     config.tls = tls;
-    recur_worker::run(config, async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await
-    .map_err(|e| CliError::new(e.to_string(), "check --coordinator and the worker token"))
+    recur_worker::run(config, recur_worker::shutdown_signal())
+        .await
+        .map_err(|e| CliError::new(e.to_string(), "check --coordinator and the worker token"))
 }
 
 /// `recur workers`.
@@ -110,7 +108,7 @@ pub(super) async fn local(args: LocalArgs) -> Result<()> {
         "try: recur --coordinator {} workers    (Ctrl-C stops)",
         cluster.url()
     );
-    let _ = tokio::signal::ctrl_c().await;
+    recur_worker::shutdown_signal().await;
     eprintln!("stopping");
     cluster
         .shutdown()

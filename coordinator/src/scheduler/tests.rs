@@ -230,6 +230,9 @@ fn check_stored_steps(sim: &Sim, n: u64, seed: u64) {
             };
             assert_eq!(s.samples, expected as u64, "epoch {epoch} step {}", s.step);
         }
+        if epoch < last_epoch {
+            assert_eq!(of.len(), per_epoch, "epoch {epoch} lost or repeated a step");
+        }
         if of.len() == per_epoch {
             let digest = of
                 .iter()

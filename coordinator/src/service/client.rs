@@ -434,13 +434,19 @@ impl Recur for ClientService {
         Ok(Response::new(pb::ListWorkersResponse { workers }))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn get_steps(
         &self,
         request: Request<pb::GetStepsRequest>,
     ) -> Result<Response<pb::GetStepsResponse>, Status> {
-        let id = job_id(&request.into_inner().job_id)?;
+        let req = request.into_inner();
+        let id = job_id(&req.job_id)?;
         self.record(&id)?;
-        let steps = self.shared.store.steps(&id)?;
+        let limit = match req.limit {
+            0 => MAX_STEPS_PAGE,
+            n => (n as usize).min(MAX_STEPS_PAGE),
+        };
+        let steps = self.shared.store.steps(&id, req.from_step.max(1), limit)?;
         Ok(Response::new(pb::GetStepsResponse { steps }))
     }
 
@@ -506,3 +512,6 @@ impl Recur for ClientService {
         Ok(Response::new(pb::PredictResponse { predictions, epoch }))
     }
 }
+
+/// The most steps one `GetSteps` reply carries (about 1.5 MiB).
+const MAX_STEPS_PAGE: usize = 65_536;

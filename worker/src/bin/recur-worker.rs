@@ -86,8 +86,6 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(recur_worker::run(config, async {
-        let _ = tokio::signal::ctrl_c().await;
-    }))?;
+    runtime.block_on(recur_worker::run(config, recur_worker::shutdown_signal()))?;
     Ok(())
 }

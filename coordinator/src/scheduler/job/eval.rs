@@ -102,19 +102,25 @@ impl RunningJob {
         if !fresh {
             return;
         }
+        // Every batch is checked before any is added: a part that is refused and reissued must
+        // not leave some of its sums counted.
+        if let Some(bad) = r
+            .batches
+            .iter()
+            .find(|b| b.sums.is_none() || b.batch as usize >= eval.sums.len())
+        {
+            cx.drops.push((
+                worker,
+                format!(
+                    "sent sums for evaluation batch {}, which does not exist or is empty",
+                    bad.batch
+                ),
+            ));
+            return;
+        }
         for b in &r.batches {
-            match (eval.sums.get_mut(b.batch as usize), &b.sums) {
-                (Some(slot), Some(s)) => slot.add(&BatchSums::from(s)),
-                _ => {
-                    cx.drops.push((
-                        worker,
-                        format!(
-                            "sent sums for evaluation batch {}, which does not exist",
-                            b.batch
-                        ),
-                    ));
-                    return;
-                }
+            if let (Some(slot), Some(s)) = (eval.sums.get_mut(b.batch as usize), &b.sums) {
+                slot.add(&BatchSums::from(s));
             }
         }
         eval.round.results.insert(r.part, ());
