@@ -8,6 +8,7 @@ use recur_client::cli::{self, Cli};
 
 fn main() {
     let cli = Cli::parse();
+    let as_json = cli.json;
     // `recur worker --threads N` sizes this process's compute pool; everything else (embedded
     // workers of demo and local, each computing on its own thread) uses one thread unless the
     // environment says otherwise, so the matmul pool never oversubscribes the cores.
@@ -39,7 +40,12 @@ fn main() {
         .and_then(|rt| rt.block_on(cli::run(cli)));
     if let Err(e) = result {
         #[allow(clippy::print_stderr)]
-        {
+        if as_json {
+            eprintln!(
+                "{}",
+                serde_json::json!({"error": e.message, "hint": e.hint, "exit_code": e.code})
+            );
+        } else {
             eprintln!("error: {}", e.message);
             if !e.hint.is_empty() {
                 eprintln!("  hint: {}", e.hint);

@@ -14,7 +14,7 @@ use serde_json::Value;
 fn recur(coordinator: &str, args: &[&str]) -> Command {
     let mut cmd = Command::cargo_bin("recur").unwrap();
     cmd.env("RECUR_COORDINATOR", coordinator)
-        .env_remove("RECUR_TOKEN")
+        .env_remove("RECUR_CLIENT_TOKEN")
         .args(args);
     cmd
 }
@@ -240,6 +240,11 @@ async fn the_cli_drives_a_cluster_end_to_end() {
     assert_eq!(cancelled["state"], "cancelled");
     let out = ok(run(recur(&url, &["status", "job-2"])).await);
     assert!(out.contains("cancelled"), "{out}");
+    // Following a cancelled job exits 3, a completed one 0 (scripts tell them apart).
+    let (code, err) = failed(run(recur(&url, &["watch", "job-2"])).await);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("job-2 was cancelled"), "{err}");
+    ok(run(recur(&url, &["watch", "job-1"])).await);
 
     errors(&url, d).await;
     cluster.shutdown().await.unwrap();
@@ -253,6 +258,21 @@ async fn errors(url: &str, d: &Path) {
         err.contains("error: no job job-77") && err.contains("hint: `recur jobs`"),
         "{err}"
     );
+    // With --json the error is one JSON line.
+    let (code, err) = failed(run(recur(url, &["--json", "status", "job-77"])).await);
+    assert_eq!(code, 1);
+    let err = json(&err);
+    assert!(
+        err["error"].as_str().unwrap().contains("no job job-77"),
+        "{err}"
+    );
+    assert_eq!(err["exit_code"], 1);
+    // An empty token (a deploy file's `${TOKEN:-}`) is refused before anything runs.
+    let mut empty = recur(url, &["jobs"]);
+    empty.env("RECUR_CLIENT_TOKEN", "");
+    let (code, err) = failed(run(empty).await);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--token") && err.contains("empty"), "{err}");
     // Bad CSV: every bad line, as file:line: what.
     let bad = d.join("bad.csv");
     std::fs::write(&bad, "1,2,3\n1,x,3\n\n5\n").unwrap();
@@ -377,6 +397,21 @@ fn the_demo_beats_the_tutorial_and_answers_its_five_histories() {
         assert!(line.contains(&format!("(expected {expected})")), "{line}");
     }
     assert_eq!(&std::fs::read(&chart).unwrap()[..4], b"\x89PNG");
+}
+
+#[test]
+fn global_local_and_worker_flags_can_be_set_from_the_environment() {
+    for args in [&["-h"][..], &["local", "-h"], &["worker", "-h"]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_recur"))
+            .args(args)
+            .output()
+            .unwrap();
+        let help = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            recur_tests::assert_every_flag_has_env(&help) >= 5,
+            "{args:?}: {help}"
+        );
+    }
 }
 
 #[test]

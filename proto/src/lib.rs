@@ -33,3 +33,35 @@ pub mod transport {
     /// frozen host) is noticed.
     pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 }
+
+/// Bearer tokens, as every component reads them from a flag or its environment variable.
+pub mod token {
+    /// Accepts a token value from the command line or the environment: printable ASCII without
+    /// spaces (it travels in an `authorization` header), and never empty. An empty variable (a
+    /// deploy file's `${TOKEN:-}`) is an error rather than "authenticate with the empty
+    /// string" or "no authentication": unset the variable to run without a token.
+    pub fn parse(value: &str) -> Result<String, String> {
+        if value.is_empty() {
+            return Err(
+                "the token is empty; unset the variable (or drop the flag) to run without one"
+                    .into(),
+            );
+        }
+        if let Some(bad) = value.chars().find(|c| !c.is_ascii_graphic()) {
+            return Err(format!(
+                "the token holds {bad:?}; use printable ASCII without spaces"
+            ));
+        }
+        Ok(value.to_string())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn empty_and_unprintable_tokens_are_refused() {
+            assert!(super::parse("").unwrap_err().contains("empty"));
+            assert!(super::parse("a b").unwrap_err().contains("' '"));
+            assert_eq!(super::parse("s3cr3t-Token_1").unwrap(), "s3cr3t-Token_1");
+        }
+    }
+}

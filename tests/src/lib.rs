@@ -279,3 +279,45 @@ pub fn soak_seed() -> u64 {
     eprintln!("soak seed {seed} (replay with RECUR_SOAK_SEED={seed})");
     seed
 }
+
+/// Checks a `-h` text: every long flag but `--help` and `--version` names the environment
+/// variable that can set it (`[env: RECUR_…]`, on the flag's line or the description under it).
+/// Returns how many flags were checked.
+pub fn assert_every_flag_has_env(help: &str) -> usize {
+    let mut checked = 0;
+    for (flag, block) in flag_blocks(help) {
+        if flag == "--help" || flag == "--version" {
+            continue;
+        }
+        assert!(
+            block.contains("[env: RECUR_"),
+            "{flag} has no environment variable: {block}"
+        );
+        checked += 1;
+    }
+    checked
+}
+
+/// Each option of a clap help text with the lines that describe it.
+fn flag_blocks(help: &str) -> Vec<(String, String)> {
+    let mut blocks: Vec<(String, String)> = Vec::new();
+    for line in help.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('-') {
+            let flag = trimmed
+                .split_whitespace()
+                .find(|w| w.starts_with("--"))
+                .unwrap_or(trimmed)
+                .trim_end_matches(',')
+                .to_string();
+            blocks.push((flag, trimmed.to_string()));
+        } else if let Some((_, block)) = blocks.last_mut()
+            && !trimmed.is_empty()
+            && line.starts_with(' ')
+        {
+            block.push(' ');
+            block.push_str(trimmed);
+        }
+    }
+    blocks
+}

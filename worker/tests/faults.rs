@@ -262,3 +262,20 @@ async fn sigterm_stops_a_worker_process_gracefully_with_a_goodbye() {
     .await;
     cluster.shutdown().await.unwrap();
 }
+
+#[test]
+fn every_worker_flag_can_be_set_from_the_environment_and_an_empty_token_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_recur-worker"))
+        .arg("-h")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(recur_tests::assert_every_flag_has_env(&help) >= 9, "{help}");
+    let out = Command::new(env!("CARGO_BIN_EXE_recur-worker"))
+        .env("RECUR_WORKER_TOKEN", "")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--token") && err.contains("empty"), "{err}");
+}

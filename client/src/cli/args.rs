@@ -14,7 +14,7 @@ pub struct Cli {
     #[arg(long, global = true, env = "RECUR_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     pub coordinator: String,
     /// Client token (`authorization: Bearer <token>`).
-    #[arg(long, global = true, env = "RECUR_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "RECUR_CLIENT_TOKEN", hide_env_values = true, value_parser = recur_proto::token::parse)]
     pub token: Option<String>,
     /// CA certificate (PEM) of a TLS coordinator (use an https:// URL).
     #[arg(long, global = true, env = "RECUR_TLS_CA")]
@@ -26,10 +26,10 @@ pub struct Cli {
     #[arg(long, global = true, env = "RECUR_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// Name expected in the coordinator's certificate, when not the URL's host.
-    #[arg(long, global = true)]
+    #[arg(long, env = "RECUR_TLS_DOMAIN", global = true)]
     pub tls_domain: Option<String>,
     /// Print machine-readable JSON instead of text.
-    #[arg(long, global = true)]
+    #[arg(long, env = "RECUR_JSON", global = true)]
     pub json: bool,
     /// What to do.
     #[command(subcommand)]
@@ -110,22 +110,27 @@ pub struct DemoArgs {
 #[derive(Debug, Args)]
 pub struct LocalArgs {
     /// Workers to start.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, env = "RECUR_LOCAL_WORKERS", default_value_t = 2)]
     pub workers: usize,
     /// Data directory (default: a temporary one, removed at exit).
-    #[arg(long)]
+    #[arg(long, env = "RECUR_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:7070")]
+    #[arg(long, env = "RECUR_LISTEN", default_value = "127.0.0.1:7070")]
     pub listen: String,
     /// Where the workers compute: `cpu` or `cuda:N` (a build with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, env = "RECUR_DEVICE", default_value = "cpu")]
     pub device: String,
     /// Checkpoint sets kept per job and role (latest, best); the sets in use are always kept.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "RECUR_KEEP_CHECKPOINTS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     pub keep_checkpoints: u64,
     /// Test hook: every store and checkpoint write takes this many ms longer (a slow disk).
-    #[arg(long, default_value_t = 0, hide = true)]
+    #[arg(
+        long,
+        env = "RECUR_TEST_WRITE_DELAY_MS",
+        default_value_t = 0,
+        hide = true
+    )]
     pub test_write_delay_ms: u64,
 }
 
@@ -133,16 +138,16 @@ pub struct LocalArgs {
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
     /// Name shown in `recur workers` (default: host name and process id).
-    #[arg(long)]
+    #[arg(long, env = "RECUR_WORKER_NAME")]
     pub name: Option<String>,
     /// `cpu` or `cuda:N` (the latter needs a build with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, env = "RECUR_DEVICE", default_value = "cpu")]
     pub device: String,
     /// Compute threads (this process's candle pool is sized once, at start).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "RECUR_THREADS", default_value_t = 1)]
     pub threads: u32,
     /// The coordinator's worker token.
-    #[arg(long, env = "RECUR_WORKER_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "RECUR_WORKER_TOKEN", hide_env_values = true, value_parser = recur_proto::token::parse)]
     pub worker_token: Option<String>,
 }
 

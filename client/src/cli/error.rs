@@ -13,14 +13,29 @@ pub struct CliError {
     pub code: i32,
 }
 
+/// Exit codes scripts can rely on (clap exits 2 for a usage error).
+pub mod exit {
+    /// The command failed, or the job it followed failed.
+    pub const FAILED: i32 = 1;
+    /// The job the command followed was cancelled.
+    pub const CANCELLED: i32 = 3;
+    /// Interrupted by Ctrl-C (128 + SIGINT); a followed job keeps running.
+    pub const INTERRUPTED: i32 = 130;
+}
+
 impl CliError {
     /// An error with a hint, exit code 1.
     pub fn new(message: impl Into<String>, hint: impl Into<String>) -> Self {
         Self {
             message: message.into(),
             hint: hint.into(),
-            code: 1,
+            code: exit::FAILED,
         }
+    }
+
+    /// The same error with another exit code.
+    pub fn with_code(self, code: i32) -> Self {
+        Self { code, ..self }
     }
 }
 
@@ -35,7 +50,7 @@ impl From<ClientError> for CliError {
                 let hint = match s.code() {
                     tonic::Code::NotFound => "`recur jobs` lists the jobs",
                     tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
-                        "pass the coordinator's client token with --token or RECUR_TOKEN"
+                        "pass the coordinator's client token with --token or RECUR_CLIENT_TOKEN"
                     }
                     tonic::Code::Unavailable => {
                         "is the coordinator running? `recur local` starts one"

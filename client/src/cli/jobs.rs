@@ -9,7 +9,7 @@ use recur_proto::v1 as pb;
 use serde_json::json;
 
 use super::args::{ModelArg, OptimizerArg, TrainArgs};
-use super::error::{CliError, Result};
+use super::error::{CliError, Result, exit};
 use super::text::{epoch_line, jobs_table, print_job, print_summary};
 use super::{json, plot};
 use crate::{Client, ClientError};
@@ -35,13 +35,29 @@ pub(super) async fn status(client: &mut Client, job: &str, as_json: bool) -> Res
     Ok(())
 }
 
-/// `recur watch JOB`.
+/// `recur watch JOB`: exits 0 when the job completed, 1 when it failed, 3 when cancelled.
 pub(super) async fn follow(client: &mut Client, job: &str, as_json: bool) -> Result<()> {
     let info = watch(client, job, as_json).await?;
     if !as_json {
         print_summary(&info);
     }
-    Ok(())
+    outcome(&info)
+}
+
+/// The exit status of a command that followed a job to its end.
+pub(super) fn outcome(info: &pb::JobInfo) -> Result<()> {
+    match pb::JobState::try_from(info.state) {
+        Ok(pb::JobState::Failed) => Err(CliError::new(
+            format!("{} failed: {}", info.id, info.message),
+            format!("`recur status {}` shows the job", info.id),
+        )),
+        Ok(pb::JobState::Cancelled) => Err(CliError::new(
+            format!("{} was cancelled: {}", info.id, info.message),
+            "",
+        )
+        .with_code(exit::CANCELLED)),
+        _ => Ok(()),
+    }
 }
 
 /// `recur cancel JOB`.
@@ -126,8 +142,11 @@ pub(super) async fn watch(client: &mut Client, job: &str, as_json: bool) -> Resu
         let msg = tokio::select! {
             _ = tokio::signal::ctrl_c() => {
                 bar.finish_and_clear();
-                eprintln!("stopped watching; {job} keeps running (`recur cancel {job}` stops it)");
-                std::process::exit(0);
+                return Err(CliError::new(
+                    format!("stopped watching; {job} keeps running"),
+                    format!("`recur watch {job}` follows it again, `recur cancel {job}` stops it"),
+                )
+                .with_code(exit::INTERRUPTED));
             }
             msg = stream.message() => msg.map_err(ClientError::from)?,
         };
@@ -295,11 +314,5 @@ pub(super) async fn train(client: &mut Client, args: TrainArgs, as_json: bool) -
         print_summary(&info);
         println!("job id: {job}");
     }
-    if pb::JobState::try_from(info.state) == Ok(pb::JobState::Failed) {
-        return Err(CliError::new(
-            format!("{job} failed: {}", info.message),
-            "`recur status` shows the job",
-        ));
-    }
-    Ok(())
+    outcome(&info)
 }

@@ -19,69 +19,74 @@ struct Args {
     #[arg(long, env = "RECUR_DATA_DIR", default_value = "recur-data")]
     data_dir: PathBuf,
     /// Drop a worker not heard from for this many milliseconds.
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, env = "RECUR_HEARTBEAT_TIMEOUT_MS", default_value_t = 3000)]
     heartbeat_timeout_ms: u64,
     /// Largest dataset upload, in bytes.
-    #[arg(long, default_value_t = 64 << 20)]
+    #[arg(long, env = "RECUR_MAX_UPLOAD_BYTES", default_value_t = 64 << 20)]
     max_upload_bytes: usize,
     /// Most rows in a dataset.
-    #[arg(long, default_value_t = 5_000_000)]
+    #[arg(long, env = "RECUR_MAX_ROWS", default_value_t = 5_000_000)]
     max_rows: usize,
     /// Most values in one row.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, env = "RECUR_MAX_ROW_LEN", default_value_t = 4096)]
     max_row_len: usize,
     /// Uploads at once.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, env = "RECUR_MAX_CONCURRENT_UPLOADS", default_value_t = 4)]
     max_concurrent_uploads: usize,
     /// Jobs waiting in the queue.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, env = "RECUR_MAX_QUEUED_JOBS", default_value_t = 100)]
     max_queued_jobs: usize,
     /// Most parameters a job's model may have.
-    #[arg(long, default_value_t = 10_000_000)]
+    #[arg(long, env = "RECUR_MAX_PARAMS", default_value_t = 10_000_000)]
     max_params: usize,
     /// Largest gRPC message, in bytes.
-    #[arg(long, default_value_t = 64 << 20)]
+    #[arg(long, env = "RECUR_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
     max_message_bytes: usize,
     /// Most sequences in one Predict request.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, env = "RECUR_MAX_PREDICT_ROWS", default_value_t = 10_000)]
     max_predict_rows: usize,
     /// Token clients must send as `authorization: Bearer <token>`.
-    #[arg(long, env = "RECUR_CLIENT_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "RECUR_CLIENT_TOKEN", hide_env_values = true, value_parser = recur_proto::token::parse)]
     client_token: Option<String>,
     /// Token workers must send.
-    #[arg(long, env = "RECUR_WORKER_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "RECUR_WORKER_TOKEN", hide_env_values = true, value_parser = recur_proto::token::parse)]
     worker_token: Option<String>,
     /// A running job with no worker for this many seconds fails.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, env = "RECUR_NO_WORKER_GRACE_S", default_value_t = 600)]
     no_worker_grace_s: u64,
     /// Every worker holds a job's whole training split when it has at most this many values
     /// (steps are then split exactly by each worker's measured speed); above it each worker
     /// holds a shard sized to its speed. 4 bytes a value per worker.
-    #[arg(long, default_value_t = 1 << 25)]
+    #[arg(long, env = "RECUR_REPLICATE_VALUES", default_value_t = 1 << 25)]
     replicate_values: usize,
     /// Seconds a worker gets at least for its part of a step or evaluation (all it gets while
     /// its speed is unknown; otherwise ten times what its measured speed predicts; twice that
     /// right after a new shard, doubled for each miss of the same work). A worker that misses
     /// it (a hung compute whose heartbeats go on) is dropped and its part reissued.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, env = "RECUR_PART_DEADLINE_S", default_value_t = 60)]
     part_deadline_s: u64,
     /// Checkpoint sets kept per job and role (latest, best); the sets in use are always kept.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "RECUR_KEEP_CHECKPOINTS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     keep_checkpoints: u64,
     /// Test hook: every store and checkpoint write takes this many ms longer (a slow disk).
-    #[arg(long, default_value_t = 0, hide = true)]
+    #[arg(
+        long,
+        env = "RECUR_TEST_WRITE_DELAY_MS",
+        default_value_t = 0,
+        hide = true
+    )]
     test_write_delay_ms: u64,
     /// Server certificate (PEM); with --tls-key, serves TLS only.
-    #[arg(long, requires = "tls_key")]
+    #[arg(long, env = "RECUR_SERVER_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// Server key (PEM).
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long, env = "RECUR_SERVER_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// CA (PEM) whose client certificates are required (mutual TLS).
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long, env = "RECUR_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
     /// Log as JSON lines.
-    #[arg(long)]
+    #[arg(long, env = "RECUR_LOG_JSON")]
     log_json: bool,
 }
 
@@ -115,6 +120,12 @@ fn main() -> anyhow::Result<()> {
             tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
         }
         config.tls = Some(tls);
+    }
+    if args.data_dir.exists() && !args.data_dir.is_dir() {
+        anyhow::bail!(
+            "--data-dir {} (RECUR_DATA_DIR) is not a directory",
+            args.data_dir.display()
+        );
     }
     config.validate()?;
     let runtime = tokio::runtime::Runtime::new()?;

@@ -15,32 +15,37 @@ struct Args {
     )]
     coordinator: String,
     /// Name shown in `recur workers` (default: host name and process id).
-    #[arg(long)]
+    #[arg(long, env = "RECUR_WORKER_NAME")]
     name: Option<String>,
     /// `cpu` or `cuda:N` (the latter needs a build with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, env = "RECUR_DEVICE", default_value = "cpu")]
     device: DeviceSpec,
     /// Compute threads. Keep the total over all workers of a host at or below its free cores:
     /// candle's pool spins and collapses when oversubscribed.
     #[arg(long, env = "RECUR_THREADS", default_value_t = 1)]
     threads: u32,
     /// Token to present to the coordinator.
-    #[arg(long, env = "RECUR_WORKER_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "RECUR_WORKER_TOKEN", hide_env_values = true, value_parser = recur_proto::token::parse)]
     token: Option<String>,
     /// CA certificate (PEM) that signed the coordinator's; enables TLS (use an https:// URL).
     #[arg(long, env = "RECUR_TLS_CA")]
     tls_ca: Option<std::path::PathBuf>,
     /// Client certificate (PEM), for a coordinator that requires mutual TLS.
-    #[arg(long, requires = "tls_key", requires = "tls_ca")]
+    #[arg(
+        long,
+        env = "RECUR_TLS_CERT",
+        requires = "tls_key",
+        requires = "tls_ca"
+    )]
     tls_cert: Option<std::path::PathBuf>,
     /// Client key (PEM).
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long, env = "RECUR_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
     /// Name expected in the coordinator's certificate, when not the URL's host.
-    #[arg(long)]
+    #[arg(long, env = "RECUR_TLS_DOMAIN")]
     tls_domain: Option<String>,
     /// Log as JSON lines.
-    #[arg(long)]
+    #[arg(long, env = "RECUR_LOG_JSON")]
     log_json: bool,
 }
 
