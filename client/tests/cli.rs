@@ -86,7 +86,7 @@ async fn the_cli_drives_a_cluster_end_to_end() {
     assert_eq!(std::fs::read_to_string(&csv).unwrap().lines().count(), 1500);
 
     // train to completion, text output
-    let out = ok(run(recur(
+    let trained = run(recur(
         &url,
         &[
             "train",
@@ -97,7 +97,14 @@ async fn the_cli_drives_a_cluster_end_to_end() {
             "3",
         ],
     ))
-    .await);
+    .await;
+    // Not a terminal: one plain line per epoch on stderr (a job under nohup is never silent).
+    let log = String::from_utf8_lossy(&trained.stderr).to_string();
+    for e in 1..=4 {
+        assert!(log.contains(&format!("epoch {e}/4  loss ")), "{log}");
+    }
+    assert!(log.contains("best ") && log.contains("patience "), "{log}");
+    let out = ok(trained);
     assert!(
         out.contains("completed (max_epochs) after 4 epochs"),
         "{out}"
@@ -412,6 +419,30 @@ fn global_local_and_worker_flags_can_be_set_from_the_environment() {
             "{args:?}: {help}"
         );
     }
+}
+
+#[test]
+fn completions_for_three_shells_and_a_man_page() {
+    let output = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_recur"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let bash = output(&["completions", "bash"]);
+    assert!(
+        bash.contains("_recur()") && bash.contains("checkpoint"),
+        "{bash}"
+    );
+    assert!(output(&["completions", "zsh"]).starts_with("#compdef recur"));
+    assert!(output(&["completions", "fish"]).contains("complete -c recur"));
+    let man = output(&["man"]);
+    assert!(
+        man.contains(".TH recur 1") && man.contains("RECUR_CLIENT_TOKEN"),
+        "{man}"
+    );
 }
 
 #[test]

@@ -76,6 +76,13 @@ pub enum Command {
     Predict(PredictArgs),
     /// Download a job's checkpoint (safetensors, with its JSON manifest beside it).
     Checkpoint(CheckpointArgs),
+    /// Print a shell completion script: `recur completions bash > /etc/bash_completion.d/recur`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `recur man > recur.1`.
+    Man,
     /// Chart a job's training and validation accuracy per epoch (PNG or SVG).
     Plot {
         /// The job id.

@@ -1,16 +1,18 @@
 //! Jobs: train (upload, submit, watch), list, status, watch, cancel, plot.
 
-use std::io::IsTerminal;
 use std::path::Path;
-use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use recur_proto::v1 as pb;
 use serde_json::json;
 
 use super::args::{ModelArg, OptimizerArg, TrainArgs};
 use super::error::{CliError, Result, exit};
-use super::text::{epoch_line, jobs_table, print_job, print_summary};
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::progress::Progress;
+use super::text::{jobs_table, print_job, print_summary};
 use super::{json, plot};
 use crate::{Client, ClientError};
 
@@ -120,28 +122,15 @@ pub(super) async fn history(
     ))
 }
 
-pub(super) fn epoch_bar(max_epochs: u64) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(max_epochs);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} epoch {pos} {elapsed_precise} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    bar.enable_steady_tick(Duration::from_millis(200));
-    bar
-}
-
 /// Follows a job until it ends (or Ctrl-C, which leaves it running); returns its final state.
 pub(super) async fn watch(client: &mut Client, job: &str, as_json: bool) -> Result<pb::JobInfo> {
     let mut stream = client.watch(job).await?;
-    let bar = epoch_bar(0);
+    let mut progress = Progress::new(as_json);
     let mut last = None;
     loop {
         let msg = tokio::select! {
             _ = tokio::signal::ctrl_c() => {
-                bar.finish_and_clear();
+                progress.finish();
                 return Err(CliError::new(
                     format!("stopped watching; {job} keeps running"),
                     format!("`recur watch {job}` follows it again, `recur cancel {job}` stops it"),
@@ -156,22 +145,19 @@ pub(super) async fn watch(client: &mut Client, job: &str, as_json: bool) -> Resu
                 if as_json {
                     println!("{}", json!({"event": "epoch", "epoch": json::epoch(&e)}));
                 }
-                bar.set_position(e.epoch);
-                bar.set_message(epoch_line(&e));
+                progress.epoch(&e);
             }
             Some(pb::watch_job_response::Event::Job(j)) => {
                 if as_json {
                     println!("{}", json!({"event": "job", "job": json::job(&j)}));
                 }
-                if !j.message.is_empty() {
-                    bar.set_message(j.message.clone());
-                }
+                progress.job(&j);
                 last = Some(j);
             }
             None => {}
         }
     }
-    bar.finish_and_clear();
+    progress.finish();
     last.ok_or_else(|| {
         CliError::new(
             format!("the coordinator ended the stream of {job} early"),

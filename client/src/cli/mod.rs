@@ -13,6 +13,7 @@ mod jobs;
 mod json;
 mod plot;
 mod predict;
+mod progress;
 mod text;
 
 pub use args::{Cli, Command};
@@ -69,6 +70,16 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Predict(args) => predict::predict(&mut connect().await?, args, as_json).await,
         Command::Checkpoint(args) => {
             predict::checkpoint(&mut connect().await?, args, as_json).await
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "recur", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            Ok(())
         }
         Command::Plot { job, output } => {
             jobs::plot(&mut connect().await?, &job, &output, as_json).await

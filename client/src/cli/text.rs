@@ -95,14 +95,6 @@ pub(super) fn print_summary(info: &pb::JobInfo) {
     }
 }
 
-pub(super) fn epoch_line(e: &pb::EpochMetrics) -> String {
-    let v = e.validation.unwrap_or_default();
-    format!(
-        "loss {:.2e} | train acc {:.4} | val acc {:.4} | val MAE {:.4} | {:.0} samples/s | {} workers",
-        e.train_loss, e.train_accuracy, v.accuracy, v.mae, e.samples_per_sec, e.workers
-    )
-}
-
 /// A prediction with four decimals, trailing zeros trimmed.
 pub(super) fn format_value(v: f32) -> String {
     let s = format!("{v:.4}");
