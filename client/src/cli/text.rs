@@ -1,6 +1,9 @@
 //! Text output: job details, summaries, epoch lines, tables and values. (`json.rs` is the
 //! `--json` form of the same.)
 
+use std::time::Duration;
+
+use comfy_table::{Cell, CellAlignment, ContentArrangement, Table};
 use recur_proto::v1 as pb;
 
 use super::json;
@@ -102,27 +105,62 @@ pub(super) fn format_value(v: f32) -> String {
     if s == "-0" { "0".into() } else { s.to_string() }
 }
 
+/// A table in the terminal's style: no borders, a header row, columns as wide as their widest
+/// cell (long names never break the layout), numbers right-aligned.
+fn table(header: &[&str], right: &[usize]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header.iter().map(|h| Cell::new(h)));
+    for &c in right {
+        if let Some(col) = t.column_mut(c) {
+            col.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    t
+}
+
+/// How long ago `unix_ms` was, to the second ("3m 12s"); "-" for none.
+pub(super) fn age(unix_ms: u64) -> String {
+    if unix_ms == 0 {
+        return "-".into();
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    human(Duration::from_millis(now.saturating_sub(unix_ms)))
+}
+
+/// A duration to the second, as humans read it ("1h 2m 3s"; "0s" under a second).
+pub(super) fn human(d: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+}
+
 /// The `recur jobs` table.
 pub(super) fn jobs_table(jobs: &[pb::JobInfo]) {
     if jobs.is_empty() {
         println!("no jobs");
         return;
     }
-    println!(
-        "{:<10} {:<10} {:>7} {:>9} {:>9}  NAME",
-        "ID", "STATE", "EPOCHS", "BEST VAL", "TEST"
+    let mut t = table(
+        &[
+            "ID", "STATE", "EPOCHS", "BEST VAL", "TEST", "AGE", "UPDATED", "NAME",
+        ],
+        &[2, 3, 4],
     );
     for j in jobs {
-        println!(
-            "{:<10} {:<10} {:>7} {:>9} {:>9}  {}",
-            j.id,
-            json::state_name(j.state),
-            j.epochs,
+        t.add_row(vec![
+            j.id.clone(),
+            json::state_name(j.state).to_string(),
+            j.epochs.to_string(),
             percent(j.best_validation.as_ref()),
             percent(j.test.as_ref()),
-            j.spec.as_ref().map_or("", |s| s.name.as_str())
-        );
+            age(j.created_unix_ms),
+            age(j.updated_unix_ms),
+            j.spec.as_ref().map_or(String::new(), |s| s.name.clone()),
+        ]);
     }
+    println!("{t}");
 }
 
 /// The `recur workers` table.
@@ -131,32 +169,40 @@ pub(super) fn workers_table(workers: &[pb::WorkerInfo]) {
         println!("no workers connected");
         return;
     }
-    println!(
-        "{:<6} {:<20} {:<8} {:>7} {:<10} {:>8} {:>9} {:>10} {:>12} {:>10}",
-        "ID",
-        "NAME",
-        "DEVICE",
-        "THREADS",
-        "JOB",
-        "ROWS",
-        "STEPS",
-        "TRAINED",
-        "STEPS/S",
-        "LAST SEEN"
+    let mut t = table(
+        &[
+            "ID",
+            "NAME",
+            "DEVICE",
+            "THREADS",
+            "JOB",
+            "ROWS",
+            "STEPS",
+            "TRAINED",
+            "STEPS/S",
+            "AGE",
+            "LAST SEEN",
+        ],
+        &[3, 5, 6, 7, 8],
     );
     for w in workers {
-        println!(
-            "{:<6} {:<20} {:<8} {:>7} {:<10} {:>8} {:>9} {:>10} {:>12.0} {:>8}ms",
-            w.id,
-            w.name,
-            w.device,
-            w.threads,
-            if w.job_id.is_empty() { "-" } else { &w.job_id },
-            w.shard_rows,
-            w.steps,
-            w.train_rows,
-            w.steps_per_second,
-            w.last_seen_ms_ago
-        );
+        t.add_row(vec![
+            w.id.clone(),
+            w.name.clone(),
+            w.device.clone(),
+            w.threads.to_string(),
+            if w.job_id.is_empty() {
+                "-".into()
+            } else {
+                w.job_id.clone()
+            },
+            w.shard_rows.to_string(),
+            w.steps.to_string(),
+            w.train_rows.to_string(),
+            format!("{:.0}", w.steps_per_second),
+            age(w.joined_unix_ms),
+            format!("{} ms ago", w.last_seen_ms_ago),
+        ]);
     }
+    println!("{t}");
 }
