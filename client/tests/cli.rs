@@ -252,6 +252,18 @@ async fn the_cli_drives_a_cluster_end_to_end() {
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("job-2 was cancelled"), "{err}");
     ok(run(recur(&url, &["watch", "job-1"])).await);
+    // train --dataset: a dataset already uploaded, no file.
+    let first = json(&ok(run(recur(&url, &["--json", "status", "job-1"])).await));
+    let dataset = first["dataset_id"].as_str().unwrap().to_string();
+    let out = ok(run(recur(
+        &url,
+        &["train", "--dataset", &dataset, "--epochs", "1", "--detach"],
+    ))
+    .await);
+    assert_eq!(out.trim(), "job-3");
+    ok(run(recur(&url, &["watch", "job-3"])).await);
+    let (code, err) = failed(run(recur(&url, &["train"])).await);
+    assert_eq!(code, 2, "{err}");
 
     errors(&url, d).await;
     cluster.shutdown().await.unwrap();

@@ -245,8 +245,12 @@ pub enum OptimizerArg {
 /// `recur train`.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// CSV file: one sequence per line, the last value is the target.
-    pub file: PathBuf,
+    /// CSV file: one sequence per line, the last value is the target (uploaded first).
+    #[arg(required_unless_present = "dataset", conflicts_with = "dataset")]
+    pub file: Option<PathBuf>,
+    /// Train on a dataset already uploaded (its id, as `train --json` or upload printed it).
+    #[arg(long)]
+    pub dataset: Option<String>,
     /// Recurrent cell.
     #[arg(long, value_enum, default_value = "rnn_tanh")]
     pub model: ModelArg,

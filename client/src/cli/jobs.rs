@@ -205,7 +205,8 @@ pub(super) fn train_spec(args: &TrainArgs, dataset_id: String) -> Result<pb::Job
     };
     let name = args.name.clone().unwrap_or_else(|| {
         args.file
-            .file_name()
+            .as_deref()
+            .and_then(Path::file_name)
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
     });
     Ok(pb::JobSpec {
@@ -266,19 +267,33 @@ pub(crate) async fn upload(
 }
 
 pub(super) async fn train(client: &mut Client, args: TrainArgs, as_json: bool) -> Result<()> {
-    let bytes = std::fs::read(&args.file)
-        .map_err(|e| CliError::new(format!("{}: {e}", args.file.display()), "check the path"))?;
-    let uploaded = upload(client, &args.file, bytes).await?;
-    let spec = train_spec(&args, uploaded.dataset_id.clone())?;
+    let dataset_id = match (&args.file, &args.dataset) {
+        (Some(file), _) => {
+            let bytes = std::fs::read(file)
+                .map_err(|e| CliError::new(format!("{}: {e}", file.display()), "check the path"))?;
+            let uploaded = upload(client, file, bytes).await?;
+            if !as_json {
+                let rows = uploaded.stats.map_or(0, |s| s.rows);
+                eprintln!(
+                    "uploaded {} ({rows} rows) as dataset {}",
+                    file.display(),
+                    &uploaded.dataset_id[..12.min(uploaded.dataset_id.len())]
+                );
+            }
+            uploaded.dataset_id
+        }
+        (None, Some(id)) => id.clone(),
+        (None, None) => {
+            return Err(CliError::new(
+                "no data to train on",
+                "give a CSV file or --dataset ID",
+            ));
+        }
+    };
+    let spec = train_spec(&args, dataset_id.clone())?;
     let submitted = client.submit(spec).await?;
     let job = submitted.job_id;
     if !as_json {
-        let rows = uploaded.stats.map_or(0, |s| s.rows);
-        eprintln!(
-            "uploaded {} ({rows} rows) as dataset {}",
-            args.file.display(),
-            &uploaded.dataset_id[..12]
-        );
         eprintln!(
             "submitted {job} ({} ahead in the queue)",
             submitted.queue_position
@@ -286,10 +301,7 @@ pub(super) async fn train(client: &mut Client, args: TrainArgs, as_json: bool) -
     }
     if args.detach {
         if as_json {
-            println!(
-                "{}",
-                json!({"job_id": job, "dataset_id": uploaded.dataset_id})
-            );
+            println!("{}", json!({"job_id": job, "dataset_id": dataset_id}));
         } else {
             println!("{job}");
         }
