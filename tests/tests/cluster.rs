@@ -279,6 +279,55 @@ async fn watch_delivers_every_epoch_in_order_and_late_subscribers_get_the_histor
         recur_tests::metric(&body, "recur_step_seconds_count"),
         Some(late_info.steps as f64)
     );
+    // Per job, per worker, outcomes, queue, build and process.
+    let labelled = |name: &str| recur_tests::metric(&body, name);
+    assert_eq!(
+        labelled(&format!("recur_job_epochs{{job=\"{job}\"}}")),
+        Some(5.0),
+        "{body}"
+    );
+    assert_eq!(
+        labelled(&format!("recur_job_steps{{job=\"{job}\"}}")),
+        Some(late_info.steps as f64)
+    );
+    assert_eq!(
+        labelled(&format!(
+            "recur_job_state{{job=\"{job}\",state=\"completed\"}}"
+        )),
+        Some(1.0)
+    );
+    assert_eq!(
+        labelled(&format!(
+            "recur_job_state{{job=\"{job}\",state=\"running\"}}"
+        )),
+        Some(0.0)
+    );
+    let accuracy = late.last().unwrap().validation.unwrap().accuracy;
+    let reported = labelled(&format!(
+        "recur_job_last_epoch{{job=\"{job}\",metric=\"validation_accuracy\"}}"
+    ))
+    .unwrap();
+    assert!(
+        (reported - accuracy).abs() < 1e-9,
+        "{reported} vs {accuracy}"
+    );
+    assert_eq!(
+        labelled("recur_jobs_finished_total{state=\"completed\"}"),
+        Some(1.0)
+    );
+    assert_eq!(labelled("recur_queued_jobs"), Some(0.0));
+    assert_eq!(
+        labelled(&format!(
+            "recur_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        Some(1.0)
+    );
+    assert!(
+        body.contains("recur_worker{device=\"cpu\",metric=\"steps\",name=\"local-1\",worker=\"w-"),
+        "{body}"
+    );
+    assert!(labelled("recur_process_resident_memory_bytes").is_some_and(|b| b > 0.0));
     tc.shutdown().await;
 }
 

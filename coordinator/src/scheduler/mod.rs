@@ -228,6 +228,11 @@ impl Scheduler {
         &self.workers
     }
 
+    /// Jobs waiting behind the running one.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
     /// The running job's id.
     pub fn running(&self) -> Option<&JobId> {
         self.running.as_ref().map(RunningJob::id)

@@ -19,8 +19,9 @@ use tonic::Status;
 use crate::config::CoordinatorConfig;
 use crate::datasets::Datasets;
 use crate::ids::{JobId, WorkerId};
+use crate::metrics::WorkerRow;
 use crate::predict::Predictor;
-use crate::scheduler::{Action, CheckpointKind, NewJob, Scheduler};
+use crate::scheduler::{Action, CheckpointKind, JobState, NewJob, Scheduler};
 use crate::store::{JobRecord, Store};
 
 /// What the handlers tell the scheduler loop.
@@ -194,10 +195,25 @@ impl LoopState {
     /// this thread blocks, so the tasks that read the workers' streams (and stamp their
     /// messages) keep running elsewhere meanwhile.
     fn perform_all(&mut self, shared: &Shared) {
-        shared
-            .metrics
-            .workers
-            .set(self.scheduler.workers().len() as i64);
+        let m = &shared.metrics;
+        m.workers.set(self.scheduler.workers().len() as i64);
+        m.queued.set(self.scheduler.queued() as i64);
+        let now = Instant::now();
+        let rows: Vec<WorkerRow> = self
+            .scheduler
+            .workers()
+            .iter()
+            .map(|(id, w)| WorkerRow {
+                id: id.to_string(),
+                name: w.name.clone(),
+                device: w.device.clone(),
+                steps: w.steps as f64,
+                rows: w.train_rows as f64,
+                steps_per_second: w.speed,
+                last_seen_seconds: now.saturating_duration_since(w.last_seen).as_secs_f64(),
+            })
+            .collect();
+        m.workers(&rows);
         // Messages to workers go out before the writes the same event caused: a worker computes
         // its next part while the epoch's history and checkpoints are written, and the time a
         // slow disk takes does not count against its deadline.
@@ -285,11 +301,33 @@ fn perform(shared: &Shared, streams: &mut HashMap<WorkerId, WorkerStream>, actio
                     return;
                 }
             };
+            let state = pb::JobState::from(record.state);
+            let state_name = state
+                .as_str_name()
+                .trim_start_matches("JOB_STATE_")
+                .to_lowercase();
+            shared
+                .metrics
+                .job(&id.0, &state_name, record.epochs, record.steps);
+            if progress.state.is_some_and(JobState::is_final) {
+                shared
+                    .metrics
+                    .jobs_finished
+                    .with_label_values(&[state_name.as_str()])
+                    .inc();
+            }
             publish_job(shared, &record);
         }
         Action::Epoch(id, epoch, steps) => {
             slow_disk(shared);
             shared.metrics.epochs.inc();
+            shared.metrics.epoch(
+                &id.0,
+                epoch.train_loss,
+                epoch.validation.map_or(0.0, |v| v.accuracy),
+                epoch.lr,
+                epoch.samples_per_sec,
+            );
             if let Err(e) = shared.store.append_epoch(&id, &epoch, &steps) {
                 tracing::error!(job = %id, error = %e, "could not persist epoch");
             }
