@@ -460,13 +460,7 @@ async fn predict_matches_the_downloaded_checkpoint_and_names_bad_rows() {
 async fn predictions_never_fail_while_checkpoint_sets_are_replaced() {
     // One set kept per role: each new best removes the one before, under the predictor.
     let mut tc = TestCluster::start_with(2, |c| c.keep_checkpoints = 1).await;
-    let data = BallConfig {
-        rows: 1000,
-        ..BallConfig::tutorial(6)
-    }
-    .generate()
-    .unwrap();
-    let dataset = tc.upload(&data).await;
+    let dataset = recur_tests::upload_ball(&mut tc.client, 1000, 6).await;
     let job = tc
         .submit(pb::JobSpec {
             max_epochs: 40,

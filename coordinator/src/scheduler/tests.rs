@@ -75,6 +75,22 @@ impl Sim {
         }
     }
 
+    /// Time passes to `at` with the workers' heartbeats still coming.
+    fn heartbeats_until(&mut self, workers: &[WorkerId], at: Instant) {
+        for &w in workers {
+            self.s.message(w, Reply::Heartbeat(pb::Heartbeat {}), at);
+        }
+        self.s.tick(at);
+        self.deliver_all();
+    }
+
+    /// Whether `worker` was dropped for missing a deadline.
+    fn dropped_for_deadline(&self, worker: WorkerId) -> bool {
+        self.disconnects
+            .iter()
+            .any(|(w, r)| *w == worker && r.contains("deadline"))
+    }
+
     fn join(&mut self, name: &str) -> WorkerId {
         let hello = pb::Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -898,26 +914,10 @@ fn a_worker_whose_compute_hangs_misses_its_deadline_and_its_part_is_reissued() {
     });
     let id = JobId::nth(1);
     assert_eq!(sim.step_log.len(), 2, "step 3 waits for a");
-    let before = sim.now + Duration::from_secs(4);
-    for w in [a, b] {
-        sim.s.message(w, Reply::Heartbeat(pb::Heartbeat {}), before);
-    }
-    sim.s.tick(before);
-    sim.deliver_all();
+    sim.heartbeats_until(&[a, b], sim.now + Duration::from_secs(4));
     assert!(sim.s.workers().contains_key(&a), "not late yet");
-    let late = sim.now + Duration::from_secs(6);
-    for w in [a, b] {
-        sim.s.message(w, Reply::Heartbeat(pb::Heartbeat {}), late);
-    }
-    sim.s.tick(late);
-    sim.deliver_all();
-    assert!(
-        sim.disconnects
-            .iter()
-            .any(|(w, r)| *w == a && r.contains("deadline")),
-        "{:?}",
-        sim.disconnects
-    );
+    sim.heartbeats_until(&[a, b], sim.now + Duration::from_secs(6));
+    assert!(sim.dropped_for_deadline(a), "{:?}", sim.disconnects);
     assert!(sim.s.workers().contains_key(&b));
     assert_eq!(sim.final_state(&id).map(|s| s.0), Some(JobState::Completed));
     assert_eq!(steps_of(&sim, &id), 6);
@@ -1029,19 +1029,8 @@ fn a_worker_whose_evaluation_hangs_misses_its_deadline_and_the_evaluation_comple
     });
     let id = JobId::nth(1);
     assert!(sim.epochs.is_empty(), "the epoch waits for a's evaluation");
-    let late = sim.now + Duration::from_secs(11);
-    for w in [a, b] {
-        sim.s.message(w, Reply::Heartbeat(pb::Heartbeat {}), late);
-    }
-    sim.s.tick(late);
-    sim.deliver_all();
-    assert!(
-        sim.disconnects
-            .iter()
-            .any(|(w, r)| *w == a && r.contains("deadline")),
-        "{:?}",
-        sim.disconnects
-    );
+    sim.heartbeats_until(&[a, b], sim.now + Duration::from_secs(11));
+    assert!(sim.dropped_for_deadline(a), "{:?}", sim.disconnects);
     assert_eq!(sim.final_state(&id).map(|s| s.0), Some(JobState::Completed));
     assert_eq!(sim.epochs.len(), 1);
     assert_eq!(sim.epochs[0].1.workers, 1, "b evaluated a's rows too");
