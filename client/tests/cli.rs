@@ -117,6 +117,10 @@ async fn the_cli_drives_a_cluster_end_to_end() {
     assert!(out.contains("local-1") && out.contains("local-2"), "{out}");
     let workers = json(&ok(run(recur(&url, &["--json", "workers"])).await));
     assert_eq!(workers.as_array().unwrap().len(), 2);
+    // Boolean flags from the environment take 1/true/yes.
+    let mut from_env = recur(&url, &["workers"]);
+    from_env.env("RECUR_JSON", "1");
+    assert_eq!(json(&ok(run(from_env).await)).as_array().unwrap().len(), 2);
     assert_eq!(workers[0]["device"], "cpu");
     let out = ok(run(recur(&url, &["jobs"])).await);
     assert!(out.contains("job-1") && out.contains("completed"), "{out}");

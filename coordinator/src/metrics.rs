@@ -10,6 +10,11 @@ use prometheus::{
 #[derive(Debug, Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// The process collector, under the standard `process_*` names (no `recur_` prefix).
+    process: Registry,
+    /// The label sets of the per-worker series exported now, to remove those of workers that
+    /// left (and only those).
+    worker_labels: std::sync::Arc<std::sync::Mutex<Vec<[String; 3]>>>,
     /// Optimizer steps applied.
     pub steps: IntCounter,
     /// Training samples in applied steps.
@@ -92,8 +97,9 @@ impl Metrics {
         )?;
         registry.register(Box::new(build.clone()))?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let process = Registry::new();
         #[cfg(target_os = "linux")]
-        registry.register(Box::new(
+        process.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(Self {
@@ -128,10 +134,12 @@ impl Metrics {
             )?,
             worker: gauges(
                 "worker",
-                "Per worker: steps, rows, steps_per_second, last_seen_seconds",
+                "Per worker: steps, rows, steps_per_second, last_seen_unix_seconds",
                 &["worker", "name", "device", "metric"],
             )?,
             registry,
+            process,
+            worker_labels: Default::default(),
         })
     }
 
@@ -146,39 +154,66 @@ impl Metrics {
         self.job_steps.with_label_values(&[job]).set(steps as i64);
     }
 
-    /// Records a job's finished epoch.
-    pub fn epoch(&self, job: &str, train_loss: f64, validation_accuracy: f64, lr: f64, rate: f64) {
+    /// Records a job's finished epoch (no validation accuracy series without a validation).
+    pub fn epoch(
+        &self,
+        job: &str,
+        train_loss: f64,
+        validation_accuracy: Option<f64>,
+        lr: f64,
+        rate: f64,
+    ) {
         for (metric, v) in [
-            ("train_loss", train_loss),
+            ("train_loss", Some(train_loss)),
             ("validation_accuracy", validation_accuracy),
-            ("lr", lr),
-            ("samples_per_second", rate),
+            ("lr", Some(lr)),
+            ("samples_per_second", Some(rate)),
         ] {
-            self.job_epoch.with_label_values(&[job, metric]).set(v);
+            if let Some(v) = v {
+                self.job_epoch.with_label_values(&[job, metric]).set(v);
+            }
         }
     }
 
-    /// Replaces the per-worker series with those of the workers connected now.
+    /// Sets the per-worker series of the workers connected now and removes those of workers
+    /// that left (the others are never absent from a scrape).
     pub fn workers(&self, workers: &[WorkerRow]) {
-        self.worker.reset();
-        for w in workers {
-            for (metric, v) in [
-                ("steps", w.steps),
-                ("rows", w.rows),
-                ("steps_per_second", w.steps_per_second),
-                ("last_seen_seconds", w.last_seen_seconds),
-            ] {
+        let Ok(mut exported) = self.worker_labels.lock() else {
+            return;
+        };
+        let now: Vec<[String; 3]> = workers
+            .iter()
+            .map(|w| [w.id.clone(), w.name.clone(), w.device.clone()])
+            .collect();
+        for gone in exported.iter().filter(|l| !now.contains(l)) {
+            for metric in WORKER_METRICS {
+                let _ = self
+                    .worker
+                    .remove_label_values(&[&gone[0], &gone[1], &gone[2], metric]);
+            }
+        }
+        for (w, labels) in workers.iter().zip(&now) {
+            let values = [
+                w.steps,
+                w.rows,
+                w.steps_per_second,
+                w.last_seen_unix_seconds,
+            ];
+            for (metric, v) in WORKER_METRICS.into_iter().zip(values) {
                 self.worker
-                    .with_label_values(&[w.id.as_str(), w.name.as_str(), w.device.as_str(), metric])
+                    .with_label_values(&[&labels[0], &labels[1], &labels[2], metric])
                     .set(v);
             }
         }
+        *exported = now;
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+        let mut families = self.registry.gather();
+        families.extend(self.process.gather());
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
             tracing::error!(error = %e, "cannot encode metrics");
         }
         String::from_utf8(out).unwrap_or_default()
@@ -200,6 +235,14 @@ pub struct WorkerRow {
     pub rows: f64,
     /// Measured time steps per second.
     pub steps_per_second: f64,
-    /// Seconds since its last message.
-    pub last_seen_seconds: f64,
+    /// When it was last heard from, in Unix seconds.
+    pub last_seen_unix_seconds: f64,
 }
+
+/// The `metric` label values of `recur_worker`, in [`WorkerRow`]'s order.
+const WORKER_METRICS: [&str; 4] = [
+    "steps",
+    "rows",
+    "steps_per_second",
+    "last_seen_unix_seconds",
+];

@@ -170,6 +170,7 @@ fn recover_jobs(shared: &Shared) -> Result<()> {
     jobs.reverse(); // oldest first
     let mut resumed = Vec::new();
     for record in jobs {
+        crate::service::job_metrics(shared, &record);
         let dir = shared.jobs_dir().join(&record.id.0);
         match CheckpointSets::new(&dir).migrate_legacy(shared.config.keep_checkpoints) {
             Ok(roles) if !roles.is_empty() => {

@@ -327,7 +327,7 @@ async fn watch_delivers_every_epoch_in_order_and_late_subscribers_get_the_histor
         body.contains("recur_worker{device=\"cpu\",metric=\"steps\",name=\"local-1\",worker=\"w-"),
         "{body}"
     );
-    assert!(labelled("recur_process_resident_memory_bytes").is_some_and(|b| b > 0.0));
+    assert!(labelled("process_resident_memory_bytes").is_some_and(|b| b > 0.0));
     tc.shutdown().await;
 }
 

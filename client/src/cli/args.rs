@@ -29,7 +29,7 @@ pub struct Cli {
     #[arg(long, env = "RECUR_TLS_DOMAIN", global = true)]
     pub tls_domain: Option<String>,
     /// Print machine-readable JSON instead of text.
-    #[arg(long, env = "RECUR_JSON", global = true)]
+    #[arg(long, env = "RECUR_JSON", value_parser = clap::builder::FalseyValueParser::new(), global = true)]
     pub json: bool,
     /// What to do.
     #[command(subcommand)]
@@ -120,10 +120,10 @@ pub struct LocalArgs {
     #[arg(long, env = "RECUR_LOCAL_WORKERS", default_value_t = 2)]
     pub workers: usize,
     /// Data directory (default: a temporary one, removed at exit).
-    #[arg(long, env = "RECUR_DATA_DIR")]
+    #[arg(long, env = "RECUR_LOCAL_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Address to listen on.
-    #[arg(long, env = "RECUR_LISTEN", default_value = "127.0.0.1:7070")]
+    #[arg(long, env = "RECUR_LOCAL_LISTEN", default_value = "127.0.0.1:7070")]
     pub listen: String,
     /// Where the workers compute: `cpu` or `cuda:N` (a build with `--features cuda`).
     #[arg(long, env = "RECUR_DEVICE", default_value = "cpu")]
@@ -132,12 +132,7 @@ pub struct LocalArgs {
     #[arg(long, env = "RECUR_KEEP_CHECKPOINTS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     pub keep_checkpoints: u64,
     /// Test hook: every store and checkpoint write takes this many ms longer (a slow disk).
-    #[arg(
-        long,
-        env = "RECUR_TEST_WRITE_DELAY_MS",
-        default_value_t = 0,
-        hide = true
-    )]
+    #[arg(long, default_value_t = 0, hide = true)]
     pub test_write_delay_ms: u64,
 }
 

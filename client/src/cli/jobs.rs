@@ -277,7 +277,7 @@ pub(super) async fn train(client: &mut Client, args: TrainArgs, as_json: bool) -
                 eprintln!(
                     "uploaded {} ({rows} rows) as dataset {}",
                     file.display(),
-                    &uploaded.dataset_id[..12.min(uploaded.dataset_id.len())]
+                    uploaded.dataset_id
                 );
             }
             uploaded.dataset_id

@@ -69,12 +69,7 @@ struct Args {
     #[arg(long, env = "RECUR_KEEP_CHECKPOINTS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     keep_checkpoints: u64,
     /// Test hook: every store and checkpoint write takes this many ms longer (a slow disk).
-    #[arg(
-        long,
-        env = "RECUR_TEST_WRITE_DELAY_MS",
-        default_value_t = 0,
-        hide = true
-    )]
+    #[arg(long, default_value_t = 0, hide = true)]
     test_write_delay_ms: u64,
     /// Server certificate (PEM); with --tls-key, serves TLS only.
     #[arg(long, env = "RECUR_SERVER_TLS_CERT", requires = "tls_key")]
@@ -86,7 +81,7 @@ struct Args {
     #[arg(long, env = "RECUR_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
     /// Log as JSON lines.
-    #[arg(long, env = "RECUR_LOG_JSON")]
+    #[arg(long, env = "RECUR_LOG_JSON", value_parser = clap::builder::FalseyValueParser::new())]
     log_json: bool,
 }
 
@@ -132,7 +127,12 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
+            .with_context(|| {
+                format!(
+                    "--listen {} (RECUR_LISTEN): cannot listen there",
+                    args.listen
+                )
+            })?;
         recur_coordinator::run(listener, config, shutdown_signal()).await?;
         Ok(())
     })

@@ -229,6 +229,7 @@ impl Recur for ClientService {
         let id = self.shared.store.next_job_id()?;
         let record = JobRecord::new(id.clone(), spec.clone(), now_ms());
         self.shared.store.put_job(&record)?;
+        super::job_metrics(&self.shared, &record);
         tracing::info!(job = %id, dataset = %spec.dataset, "job submitted");
         self.shared.send(Event::Submit(Box::new(NewJob {
             id: id.clone(),

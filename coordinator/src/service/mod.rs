@@ -199,6 +199,7 @@ impl LoopState {
         m.workers.set(self.scheduler.workers().len() as i64);
         m.queued.set(self.scheduler.queued() as i64);
         let now = Instant::now();
+        let wall = now_ms() as f64 / 1e3;
         let rows: Vec<WorkerRow> = self
             .scheduler
             .workers()
@@ -210,7 +211,8 @@ impl LoopState {
                 steps: w.steps as f64,
                 rows: w.train_rows as f64,
                 steps_per_second: w.speed,
-                last_seen_seconds: now.saturating_duration_since(w.last_seen).as_secs_f64(),
+                last_seen_unix_seconds: wall
+                    - now.saturating_duration_since(w.last_seen).as_secs_f64(),
             })
             .collect();
         m.workers(&rows);
@@ -301,14 +303,7 @@ fn perform(shared: &Shared, streams: &mut HashMap<WorkerId, WorkerStream>, actio
                     return;
                 }
             };
-            let state = pb::JobState::from(record.state);
-            let state_name = state
-                .as_str_name()
-                .trim_start_matches("JOB_STATE_")
-                .to_lowercase();
-            shared
-                .metrics
-                .job(&id.0, &state_name, record.epochs, record.steps);
+            let state_name = job_metrics(shared, &record);
             if progress.state.is_some_and(JobState::is_final) {
                 shared
                     .metrics
@@ -324,7 +319,7 @@ fn perform(shared: &Shared, streams: &mut HashMap<WorkerId, WorkerStream>, actio
             shared.metrics.epoch(
                 &id.0,
                 epoch.train_loss,
-                epoch.validation.map_or(0.0, |v| v.accuracy),
+                epoch.validation.map(|v| v.accuracy),
                 epoch.lr,
                 epoch.samples_per_sec,
             );
@@ -373,6 +368,19 @@ fn slow_disk(shared: &Shared) {
     if !shared.config.write_delay.is_zero() {
         std::thread::sleep(shared.config.write_delay);
     }
+}
+
+/// Sets a job's per-job metrics from its record; returns its state's name.
+pub(crate) fn job_metrics(shared: &Shared, record: &JobRecord) -> String {
+    let state = pb::JobState::from(record.state);
+    let name = state
+        .as_str_name()
+        .trim_start_matches("JOB_STATE_")
+        .to_lowercase();
+    shared
+        .metrics
+        .job(&record.id.0, &name, record.epochs, record.steps);
+    name
 }
 
 pub(crate) fn publish_job(shared: &Shared, record: &JobRecord) {

@@ -45,7 +45,7 @@ struct Args {
     #[arg(long, env = "RECUR_TLS_DOMAIN")]
     tls_domain: Option<String>,
     /// Log as JSON lines.
-    #[arg(long, env = "RECUR_LOG_JSON")]
+    #[arg(long, env = "RECUR_LOG_JSON", value_parser = clap::builder::FalseyValueParser::new())]
     log_json: bool,
 }
 
