@@ -111,6 +111,7 @@ pub(crate) async fn scheduler_loop(
     let mut state = LoopState {
         scheduler,
         streams: HashMap::new(),
+        published_workers: Vec::new(),
     };
     loop {
         let event = tokio::select! {
@@ -139,16 +140,19 @@ pub(crate) async fn scheduler_loop(
                 }
                 state.scheduler.tick(at);
                 state.perform_all(&shared);
+                state.publish_workers(&shared);
             }
         }
     }
     tracing::info!("scheduler loop stopped");
 }
 
-/// What the scheduler loop owns besides the scheduler: the workers' streams.
+/// What the scheduler loop owns besides the scheduler: the workers' streams, and which workers
+/// the per-worker metrics show.
 struct LoopState {
     scheduler: Scheduler,
     streams: HashMap<WorkerId, WorkerStream>,
+    published_workers: Vec<WorkerId>,
 }
 
 impl LoopState {
@@ -191,13 +195,8 @@ impl LoopState {
         }
     }
 
-    /// Carries out the scheduler's actions. Store and checkpoint writes tell the runtime that
-    /// this thread blocks, so the tasks that read the workers' streams (and stamp their
-    /// messages) keep running elsewhere meanwhile.
-    fn perform_all(&mut self, shared: &Shared) {
-        let m = &shared.metrics;
-        m.workers.set(self.scheduler.workers().len() as i64);
-        m.queued.set(self.scheduler.queued() as i64);
+    /// Sets the per-worker metrics from the connected workers.
+    fn publish_workers(&mut self, shared: &Shared) {
         let now = Instant::now();
         let wall = now_ms() as f64 / 1e3;
         let rows: Vec<WorkerRow> = self
@@ -215,7 +214,27 @@ impl LoopState {
                     - now.saturating_duration_since(w.last_seen).as_secs_f64(),
             })
             .collect();
-        m.workers(&rows);
+        shared.metrics.workers(&rows);
+        self.published_workers = self.scheduler.workers().keys().copied().collect();
+    }
+
+    /// Carries out the scheduler's actions. Store and checkpoint writes tell the runtime that
+    /// this thread blocks, so the tasks that read the workers' streams (and stamp their
+    /// messages) keep running elsewhere meanwhile.
+    fn perform_all(&mut self, shared: &Shared) {
+        let m = &shared.metrics;
+        m.workers.set(self.scheduler.workers().len() as i64);
+        m.queued.set(self.scheduler.queued() as i64);
+        // Per-worker series change with membership at once; their figures follow on ticks,
+        // not on every step message.
+        if !self
+            .scheduler
+            .workers()
+            .keys()
+            .eq(self.published_workers.iter())
+        {
+            self.publish_workers(shared);
+        }
         // Messages to workers go out before the writes the same event caused: a worker computes
         // its next part while the epoch's history and checkpoints are written, and the time a
         // slow disk takes does not count against its deadline.

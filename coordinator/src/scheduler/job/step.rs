@@ -252,17 +252,17 @@ impl RunningJob {
         self.cursor += 1;
 
         self.epoch_samples += samples;
-        let used: Vec<usize> = pending
+        // Digests add up, so the step's is the sum of its parts'.
+        let digest = pending
             .round
             .parts
             .iter()
-            .flat_map(|p| p.rows.iter().copied())
-            .collect();
+            .fold(0u64, |acc, p| acc.wrapping_add(rows_digest(&p.rows)));
         self.epoch_steps.push(pb::StepRecord {
             step: self.version,
             epoch: self.epoch + 1,
             samples,
-            rows_digest: rows_digest(&used),
+            rows_digest: digest,
         });
         self.train_acc.add_batch(&sums);
         let total = cx
