@@ -1,6 +1,7 @@
 //! Compiles `recur/v1/*.proto` with the pure-Rust `protox` (no system `protoc`) and generates
 //! prost messages and tonic services. The encoded descriptor set is written to `OUT_DIR` too, for
-//! server reflection.
+//! server reflection, and pbjson-build derives the proto3 JSON mapping of the job spec (the
+//! `recur train --spec` file).
 
 use std::path::PathBuf;
 
@@ -22,7 +23,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(PROTOS, ["."])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out_dir.join("recur_descriptor.bin"), fds.encode_to_vec())?;
+    let descriptors = fds.encode_to_vec();
+    std::fs::write(out_dir.join("recur_descriptor.bin"), &descriptors)?;
+    pbjson_build::Builder::new()
+        .register_descriptors(&descriptors)?
+        .preserve_proto_field_names()
+        .build(&[
+            ".recur.v1.JobSpec",
+            ".recur.v1.ModelConfig",
+            ".recur.v1.ModelKind",
+            ".recur.v1.OptimizerSpec",
+            ".recur.v1.ScheduleSpec",
+        ])?;
     tonic_prost_build::configure()
         // Flat vectors decode as one slice of the received buffer, not float by float.
         .bytes(".recur.v1.FlatVector.values")

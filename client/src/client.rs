@@ -154,6 +154,42 @@ impl Client {
             .into_inner())
     }
 
+    /// Deletes an ended job with its history and checkpoints; returns it as it was.
+    pub async fn delete_job(&mut self, id: &str) -> Result<pb::JobInfo> {
+        Ok(self
+            .inner
+            .delete_job(pb::DeleteJobRequest {
+                job_id: id.to_string(),
+            })
+            .await?
+            .into_inner()
+            .job
+            .unwrap_or_default())
+    }
+
+    /// The uploaded datasets, newest first.
+    pub async fn datasets(&mut self) -> Result<Vec<pb::DatasetInfo>> {
+        Ok(self
+            .inner
+            .list_datasets(pb::ListDatasetsRequest {})
+            .await?
+            .into_inner()
+            .datasets)
+    }
+
+    /// Deletes an uploaded dataset no queued or running job uses; returns it as it was.
+    pub async fn delete_dataset(&mut self, id: &str) -> Result<pb::DatasetInfo> {
+        Ok(self
+            .inner
+            .delete_dataset(pb::DeleteDatasetRequest {
+                dataset_id: id.to_string(),
+            })
+            .await?
+            .into_inner()
+            .dataset
+            .unwrap_or_default())
+    }
+
     /// A job's state.
     pub async fn job(&mut self, id: &str) -> Result<pb::JobInfo> {
         Ok(self

@@ -4,10 +4,11 @@
 use std::io::IsTerminal;
 
 use clap::Parser;
+use recur_client::cli::exit;
 use recur_client::cli::{self, Cli};
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| usage_error(e));
     let as_json = cli.json;
     // `recur worker --threads N` sizes this process's compute pool; everything else (embedded
     // workers of demo and local, each computing on its own thread) uses one thread unless the
@@ -53,4 +54,39 @@ fn main() {
         }
         std::process::exit(e.code);
     }
+}
+
+/// A command line clap refused: its own message and exit code 2, or with `--json` (flag or
+/// RECUR_JSON) one JSON line on stderr like every other error. Help and version go out as clap
+/// prints them.
+fn usage_error(e: clap::Error) -> ! {
+    let falsey = ["", "0", "false", "no", "off", "n", "f"];
+    let wants_json = std::env::args_os().any(|a| a == "--json")
+        || std::env::var("RECUR_JSON")
+            .is_ok_and(|v| !falsey.contains(&v.trim().to_ascii_lowercase().as_str()));
+    if !e.use_stderr() || !wants_json {
+        e.exit();
+    }
+    let rendered = e.render().to_string();
+    let message = rendered
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+        .trim_start_matches("error: ");
+    let usage = rendered
+        .lines()
+        .find_map(|l| l.strip_prefix("Usage: "))
+        .unwrap_or("recur [OPTIONS] <COMMAND>");
+    #[allow(clippy::print_stderr)]
+    {
+        eprintln!(
+            "{}",
+            serde_json::json!({
+                "error": message,
+                "hint": format!("usage: {usage} (`recur help` lists everything)"),
+                "exit_code": exit::USAGE,
+            })
+        );
+    }
+    std::process::exit(exit::USAGE)
 }

@@ -136,8 +136,15 @@ async fn the_cli_drives_a_cluster_end_to_end() {
     assert_eq!(status["epochs"], 4);
     assert!(status["test"]["accuracy"].as_f64().is_some());
 
-    // watch a finished job: its summary; with --json, one event per line
-    let out = ok(run(recur(&url, &["watch", "job-1"])).await);
+    // watch a finished job: its epochs (with their total, which the job's state gives after
+    // the history), its summary; with --json, one event per line
+    let watched = run(recur(&url, &["watch", "job-1"])).await;
+    let log = String::from_utf8_lossy(&watched.stderr).to_string();
+    assert!(
+        log.contains("epoch 1/4  loss ") && log.contains("epoch 4/4  loss "),
+        "{log}"
+    );
+    let out = ok(watched);
     assert!(out.contains("job-1 completed"), "{out}");
     let out = ok(run(recur(&url, &["--json", "watch", "job-1"])).await);
     let events: Vec<Value> = out.lines().map(json).collect();
@@ -500,4 +507,255 @@ fn recur_worker_threads_sizes_the_compute_pool() {
         line.contains("threads=3") && line.contains("compute_threads=3"),
         "{line}"
     );
+}
+
+/// The flat parameters of a downloaded checkpoint.
+fn params(path: &Path, config: ModelConfig) -> Vec<f32> {
+    load_state_dict(path, config, &Device::Cpu)
+        .unwrap()
+        .to_flat()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn specs_fine_tuning_and_deleting_jobs_and_datasets() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let cluster = LocalCluster::start("127.0.0.1:0", CoordinatorConfig::new(&data_dir), 2)
+        .await
+        .unwrap();
+    let url = cluster.url();
+    let d = dir.path();
+    let path = |name: &str| d.join(name).to_str().unwrap().to_string();
+    let csv = path("ball.csv");
+    ok(run(recur(
+        &url,
+        &["gen", "ball", "--rows", "1500", "--seed", "4", "-o", &csv],
+    ))
+    .await);
+
+    // --print-spec writes the spec a train would submit (no upload); any field of it can be
+    // edited and given back with --spec, and flags win over the file.
+    let printed = ok(run(recur(
+        &url,
+        &[
+            "train",
+            &csv,
+            "--print-spec",
+            "--model",
+            "gru",
+            "--hidden",
+            "6",
+            "--seed",
+            "5",
+            "--epochs",
+            "9",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.1",
+        ],
+    ))
+    .await);
+    let mut spec = json(&printed);
+    assert_eq!(spec["model"]["kind"], "MODEL_KIND_GRU", "{spec}");
+    assert_eq!(spec["dataset_id"].as_str().unwrap().len(), 64, "{spec}");
+    spec["train_percent"] = 70.into();
+    spec["validation_percent"] = 15.into();
+    std::fs::write(path("job.json"), spec.to_string()).unwrap();
+    let out = ok(run(recur(
+        &url,
+        &[
+            "--json",
+            "train",
+            &csv,
+            "--spec",
+            &path("job.json"),
+            "--epochs",
+            "2",
+            "--detach",
+        ],
+    ))
+    .await);
+    let submitted = json(&out);
+    assert_eq!(submitted["job_id"], "job-1");
+    assert_eq!(
+        submitted["dataset_id"], spec["dataset_id"],
+        "the printed id is the upload's"
+    );
+    ok(run(recur(&url, &["watch", "job-1"])).await);
+    let mut client = recur_client::Client::connect(&url, None).await.unwrap();
+    let first = client.job("job-1").await.unwrap();
+    let first_spec = first.spec.clone().unwrap();
+    assert_eq!(first.epochs, 2, "--epochs overrides the file's 9");
+    assert_eq!(
+        (first_spec.train_percent, first_spec.validation_percent),
+        (70, 15)
+    );
+    assert_eq!(first_spec.model.unwrap().hidden_size, 6);
+    assert_eq!(first_spec.seed, 5);
+
+    // datasets: listed with their jobs; a prefix names one.
+    let listed = ok(run(recur(&url, &["datasets"])).await);
+    let dataset = spec["dataset_id"].as_str().unwrap().to_string();
+    assert!(
+        listed.contains(&dataset[..12]) && listed.contains("1500"),
+        "{listed}"
+    );
+    let listed = json(&ok(run(recur(&url, &["--json", "datasets", "list"])).await));
+    assert_eq!(listed[0]["id"], dataset.as_str());
+    assert_eq!(listed[0]["job_ids"][0], "job-1");
+
+    // Fine-tuning from job-1: its model without model flags; a near-zero learning rate keeps
+    // job-1's best parameters, which shows they were the start.
+    let out = ok(run(recur(
+        &url,
+        &[
+            "--json",
+            "train",
+            "--dataset",
+            &dataset[..10],
+            "--init-from",
+            "job-1",
+            "--epochs",
+            "1",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "1e-12",
+            "--detach",
+        ],
+    ))
+    .await);
+    assert_eq!(json(&out)["job_id"], "job-2");
+    ok(run(recur(&url, &["watch", "job-2"])).await);
+    let gru = ModelConfig {
+        kind: recur_core::model::ModelKind::Gru,
+        hidden_size: 6,
+        ..ModelConfig::tutorial()
+    };
+    for job in ["job-1", "job-2"] {
+        ok(run(recur(
+            &url,
+            &[
+                "checkpoint",
+                job,
+                "-o",
+                &path(&format!("{job}.safetensors")),
+            ],
+        ))
+        .await);
+    }
+    let (a, b) = (
+        params(&d.join("job-1.safetensors"), gru),
+        params(&d.join("job-2.safetensors"), gru),
+    );
+    let moved = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(
+        moved < 1e-6,
+        "job-2 did not start from job-1's parameters (moved {moved})"
+    );
+    // Another model than the source's is refused, naming both.
+    let (code, err) = failed(
+        run(recur(
+            &url,
+            &[
+                "train",
+                "--dataset",
+                &dataset,
+                "--init-from",
+                "job-1",
+                "--model",
+                "lstm",
+            ],
+        ))
+        .await,
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("init_from") && err.contains("gru hidden 6"),
+        "{err}"
+    );
+    let (_, err) = failed(
+        run(recur(
+            &url,
+            &["train", "--dataset", &dataset, "--init-from", "job-9"],
+        ))
+        .await,
+    );
+    assert!(err.contains("init_from: no job job-9"), "{err}");
+
+    // A running job cannot be deleted, nor its dataset.
+    let out = ok(run(recur(
+        &url,
+        &[
+            "--json",
+            "train",
+            "--dataset",
+            &dataset,
+            "--epochs",
+            "100000",
+            "--patience",
+            "100000",
+            "--detach",
+        ],
+    ))
+    .await);
+    let running = json(&out)["job_id"].as_str().unwrap().to_string();
+    let (code, err) = failed(run(recur(&url, &["delete", &running])).await);
+    assert_eq!(code, 1);
+    assert!(err.contains("cancel it first"), "{err}");
+    let (_, err) = failed(run(recur(&url, &["datasets", "delete", &dataset])).await);
+    assert!(err.contains("in use by") && err.contains(&running), "{err}");
+    ok(run(recur(&url, &["cancel", &running])).await);
+
+    // Deleting job-1 takes its record, history and checkpoints; job-2 (fine-tuned from it)
+    // keeps its own and still predicts.
+    let out = ok(run(recur(&url, &["delete", "job-1"])).await);
+    assert!(out.contains("deleted job-1"), "{out}");
+    assert!(!data_dir.join("jobs/job-1").exists());
+    let (_, err) = failed(run(recur(&url, &["status", "job-1"])).await);
+    assert!(err.contains("no job job-1"), "{err}");
+    let jobs = json(&ok(run(recur(&url, &["--json", "jobs"])).await));
+    assert!(
+        jobs.as_array().unwrap().iter().all(|j| j["id"] != "job-1"),
+        "{jobs}"
+    );
+    ok(run(recur(&url, &["predict", "job-2", "1,3,5,7"])).await);
+    assert!(client.steps("job-1").await.is_err());
+
+    // With every job ended, the dataset goes, file and all.
+    let out = ok(run(recur(&url, &["datasets", "delete", &dataset[..12]])).await);
+    assert!(out.contains(&format!("deleted dataset {dataset}")), "{out}");
+    assert!(!data_dir.join(format!("datasets/{dataset}.csv")).exists());
+    assert!(ok(run(recur(&url, &["datasets"])).await).contains("no datasets"));
+    let (_, err) = failed(run(recur(&url, &["train", "--dataset", &dataset[..12]])).await);
+    assert!(err.contains("no dataset id starts with"), "{err}");
+    cluster.shutdown().await.unwrap();
+}
+
+#[test]
+fn usage_errors_are_json_with_json() {
+    let out = Command::cargo_bin("recur")
+        .unwrap()
+        .args(["--json", "train", "--hidden", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = json(&String::from_utf8_lossy(&out.stderr));
+    assert!(err["error"].as_str().unwrap().contains("--hidden"), "{err}");
+    assert_eq!(err["exit_code"], 2);
+    // Without --json, clap's own text.
+    let out = Command::cargo_bin("recur")
+        .unwrap()
+        .args(["train", "--hidden", "0"])
+        .env_remove("RECUR_JSON")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: "));
 }

@@ -65,6 +65,19 @@ impl Datasets {
         Ok(data)
     }
 
+    /// Removes a dataset's file and its parsed copy; a missing file is not an error.
+    pub fn remove(&self, id: &DatasetId) -> Result<()> {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.remove(id);
+        }
+        let path = self.path(id);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
     fn cache_insert(&self, id: &DatasetId, data: &Arc<Dataset>) {
         if let Ok(mut cache) = self.cache.lock() {
             cache.insert(id.clone(), data.clone());

@@ -1,8 +1,8 @@
 //! Prometheus metrics of one coordinator, served at `GET /metrics` on its gRPC port.
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The coordinator's metrics, in a registry of its own (several coordinators can share a
@@ -49,6 +49,12 @@ pub struct Metrics {
     /// Per worker (labels `worker`, `name`, `device`): steps and rows computed, measured speed
     /// and time since it was last heard from.
     pub worker: GaugeVec,
+    /// Workers that left, by `name`, `device` and `cause` (left, lost, dropped).
+    pub workers_gone: IntCounterVec,
+    /// gRPC calls by `service`, `method` and status `code`.
+    pub grpc_calls: IntCounterVec,
+    /// gRPC call latency (to the end of the response stream) by `service` and `method`.
+    pub grpc_seconds: HistogramVec,
 }
 
 /// The states a job can be in, as `job_state`'s `state` label.
@@ -97,12 +103,40 @@ impl Metrics {
         )?;
         registry.register(Box::new(build.clone()))?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let workers_gone = IntCounterVec::new(
+            Opts::new(
+                "workers_gone_total",
+                "Workers that left the cluster by cause: left (said goodbye), lost (connection closed), dropped (by the coordinator: missed deadline, bad result, no heartbeat)",
+            ),
+            &["name", "device", "cause"],
+        )?;
+        registry.register(Box::new(workers_gone.clone()))?;
+        let grpc_calls = IntCounterVec::new(
+            Opts::new(
+                "grpc_requests_total",
+                "gRPC calls by service, method and status code",
+            ),
+            &["service", "method", "code"],
+        )?;
+        registry.register(Box::new(grpc_calls.clone()))?;
+        let grpc_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "grpc_request_seconds",
+                "gRPC call latency, to the end of the response",
+            )
+            .buckets(buckets()),
+            &["service", "method"],
+        )?;
+        registry.register(Box::new(grpc_seconds.clone()))?;
         let process = Registry::new();
         #[cfg(target_os = "linux")]
         process.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(Self {
+            workers_gone,
+            grpc_calls,
+            grpc_seconds,
             steps: counter("steps_total", "Optimizer steps applied")?,
             samples: counter("samples_total", "Training samples in applied steps")?,
             epochs: counter("epochs_total", "Epochs finished")?,
@@ -134,7 +168,7 @@ impl Metrics {
             )?,
             worker: gauges(
                 "worker",
-                "Per worker: steps, rows, steps_per_second, last_seen_unix_seconds",
+                "Per worker: steps, rows, steps_per_second, compute_seconds, wait_seconds, last_seen_unix_seconds",
                 &["worker", "name", "device", "metric"],
             )?,
             registry,
@@ -154,6 +188,18 @@ impl Metrics {
         self.job_steps.with_label_values(&[job]).set(steps as i64);
     }
 
+    /// Removes every series of a deleted job.
+    pub fn remove_job(&self, job: &str) {
+        for s in JOB_STATES {
+            let _ = self.job_state.remove_label_values(&[job, s]);
+        }
+        let _ = self.job_epochs.remove_label_values(&[job]);
+        let _ = self.job_steps.remove_label_values(&[job]);
+        for metric in JOB_EPOCH_METRICS {
+            let _ = self.job_epoch.remove_label_values(&[job, metric]);
+        }
+    }
+
     /// Records a job's finished epoch (no validation accuracy series without a validation).
     pub fn epoch(
         &self,
@@ -163,12 +209,8 @@ impl Metrics {
         lr: f64,
         rate: f64,
     ) {
-        for (metric, v) in [
-            ("train_loss", Some(train_loss)),
-            ("validation_accuracy", validation_accuracy),
-            ("lr", Some(lr)),
-            ("samples_per_second", Some(rate)),
-        ] {
+        let values = [Some(train_loss), validation_accuracy, Some(lr), Some(rate)];
+        for (metric, v) in JOB_EPOCH_METRICS.into_iter().zip(values) {
             if let Some(v) = v {
                 self.job_epoch.with_label_values(&[job, metric]).set(v);
             }
@@ -197,6 +239,8 @@ impl Metrics {
                 w.steps,
                 w.rows,
                 w.steps_per_second,
+                w.compute_seconds,
+                w.wait_seconds,
                 w.last_seen_unix_seconds,
             ];
             for (metric, v) in WORKER_METRICS.into_iter().zip(values) {
@@ -235,14 +279,28 @@ pub struct WorkerRow {
     pub rows: f64,
     /// Measured time steps per second.
     pub steps_per_second: f64,
+    /// Seconds spent computing the parts it returned.
+    pub compute_seconds: f64,
+    /// Seconds its parts spent in transport and queues.
+    pub wait_seconds: f64,
     /// When it was last heard from, in Unix seconds.
     pub last_seen_unix_seconds: f64,
 }
 
+/// The `metric` label values of `recur_job_last_epoch`.
+const JOB_EPOCH_METRICS: [&str; 4] = [
+    "train_loss",
+    "validation_accuracy",
+    "lr",
+    "samples_per_second",
+];
+
 /// The `metric` label values of `recur_worker`, in [`WorkerRow`]'s order.
-const WORKER_METRICS: [&str; 4] = [
+const WORKER_METRICS: [&str; 6] = [
     "steps",
     "rows",
     "steps_per_second",
+    "compute_seconds",
+    "wait_seconds",
     "last_seen_unix_seconds",
 ];

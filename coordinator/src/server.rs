@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use recur_core::checkpoint::Checkpoint;
 use recur_core::sets::{CheckpointSets, Role};
 use recur_proto::transport::{
     CONNECTION_WINDOW, KEEPALIVE_INTERVAL, MAX_FRAME_SIZE, STREAM_WINDOW,
@@ -32,6 +33,17 @@ pub async fn run(
     config: CoordinatorConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    serve(listener, None, config, shutdown).await
+}
+
+/// [`run`], and `GET /metrics` over plain HTTP on `metrics` too (`--metrics-listen`): a scraper
+/// needs neither the gRPC port's TLS client certificate nor HTTP/2 there.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    config: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     config.validate()?;
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|e| Error::io(&data_dir, e))?;
@@ -43,6 +55,7 @@ pub async fn run(
     let (stop, _) = broadcast::channel(1);
     let shared = Arc::new(Shared {
         uploads: tokio::sync::Semaphore::new(config.max_concurrent_uploads),
+        datasets_gate: tokio::sync::RwLock::new(()),
         config,
         store,
         datasets,
@@ -129,13 +142,34 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
     // Prometheus scrapes `GET /metrics` over HTTP/1.1 on the same port; it needs no token.
-    let metrics = shared.metrics.clone();
-    let router = routes.routes().into_axum_router().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let metrics = metrics.clone();
-            async move { metrics.render() }
-        }),
+    let router = routes
+        .routes()
+        .into_axum_router()
+        .merge(metrics_router(&shared.metrics));
+    let metrics_task = match metrics {
+        Some(listener) => {
+            let addr = listener
+                .local_addr()
+                .map_err(|e| Error::io("metrics listener", e))?;
+            tracing::info!(%addr, "metrics served over HTTP");
+            let mut stop = shared.shutdown.subscribe();
+            let app = metrics_router(&shared.metrics);
+            Some(tokio::spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.recv().await;
+                    })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "metrics server stopped");
+                }
+            }))
+        }
+        None => None,
+    };
+    let grpc_metrics = crate::grpc_metrics::GrpcMetricsLayer::new(
+        shared.metrics.grpc_calls.clone(),
+        shared.metrics.grpc_seconds.clone(),
     );
     let served = builder
         .initial_stream_window_size(STREAM_WINDOW)
@@ -144,12 +178,28 @@ pub async fn run(
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_INTERVAL * 2))
         .accept_http1(true)
+        .layer(grpc_metrics)
         .add_routes(tonic::service::Routes::from(router))
         .serve_with_incoming_shutdown(incoming(listener), graceful)
         .await;
     let _ = shared.shutdown.send(());
     let _ = loop_task.await;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     served.map_err(|e| Error::FailedPrecondition(format!("server: {e}")))
+}
+
+/// `GET /metrics`: the Prometheus text of every metric.
+fn metrics_router(metrics: &crate::metrics::Metrics) -> axum::Router {
+    let metrics = metrics.clone();
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move { metrics.render() }
+        }),
+    )
 }
 
 /// The connections the coordinator accepts on `listener`, each with `TCP_NODELAY` (a reply that
@@ -162,10 +212,34 @@ pub(crate) fn incoming(listener: TcpListener) -> TcpIncoming {
         .with_keepalive_interval(Some(KEEPALIVE_INTERVAL))
 }
 
+/// The checkpoint (in the job's directory) that holds a fine-tuned job's starting parameters.
+pub(crate) const INIT_STEM: &str = "init";
+
+/// Removes what job deletions interrupted by a crash left (`.deleted-JOB` directories).
+fn sweep_deleted(jobs: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(jobs) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(".deleted-") {
+            let path = entry.path();
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "removed the rest of a deleted job")
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot remove the rest of a deleted job")
+                }
+            }
+        }
+    }
+}
+
 /// Re-queues the jobs a previous run left queued or running; running ones resume from their
 /// `latest` checkpoint set (see [`resume_point`]). Checkpoints of the earlier file layout are
 /// converted to sets first, for every job.
 fn recover_jobs(shared: &Shared) -> Result<()> {
+    sweep_deleted(&shared.jobs_dir());
     let mut jobs = shared.store.jobs()?;
     jobs.reverse(); // oldest first
     let mut resumed = Vec::new();
@@ -217,10 +291,26 @@ fn recover_jobs(shared: &Shared) -> Result<()> {
         record.best_epoch = best.map_or(0, |b| b.manifest.epoch);
         record.best_validation = best.and_then(|b| b.manifest.validation);
         shared.store.put_job(&record)?;
+        // A fine-tuned job that starts over starts from its copy of the other job's parameters.
+        let init = match (&resume, &record.spec.init_from) {
+            (None, Some(_)) => match Checkpoint::load(&dir, INIT_STEM) {
+                Ok(c) => Some(c.params),
+                Err(e) => {
+                    tracing::error!(job = %record.id, error = %e, "cannot recover job: its starting parameters are unreadable");
+                    record.state = JobState::Failed;
+                    record.message =
+                        format!("its starting parameters are unreadable after restart: {e}");
+                    shared.store.put_job(&record)?;
+                    continue;
+                }
+            },
+            _ => None,
+        };
         let job = NewJob {
             id: record.id.clone(),
             spec: record.spec.clone(),
             data,
+            init,
             resume,
         };
         if job.resume.is_some() {

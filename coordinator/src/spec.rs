@@ -7,7 +7,7 @@ use recur_core::train::TrainConfig;
 use recur_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::DatasetId;
+use crate::ids::{DatasetId, JobId};
 use crate::{Error, Result};
 
 /// Everything a job needs.
@@ -23,6 +23,9 @@ pub struct JobSpec {
     pub max_steps: Option<u64>,
     /// Write the `latest` checkpoint every this many epochs.
     pub checkpoint_every: u64,
+    /// The job whose best parameters this one starts from (fine-tuning).
+    #[serde(default)]
+    pub init_from: Option<JobId>,
 }
 
 /// Bounds a job spec must respect.
@@ -302,6 +305,13 @@ impl JobSpec {
             train,
             max_steps: (s.max_steps > 0).then_some(s.max_steps),
             checkpoint_every: u64::from(s.checkpoint_every.max(1)),
+            init_from: match s.init_from.as_str() {
+                "" => None,
+                id if id.len() > 200 || id.chars().any(|c| c.is_control()) => {
+                    return Err(invalid("init_from", "is not a job id"));
+                }
+                id => Some(JobId(id.to_string())),
+            },
         })
     }
 
@@ -328,6 +338,10 @@ impl JobSpec {
             validation_percent: t.split.validation,
             max_steps: self.max_steps.unwrap_or(0),
             checkpoint_every: self.checkpoint_every as u32,
+            init_from: self
+                .init_from
+                .as_ref()
+                .map_or_else(String::new, |j| j.0.clone()),
         }
     }
 }

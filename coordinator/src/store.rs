@@ -137,6 +137,9 @@ pub struct DatasetMeta {
     pub max_abs: f32,
     /// File size.
     pub bytes: u64,
+    /// Unix milliseconds of the last upload (0 for records from before it was kept).
+    #[serde(default)]
+    pub uploaded_ms: u64,
 }
 
 /// The embedded store.
@@ -327,6 +330,52 @@ impl Store {
         tx.commit().map_err(err)
     }
 
+    /// Every dataset's metadata.
+    pub fn datasets(&self) -> Result<Vec<(DatasetId, DatasetMeta)>> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let table = tx.open_table(DATASETS).map_err(err)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(err)? {
+            let (k, v) = entry.map_err(err)?;
+            let meta = serde_json::from_slice(v.value()).map_err(bad_record)?;
+            out.push((DatasetId(k.value().to_string()), meta));
+        }
+        Ok(out)
+    }
+
+    /// Forgets a dataset; false when it was not recorded.
+    pub fn delete_dataset(&self, id: &DatasetId) -> Result<bool> {
+        let tx = self.db.begin_write().map_err(err)?;
+        let found = tx
+            .open_table(DATASETS)
+            .map_err(err)?
+            .remove(id.0.as_str())
+            .map_err(err)?
+            .is_some();
+        tx.commit().map_err(err)?;
+        Ok(found)
+    }
+
+    /// Forgets a job: its record, epoch history and steps, in one transaction; false when there
+    /// was no such job.
+    pub fn delete_job(&self, id: &JobId) -> Result<bool> {
+        let tx = self.db.begin_write().map_err(err)?;
+        let found = tx
+            .open_table(JOBS)
+            .map_err(err)?
+            .remove(id.0.as_str())
+            .map_err(err)?
+            .is_some();
+        for table in [HISTORY, STEPS] {
+            let mut table = tx.open_table(table).map_err(err)?;
+            table
+                .retain_in((id.0.as_str(), 0)..=(id.0.as_str(), u64::MAX), |_, _| false)
+                .map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        Ok(found)
+    }
+
     /// A dataset's metadata.
     pub fn dataset(&self, id: &DatasetId) -> Result<Option<DatasetMeta>> {
         let tx = self.db.begin_read().map_err(err)?;
@@ -431,5 +480,64 @@ mod tests {
             .collect();
         assert_eq!(page, [2, 3]);
         assert!(store.job(&JobId::nth(7)).unwrap().is_none());
+    }
+
+    #[test]
+    fn deleting_a_job_takes_its_history_and_steps_and_nothing_of_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("jobs.redb")).unwrap();
+        let spec = JobSpec::from_proto(
+            &pb::JobSpec {
+                dataset_id: "c".repeat(64),
+                ..Default::default()
+            },
+            &SpecLimits {
+                max_params: 1000,
+                max_batch: 1000,
+            },
+        )
+        .unwrap();
+        // job-1 and job-10: one id a prefix of the other.
+        for n in [1, 10] {
+            let id = JobId::nth(n);
+            store
+                .put_job(&JobRecord::new(id.clone(), spec.clone(), n))
+                .unwrap();
+            let step = pb::StepRecord {
+                step: 1,
+                epoch: 1,
+                ..Default::default()
+            };
+            let epoch = pb::EpochMetrics {
+                epoch: 1,
+                ..Default::default()
+            };
+            store.append_epoch(&id, &epoch, &[step]).unwrap();
+        }
+        assert!(store.delete_job(&JobId::nth(1)).unwrap());
+        assert!(!store.delete_job(&JobId::nth(1)).unwrap());
+        assert!(store.job(&JobId::nth(1)).unwrap().is_none());
+        assert!(store.history(&JobId::nth(1)).unwrap().is_empty());
+        assert!(store.steps(&JobId::nth(1), 0, 10).unwrap().is_empty());
+        assert!(store.job(&JobId::nth(10)).unwrap().is_some());
+        assert_eq!(store.history(&JobId::nth(10)).unwrap().len(), 1);
+        assert_eq!(store.steps(&JobId::nth(10), 0, 10).unwrap().len(), 1);
+
+        let meta = DatasetMeta {
+            name: "a.csv".into(),
+            rows: 3,
+            min_len: 2,
+            max_len: 2,
+            mean_len: 2.0,
+            max_abs: 1.0,
+            bytes: 6,
+            uploaded_ms: 9,
+        };
+        let id = DatasetId("d".repeat(64));
+        store.put_dataset(&id, &meta).unwrap();
+        assert_eq!(store.datasets().unwrap(), [(id.clone(), meta)]);
+        assert!(store.delete_dataset(&id).unwrap());
+        assert!(store.datasets().unwrap().is_empty());
+        assert!(!store.delete_dataset(&id).unwrap());
     }
 }

@@ -8,6 +8,9 @@
 /// Package `recur.v1`.
 pub mod v1 {
     tonic::include_proto!("recur.v1");
+    // serde for the job spec and what it holds, in the proto3 JSON mapping (field names as in the
+    // .proto files; either form is read).
+    include!(concat!(env!("OUT_DIR"), "/recur.v1.serde.rs"));
 }
 
 /// The type of the `bytes` fields that carry flat float vectors.

@@ -321,3 +321,42 @@ fn flag_blocks(help: &str) -> Vec<(String, String)> {
     }
     blocks
 }
+
+/// The metric names (`recur_*`, `process_*`) in the queries of a Grafana dashboard.
+pub fn dashboard_metrics(dashboard: &serde_json::Value) -> std::collections::BTreeSet<String> {
+    fn exprs<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr", serde_json::Value::String(e)) => out.push(e),
+                        _ => exprs(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| exprs(v, out)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    exprs(dashboard, &mut found);
+    found
+        .iter()
+        .flat_map(|e| e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':')))
+        .filter(|w| w.starts_with("recur_") || w.starts_with("process_"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The value of metric `name` whose labels are exactly `labels`, in any order.
+pub fn labelled_metric(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    want.sort();
+    body.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?.strip_prefix('{')?;
+        let (set, value) = rest.split_once("} ")?;
+        let mut have: Vec<String> = set.split(',').map(str::to_string).collect();
+        have.sort();
+        (have == want).then(|| value.trim().parse().ok())?
+    })
+}

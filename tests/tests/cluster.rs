@@ -328,6 +328,43 @@ async fn watch_delivers_every_epoch_in_order_and_late_subscribers_get_the_histor
         "{body}"
     );
     assert!(labelled("process_resident_memory_bytes").is_some_and(|b| b > 0.0));
+    // Per worker: compute and transport time of the parts it returned.
+    let compute = body
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "recur_worker{device=\"cpu\",metric=\"compute_seconds\",name=\"local-1\"",
+            )
+        })
+        .and_then(|rest| rest.split_whitespace().last()?.parse::<f64>().ok());
+    assert!(compute.is_some_and(|s| s > 0.0), "{body}");
+    // gRPC calls by method and status: a streamed answer's status comes in its trailers.
+    let calls = |method: &str| {
+        labelled(&format!(
+            "recur_grpc_requests_total{{code=\"OK\",method=\"{method}\",service=\"recur.v1.Recur\"}}"
+        ))
+    };
+    assert_eq!(calls("SubmitJob"), Some(1.0), "{body}");
+    assert_eq!(calls("UploadDataset"), Some(1.0), "{body}");
+    assert!(calls("WatchJob").is_some_and(|n| n >= 2.0), "{body}");
+    assert!(
+        body.contains(
+            "recur_grpc_request_seconds_count{method=\"SubmitJob\",service=\"recur.v1.Recur\"} 1"
+        ),
+        "{body}"
+    );
+    // The Grafana dashboard in deploy/ uses only metrics that exist.
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../deploy/grafana/recur-dashboard.json")).unwrap();
+    let names = recur_tests::dashboard_metrics(&dashboard);
+    assert!(names.len() >= 15, "{names:?}");
+    for name in &names {
+        assert!(
+            body.lines()
+                .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "))),
+            "the dashboard's {name} is not exported:\n{body}"
+        );
+    }
     tc.shutdown().await;
 }
 
@@ -814,5 +851,36 @@ async fn a_slow_disk_delays_epochs_but_never_drops_a_healthy_worker() {
         ["w-1", "w-2"],
         "the original workers, never dropped and rejoined"
     );
+    tc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_that_leave_are_counted_by_name_and_cause() {
+    let mut tc = TestCluster::start(3).await;
+    tc.wait_for_workers(3).await;
+    tc.cluster.stop_worker(0).await;
+    tc.cluster.kill_worker(1);
+    let client = &mut tc.client;
+    recur_tests::wait_for(30, "two workers to be gone", async || {
+        client.workers().await.unwrap().len() == 1
+    })
+    .await;
+    let body = recur_tests::scrape_metrics(tc.cluster.addr()).await;
+    let gone = |name: &str, cause: &str| {
+        recur_tests::metric(
+            &body,
+            &format!(
+                "recur_workers_gone_total{{cause=\"{cause}\",device=\"cpu\",name=\"{name}\"}}"
+            ),
+        )
+    };
+    assert_eq!(gone("local-1", "left"), Some(1.0), "{body}");
+    assert_eq!(gone("local-2", "lost"), Some(1.0), "{body}");
+    assert_eq!(
+        gone("local-1", "lost"),
+        None,
+        "a goodbye is not also a loss:\n{body}"
+    );
+    assert_eq!(recur_tests::metric(&body, "recur_workers"), Some(1.0));
     tc.shutdown().await;
 }

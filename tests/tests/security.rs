@@ -45,6 +45,12 @@ async fn every_rpc(url: &str, token: Option<&str>) -> Vec<(&'static str, Option<
             "Predict",
             code(c.predict("job-1", vec![vec![1.0]]).await.map(|_| ())),
         ),
+        ("ListDatasets", code(c.datasets().await.map(|_| ()))),
+        (
+            "DeleteDataset",
+            code(c.delete_dataset(&"a".repeat(64)).await.map(|_| ())),
+        ),
+        ("DeleteJob", code(c.delete_job("job-1").await.map(|_| ()))),
     ]
 }
 
@@ -72,6 +78,22 @@ async fn client_rpcs_need_the_client_token_and_workers_the_worker_token() {
             "{rpc}: {code:?}"
         );
     }
+    // Every call is counted by method and status, refusals (headers only) as well as answers
+    // (status in the trailers).
+    let body = recur_tests::scrape_metrics(tc.cluster.addr()).await;
+    let calls = |method: &str, code: &str| {
+        recur_tests::metric(
+            &body,
+            &format!(
+                "recur_grpc_requests_total{{code=\"{code}\",method=\"{method}\",service=\"recur.v1.Recur\"}}"
+            ),
+        )
+    };
+    assert_eq!(calls("ListJobs", "Unauthenticated"), Some(2.0), "{body}");
+    assert_eq!(calls("ListJobs", "PermissionDenied"), Some(1.0), "{body}");
+    assert_eq!(calls("ListJobs", "OK"), Some(1.0), "{body}");
+    assert_eq!(calls("GetJob", "NotFound"), Some(1.0), "{body}");
+    assert_eq!(calls("DeleteDataset", "NotFound"), Some(1.0), "{body}");
     // Health stays open.
     let channel = tonic::transport::Endpoint::from_shared(url.clone())
         .unwrap()

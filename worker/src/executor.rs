@@ -91,6 +91,8 @@ pub struct Executor {
     model: Option<(u64, SeqModel)>,
     /// Extra compute time per training row (a stand-in for a slower host, for tests).
     throttle: std::time::Duration,
+    /// Where commands are counted, if anywhere.
+    metrics: Option<crate::WorkerMetrics>,
 }
 
 /// Rows per forward pass when evaluating.
@@ -104,7 +106,14 @@ impl Executor {
             shard: None,
             model: None,
             throttle: std::time::Duration::ZERO,
+            metrics: None,
         }
+    }
+
+    /// Counts and times every command in `metrics`.
+    pub fn with_metrics(mut self, metrics: Option<crate::WorkerMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Makes every training row of a step take `per_row` longer, as on a slower host (for tests
@@ -121,13 +130,28 @@ impl Executor {
     ) -> Option<pb::worker_message::Kind> {
         use pb::coordinator_message::Kind as C;
         use pb::worker_message::Kind as W;
-        let job_id = match &cmd {
-            C::LoadShard(s) => s.job_id.clone(),
-            C::Step(s) => s.job_id.clone(),
-            C::Evaluate(e) => e.job_id.clone(),
-            C::Release(r) => r.job_id.clone(),
+        let (job_id, step) = match &cmd {
+            C::LoadShard(s) => (s.job_id.clone(), None),
+            C::Step(s) => (s.job_id.clone(), Some(s.step)),
+            C::Evaluate(e) => (e.job_id.clone(), None),
+            C::Release(r) => (r.job_id.clone(), None),
             C::Welcome(_) => return None,
         };
+        // Every event of the command (and of what it calls) carries the job and step.
+        let span = tracing::info_span!("command", job = %job_id, step);
+        let _entered = span.enter();
+        let kind = match &cmd {
+            C::LoadShard(_) => "load",
+            C::Step(s) => {
+                if let Some(m) = &self.metrics {
+                    m.rows.inc_by(s.rows.len() as u64);
+                }
+                "step"
+            }
+            C::Evaluate(_) => "evaluate",
+            C::Release(_) | C::Welcome(_) => "release",
+        };
+        let started = std::time::Instant::now();
         let result = match cmd {
             C::LoadShard(part) => self.load(part).map(|()| None),
             C::Step(step) => self.step(step).map(|r| Some(W::StepResult(r))),
@@ -141,6 +165,13 @@ impl Executor {
             }
             C::Welcome(_) => Ok(None),
         };
+        if let Some(m) = &self.metrics {
+            let outcome = if result.is_ok() { "ok" } else { "error" };
+            m.commands.with_label_values(&[kind, outcome]).inc();
+            m.command_seconds
+                .with_label_values(&[kind])
+                .observe(started.elapsed().as_secs_f64());
+        }
         result.unwrap_or_else(|e| {
             tracing::warn!(job = %job_id, error = %e, "command failed");
             Some(W::Error(pb::WorkerError {

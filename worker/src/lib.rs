@@ -7,12 +7,14 @@
 
 mod device;
 mod executor;
+mod metrics;
 mod session;
 mod signal;
 mod tls;
 
 pub use device::DeviceSpec;
 pub use executor::Executor;
+pub use metrics::{WorkerMetrics, serve_metrics};
 pub use session::{WorkerConfig, run};
 pub use signal::shutdown_signal;
 pub use tls::client_tls;

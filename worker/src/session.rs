@@ -39,6 +39,8 @@ pub struct WorkerConfig {
     /// Extra compute time per training row: makes this worker stand in for a slower host in
     /// tests and benchmarks of mixed clusters. Zero in normal use.
     pub throttle_per_row: Duration,
+    /// Where the worker counts what it does (served by `--metrics-listen`), if anywhere.
+    pub metrics: Option<crate::WorkerMetrics>,
 }
 
 impl WorkerConfig {
@@ -55,6 +57,7 @@ impl WorkerConfig {
             token: None,
             tls: None,
             throttle_per_row: Duration::ZERO,
+            metrics: None,
         }
     }
 }
@@ -161,7 +164,10 @@ pub async fn run(
         let wait = backoff.wait(rand::random::<f64>());
         let retry_in_ms = wait.as_millis() as u64;
         match outcome {
-            Ok(Ended::Shutdown) => return Ok(()),
+            Ok(Ended::Shutdown) => {
+                tracing::info!(coordinator = %config.coordinator, "left the coordinator");
+                return Ok(());
+            }
             Ok(Ended::Lost { reason, .. }) => {
                 tracing::warn!(coordinator = %config.coordinator, %reason, retry_in_ms, "connection lost");
             }
@@ -248,8 +254,11 @@ async fn session(
     let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<pb::coordinator_message::Kind>();
     let results = out_tx.clone();
     let throttle = config.throttle_per_row;
+    let metrics = config.metrics.clone();
     let compute = tokio::task::spawn_blocking(move || {
-        let mut executor = Executor::new(device).with_throttle(throttle);
+        let mut executor = Executor::new(device)
+            .with_throttle(throttle)
+            .with_metrics(metrics);
         while let Ok(cmd) = cmd_rx.recv() {
             if let Some(reply) = executor.handle(cmd)
                 && results
@@ -272,6 +281,10 @@ async fn session(
                 Ok(Some(pb::CoordinatorMessage { kind: Some(pb::coordinator_message::Kind::Welcome(w)) })) => {
                     tracing::info!(worker_id = %w.worker_id, coordinator = %config.coordinator, "joined");
                     joined = true;
+                    if let Some(m) = &config.metrics {
+                        m.joined.set(1);
+                        m.joins.inc();
+                    }
                     let every = Duration::from_millis(u64::from(w.heartbeat_interval_ms.max(10)));
                     heartbeat = tokio::time::interval(every);
                 }
@@ -286,6 +299,9 @@ async fn session(
             }
         }
     };
+    if let Some(m) = &config.metrics {
+        m.joined.set(0);
+    }
     // Let the compute thread finish what it has (at most the current step), then leave.
     drop(cmd_tx);
     let _ = compute.await;

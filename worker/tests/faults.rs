@@ -279,3 +279,98 @@ fn every_worker_flag_can_be_set_from_the_environment_and_an_empty_token_is_refus
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("--token") && err.contains("empty"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_serves_its_own_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start("127.0.0.1:0", CoordinatorConfig::new(dir.path()), 0)
+        .await
+        .unwrap();
+    let url = cluster.url();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_recur-worker"))
+        .args([
+            "--coordinator",
+            &url,
+            "--name",
+            "m",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader keeps draining the log, so the worker never blocks on a full pipe.
+    let stderr = child.stderr.take().unwrap();
+    let _w = Process(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(rest) = line.split("metrics served over HTTP addr=").nth(1) {
+                let _ = tx.send(
+                    rest.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+            }
+        }
+    });
+    let addr: std::net::SocketAddr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the worker logs its metrics address")
+        .parse()
+        .unwrap();
+    let mut client = Client::connect(&url, None).await.unwrap();
+    wait_for(30, "the worker to join", async || {
+        client.workers().await.unwrap().len() == 1
+    })
+    .await;
+    let dataset = recur_tests::upload_ball(&mut client, 3000, 12).await;
+    let job = client.submit(job_spec(&dataset, 2)).await.unwrap().job_id;
+    let (_, info) = follow(&mut client, &job).await;
+    assert_eq!(info.epochs, 2, "{}", info.message);
+    let body = recur_tests::scrape_metrics(addr).await;
+    let metric = |name: &str, labels: &[(&str, &str)]| {
+        let worker = [("device", "cpu"), ("name", "m")];
+        recur_tests::labelled_metric(&body, name, &[labels, &worker].concat())
+    };
+    assert_eq!(metric("recur_worker_joined", &[]), Some(1.0), "{body}");
+    // One worker computed every training row of both epochs: 60 % of 3,000, twice.
+    assert_eq!(
+        metric("recur_worker_rows_total", &[]),
+        Some(3600.0),
+        "{body}"
+    );
+    assert_eq!(
+        metric(
+            "recur_worker_commands_total",
+            &[("kind", "step"), ("outcome", "ok")]
+        ),
+        Some(info.steps as f64),
+        "{body}"
+    );
+    let evaluations = metric(
+        "recur_worker_commands_total",
+        &[("kind", "evaluate"), ("outcome", "ok")],
+    );
+    assert!(evaluations.is_some_and(|n| n > 0.0), "{body}");
+    assert_eq!(
+        metric(
+            "recur_worker_command_seconds_count",
+            &[("kind", "evaluate")]
+        ),
+        evaluations,
+        "{body}"
+    );
+    assert!(
+        recur_tests::metric(&body, "process_resident_memory_bytes").is_some_and(|b| b > 0.0),
+        "{body}"
+    );
+    cluster.shutdown().await.unwrap();
+}

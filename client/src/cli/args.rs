@@ -70,6 +70,17 @@ pub enum Command {
         /// The job id.
         job: String,
     },
+    /// Delete an ended job: its history, step log and checkpoints.
+    Delete {
+        /// The job id.
+        job: String,
+    },
+    /// List uploaded datasets (`recur datasets delete ID` deletes one).
+    Datasets {
+        /// What to do (default: list).
+        #[command(subcommand)]
+        command: Option<DatasetsCommand>,
+    },
     /// List connected workers.
     Workers,
     /// Predict the next value of histories with a job's best model.
@@ -148,6 +159,9 @@ pub struct WorkerArgs {
     /// Compute threads (this process's candle pool is sized once, at start).
     #[arg(long, env = "RECUR_THREADS", default_value_t = 1)]
     pub threads: u32,
+    /// Serve this worker's own metrics (`GET /metrics`, plain HTTP) here.
+    #[arg(long, env = "RECUR_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// The coordinator's worker token.
     #[arg(long, env = "RECUR_WORKER_TOKEN", hide_env_values = true, value_parser = recur_proto::token::parse)]
     pub worker_token: Option<String>,
@@ -185,6 +199,18 @@ pub enum BenchWorkload {
     Tutorial,
     /// LSTM hidden 128, batch 256, 32,768 ball rows of 10-50 values.
     W2,
+}
+
+/// `recur datasets`.
+#[derive(Debug, Subcommand)]
+pub enum DatasetsCommand {
+    /// List uploaded datasets, newest first.
+    List,
+    /// Delete an uploaded dataset that no queued or running job uses.
+    Delete {
+        /// The dataset id, or a prefix of it that `recur datasets` shows.
+        id: String,
+    },
 }
 
 /// `recur gen`.
@@ -237,52 +263,65 @@ pub enum OptimizerArg {
     Adadelta,
 }
 
-/// `recur train`.
+/// `recur train`. Every setting comes from, in order: its flag, the `--spec` file, the
+/// coordinator's default (the tutorial's where it has one).
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// CSV file: one sequence per line, the last value is the target (uploaded first).
-    #[arg(required_unless_present = "dataset", conflicts_with = "dataset")]
+    #[arg(conflicts_with = "dataset")]
     pub file: Option<PathBuf>,
-    /// Train on a dataset already uploaded (its id, as `train --json` or upload printed it).
+    /// Train on a dataset already uploaded: its id, or a prefix of it that `recur datasets`
+    /// shows.
     #[arg(long)]
     pub dataset: Option<String>,
-    /// Recurrent cell.
-    #[arg(long, value_enum, default_value = "rnn_tanh")]
-    pub model: ModelArg,
-    /// Hidden units per layer.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=65536))]
-    pub hidden: u32,
-    /// Stacked layers.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub layers: u32,
+    /// A job spec (JSON, the proto3 JSON form of `recur.v1.JobSpec`, as `--print-spec` writes
+    /// it): any field, flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub spec: Option<PathBuf>,
+    /// Print the job spec this command would submit (the `--spec` format) and exit.
+    #[arg(long)]
+    pub print_spec: bool,
+    /// Fine-tune: start from this job's best parameters instead of a fresh initialisation
+    /// (the model must be that job's; without model flags it is taken from it).
+    #[arg(long, value_name = "JOB")]
+    pub init_from: Option<String>,
+    /// Recurrent cell (default rnn_tanh).
+    #[arg(long, value_enum)]
+    pub model: Option<ModelArg>,
+    /// Hidden units per layer (default 8).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub hidden: Option<u32>,
+    /// Stacked layers (default 1).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub layers: Option<u32>,
     /// Run each layer in both directions.
     #[arg(long)]
     pub bidirectional: bool,
-    /// Optimizer.
-    #[arg(long, value_enum, default_value = "adam")]
-    pub optimizer: OptimizerArg,
+    /// Optimizer (default adam).
+    #[arg(long, value_enum)]
+    pub optimizer: Option<OptimizerArg>,
     /// Learning rate (default 0.01; 1.0 for Adadelta).
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Rows per batch.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
-    pub batch: u32,
-    /// Most epochs.
-    #[arg(long, default_value_t = 10_000)]
-    pub epochs: u64,
-    /// Stop after this many epochs without a better validation accuracy.
-    #[arg(long, default_value_t = 100)]
-    pub patience: u64,
+    /// Rows per batch (default 100).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch: Option<u32>,
+    /// Most epochs (default 10000).
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    /// Stop after this many epochs without a better validation accuracy (default 100).
+    #[arg(long)]
+    pub patience: Option<u64>,
     /// Stop once validation accuracy reaches this.
     #[arg(long)]
     pub target_accuracy: Option<f64>,
-    /// Divide values by this, or `auto` for the largest magnitude.
-    #[arg(long, default_value = "50")]
-    pub scale: String,
-    /// Seed of initialisation, split and batch order.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// A name for the job.
+    /// Divide values by this, or `auto` for the largest magnitude (default 50).
+    #[arg(long)]
+    pub scale: Option<String>,
+    /// Seed of initialisation, split and batch order (default 0).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// A name for the job (default: the file's name).
     #[arg(long)]
     pub name: Option<String>,
     /// Submit and return without watching.

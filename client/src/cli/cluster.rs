@@ -6,7 +6,7 @@ use recur_core::data::BallConfig;
 use serde_json::json;
 
 use super::args::{LocalArgs, WorkerArgs};
-use super::error::{CliError, Result};
+use super::error::{CliError, Result, exit};
 use super::json;
 use super::text::workers_table;
 use crate::Client;
@@ -41,6 +41,25 @@ pub(super) async fn worker(
     config.threads = args.threads;
     config.token = args.worker_token;
     config.tls = tls;
+    if let Some(addr) = &args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            CliError::new(
+                format!("--metrics-listen {addr} (RECUR_METRICS_LISTEN): {e}"),
+                "pick a free address",
+            )
+            .with_code(exit::USAGE)
+        })?;
+        let metrics = recur_worker::WorkerMetrics::new(&config.name, &config.device.to_string())
+            .map_err(|e| CliError::new(format!("metrics: {e}"), ""))?;
+        config.metrics = Some(metrics.clone());
+        tokio::spawn(async move {
+            if let Err(e) =
+                recur_worker::serve_metrics(listener, metrics, std::future::pending()).await
+            {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
     recur_worker::run(config, recur_worker::shutdown_signal())
         .await
         .map_err(|e| CliError::new(e.to_string(), "check --coordinator and the worker token"))

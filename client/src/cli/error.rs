@@ -17,6 +17,8 @@ pub struct CliError {
 pub mod exit {
     /// The command failed, or the job it followed failed.
     pub const FAILED: i32 = 1;
+    /// The command line makes no sense (as clap's own usage errors).
+    pub const USAGE: i32 = 2;
     /// The job the command followed was cancelled.
     pub const CANCELLED: i32 = 3;
     /// Interrupted by Ctrl-C (128 + SIGINT); a followed job keeps running.

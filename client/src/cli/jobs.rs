@@ -4,6 +4,7 @@ use std::path::Path;
 
 use recur_proto::v1 as pb;
 use serde_json::json;
+use sha2::{Digest, Sha256};
 
 use super::args::{ModelArg, OptimizerArg, TrainArgs};
 use super::error::{CliError, Result, exit};
@@ -12,7 +13,7 @@ use std::io::IsTerminal;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::progress::Progress;
-use super::text::{jobs_table, print_job, print_summary};
+use super::text::{datasets_table, jobs_table, print_job, print_summary};
 use super::{json, plot};
 use crate::{Client, ClientError};
 
@@ -166,19 +167,40 @@ pub(super) async fn watch(client: &mut Client, job: &str, as_json: bool) -> Resu
     })
 }
 
-pub(super) fn train_spec(args: &TrainArgs, dataset_id: String) -> Result<pb::JobSpec> {
-    let kind = match args.model {
-        ModelArg::RnnTanh => pb::ModelKind::RnnTanh,
-        ModelArg::RnnRelu => pb::ModelKind::RnnRelu,
-        ModelArg::Lstm => pb::ModelKind::Lstm,
-        ModelArg::Gru => pb::ModelKind::Gru,
-    };
-    let optimizer = match args.optimizer {
-        OptimizerArg::Sgd => pb::optimizer_spec::Kind::Sgd,
-        OptimizerArg::Adam => pb::optimizer_spec::Kind::Adam,
-        OptimizerArg::Adamw => pb::optimizer_spec::Kind::Adamw,
-        OptimizerArg::Adadelta => pb::optimizer_spec::Kind::Adadelta,
-    };
+/// The spec `recur train` submits: the `--spec` file's (or an empty one), with every flag given
+/// written over it. What neither sets is left to the coordinator's defaults.
+pub(super) fn train_spec(args: &TrainArgs, base: pb::JobSpec) -> Result<pb::JobSpec> {
+    let mut spec = base;
+    let model_flags = args.model.is_some()
+        || args.hidden.is_some()
+        || args.layers.is_some()
+        || args.bidirectional;
+    if model_flags {
+        // Over the spec's model, or the tutorial's.
+        let model = spec.model.get_or_insert(pb::ModelConfig {
+            kind: pb::ModelKind::RnnTanh as i32,
+            input_size: 1,
+            hidden_size: 8,
+            num_layers: 1,
+            bidirectional: false,
+            output_size: 1,
+        });
+        if let Some(kind) = args.model {
+            model.kind = match kind {
+                ModelArg::RnnTanh => pb::ModelKind::RnnTanh,
+                ModelArg::RnnRelu => pb::ModelKind::RnnRelu,
+                ModelArg::Lstm => pb::ModelKind::Lstm,
+                ModelArg::Gru => pb::ModelKind::Gru,
+            } as i32;
+        }
+        if let Some(hidden) = args.hidden {
+            model.hidden_size = hidden;
+        }
+        if let Some(layers) = args.layers {
+            model.num_layers = layers;
+        }
+        model.bidirectional |= args.bidirectional;
+    }
     if let Some(lr) = args.lr
         && !(lr.is_finite() && lr > 0.0)
     {
@@ -187,53 +209,99 @@ pub(super) fn train_spec(args: &TrainArgs, dataset_id: String) -> Result<pb::Job
             "for example --lr 0.01",
         ));
     }
-    let (scale, scale_auto) = if args.scale == "auto" {
-        (None, true)
-    } else {
-        match args.scale.parse::<f32>() {
-            Ok(v) if v.is_finite() && v > 0.0 => (Some(v), false),
-            _ => {
-                return Err(CliError::new(
-                    format!(
-                        "--scale {} is neither `auto` nor a positive number",
-                        args.scale
-                    ),
-                    "for example --scale 50 or --scale auto",
-                ));
-            }
+    if args.optimizer.is_some() || args.lr.is_some() {
+        let optimizer = spec.optimizer.get_or_insert_with(Default::default);
+        if let Some(kind) = args.optimizer {
+            optimizer.kind = match kind {
+                OptimizerArg::Sgd => pb::optimizer_spec::Kind::Sgd,
+                OptimizerArg::Adam => pb::optimizer_spec::Kind::Adam,
+                OptimizerArg::Adamw => pb::optimizer_spec::Kind::Adamw,
+                OptimizerArg::Adadelta => pb::optimizer_spec::Kind::Adadelta,
+            } as i32;
         }
-    };
-    let name = args.name.clone().unwrap_or_else(|| {
-        args.file
-            .as_deref()
-            .and_then(Path::file_name)
-            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
-    });
-    Ok(pb::JobSpec {
-        name,
-        dataset_id,
-        model: Some(pb::ModelConfig {
-            kind: kind as i32,
-            input_size: 1,
-            hidden_size: args.hidden,
-            num_layers: args.layers,
-            bidirectional: args.bidirectional,
-            output_size: 1,
-        }),
-        optimizer: Some(pb::OptimizerSpec {
-            kind: optimizer as i32,
-            lr: args.lr,
-            ..Default::default()
-        }),
-        batch_size: Some(args.batch),
-        max_epochs: args.epochs,
-        patience: args.patience,
-        target_accuracy: args.target_accuracy,
-        seed: args.seed,
-        scale,
-        scale_auto,
-        ..Default::default()
+        if args.lr.is_some() {
+            optimizer.lr = args.lr;
+        }
+    }
+    if let Some(scale) = &args.scale {
+        (spec.scale, spec.scale_auto) = if scale == "auto" {
+            (None, true)
+        } else {
+            match scale.parse::<f32>() {
+                Ok(v) if v.is_finite() && v > 0.0 => (Some(v), false),
+                _ => {
+                    return Err(CliError::new(
+                        format!("--scale {scale} is neither `auto` nor a positive number"),
+                        "for example --scale 50 or --scale auto",
+                    ));
+                }
+            }
+        };
+    }
+    if let Some(batch) = args.batch {
+        spec.batch_size = Some(batch);
+    }
+    if let Some(epochs) = args.epochs {
+        spec.max_epochs = epochs;
+    }
+    if let Some(patience) = args.patience {
+        spec.patience = patience;
+    }
+    if args.target_accuracy.is_some() {
+        spec.target_accuracy = args.target_accuracy;
+    }
+    if let Some(seed) = args.seed {
+        spec.seed = seed;
+    }
+    if let Some(job) = &args.init_from {
+        spec.init_from.clone_from(job);
+    }
+    if let Some(name) = &args.name {
+        spec.name.clone_from(name);
+    } else if spec.name.is_empty()
+        && let Some(file) = args.file.as_deref().and_then(Path::file_name)
+    {
+        spec.name = file.to_string_lossy().into_owned();
+    }
+    Ok(spec)
+}
+
+/// Reads a `--spec` file.
+fn read_spec(path: &Path) -> Result<pb::JobSpec> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::new(format!("{}: {e}", path.display()), "check the path"))?;
+    serde_json::from_str(&text).map_err(|e| {
+        CliError::new(
+            format!("{}: {e}", path.display()),
+            "a job spec is the JSON form of recur.v1.JobSpec; `recur train --print-spec` writes one",
+        )
     })
+}
+
+/// The full id of a dataset given whole or as a unique prefix.
+pub(super) async fn dataset_id(client: &mut Client, given: &str) -> Result<String> {
+    if given.len() == 64 {
+        return Ok(given.to_ascii_lowercase());
+    }
+    let given = given.to_ascii_lowercase();
+    let matches: Vec<String> = client
+        .datasets()
+        .await?
+        .into_iter()
+        .map(|d| d.id)
+        .filter(|id| !given.is_empty() && id.starts_with(&given))
+        .collect();
+    match matches.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(CliError::new(
+            format!("no dataset id starts with `{given}`"),
+            "`recur datasets` lists them",
+        )),
+        _ => Err(CliError::new(
+            format!("{} dataset ids start with `{given}`", matches.len()),
+            "give more digits",
+        )),
+    }
 }
 
 /// Uploads a file with a byte progress bar; returns the dataset id.
@@ -266,8 +334,36 @@ pub(crate) async fn upload(
     })
 }
 
+/// `recur train --print-spec`: the spec `train` would submit, as a `--spec` file, without
+/// uploading or submitting anything (a coordinator is asked only to resolve a `--dataset`
+/// prefix).
+pub(super) async fn print_spec(client: Option<&mut Client>, args: TrainArgs) -> Result<()> {
+    let mut spec = train_spec(&args, base_spec(&args)?)?;
+    if let Some(file) = &args.file {
+        // The id the file would be uploaded under.
+        let bytes = std::fs::read(file)
+            .map_err(|e| CliError::new(format!("{}: {e}", file.display()), "check the path"))?;
+        spec.dataset_id = hex::encode(Sha256::digest(&bytes));
+    } else if let (Some(id), Some(client)) = (&args.dataset, client) {
+        spec.dataset_id = dataset_id(client, id).await?;
+    }
+    let text = serde_json::to_string_pretty(&spec)
+        .map_err(|e| CliError::new(format!("cannot write the spec: {e}"), ""))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn base_spec(args: &TrainArgs) -> Result<pb::JobSpec> {
+    match &args.spec {
+        Some(path) => read_spec(path),
+        None => Ok(pb::JobSpec::default()),
+    }
+}
+
 pub(super) async fn train(client: &mut Client, args: TrainArgs, as_json: bool) -> Result<()> {
-    let dataset_id = match (&args.file, &args.dataset) {
+    let base = base_spec(&args)?;
+    let mut spec = train_spec(&args, base)?;
+    spec.dataset_id = match (&args.file, &args.dataset) {
         (Some(file), _) => {
             let bytes = std::fs::read(file)
                 .map_err(|e| CliError::new(format!("{}: {e}", file.display()), "check the path"))?;
@@ -282,15 +378,17 @@ pub(super) async fn train(client: &mut Client, args: TrainArgs, as_json: bool) -
             }
             uploaded.dataset_id
         }
-        (None, Some(id)) => id.clone(),
+        (None, Some(id)) => dataset_id(client, id).await?,
+        (None, None) if !spec.dataset_id.is_empty() => spec.dataset_id.clone(),
         (None, None) => {
             return Err(CliError::new(
                 "no data to train on",
-                "give a CSV file or --dataset ID",
-            ));
+                "give a CSV file, --dataset ID, or a --spec with a dataset_id",
+            )
+            .with_code(exit::USAGE));
         }
     };
-    let spec = train_spec(&args, dataset_id.clone())?;
+    let dataset_id = spec.dataset_id.clone();
     let submitted = client.submit(spec).await?;
     let job = submitted.job_id;
     if !as_json {
@@ -313,4 +411,51 @@ pub(super) async fn train(client: &mut Client, args: TrainArgs, as_json: bool) -
         println!("job id: {job}");
     }
     outcome(&info)
+}
+
+/// `recur delete JOB`.
+pub(super) async fn delete(client: &mut Client, job: &str, as_json: bool) -> Result<()> {
+    let info = client.delete_job(job).await?;
+    if as_json {
+        println!("{}", json!({"deleted": json::job(&info)}));
+    } else {
+        println!(
+            "deleted {} ({}, {} epochs) with its history and checkpoints",
+            info.id,
+            json::state_name(info.state),
+            info.epochs
+        );
+    }
+    Ok(())
+}
+
+/// `recur datasets [list]`.
+pub(super) async fn datasets(client: &mut Client, as_json: bool) -> Result<()> {
+    let datasets = client.datasets().await?;
+    if as_json {
+        println!(
+            "{}",
+            serde_json::Value::Array(datasets.iter().map(json::dataset).collect())
+        );
+    } else {
+        datasets_table(&datasets);
+    }
+    Ok(())
+}
+
+/// `recur datasets delete ID`.
+pub(super) async fn delete_dataset(client: &mut Client, id: &str, as_json: bool) -> Result<()> {
+    let id = dataset_id(client, id).await?;
+    let info = client.delete_dataset(&id).await?;
+    if as_json {
+        println!("{}", json!({"deleted": json::dataset(&info)}));
+    } else {
+        println!(
+            "deleted dataset {} ({}, {} rows)",
+            info.id,
+            info.name,
+            info.stats.map_or(0, |s| s.rows)
+        );
+    }
+    Ok(())
 }

@@ -88,3 +88,20 @@ pub fn worker(w: &pb::WorkerInfo) -> Value {
         "joined_unix_ms": w.joined_unix_ms,
     })
 }
+
+/// A dataset as JSON.
+pub fn dataset(d: &pb::DatasetInfo) -> Value {
+    let s = d.stats.unwrap_or_default();
+    json!({
+        "id": d.id,
+        "name": d.name,
+        "rows": s.rows,
+        "min_len": s.min_len,
+        "max_len": s.max_len,
+        "mean_len": s.mean_len,
+        "max_abs": s.max_abs,
+        "bytes": s.bytes,
+        "uploaded_unix_ms": d.uploaded_unix_ms,
+        "job_ids": d.job_ids,
+    })
+}

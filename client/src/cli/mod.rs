@@ -17,9 +17,9 @@ mod progress;
 mod text;
 
 pub use args::{Cli, Command};
-pub use error::CliError;
+pub use error::{CliError, exit};
 
-use args::GenCommand;
+use args::{DatasetsCommand, GenCommand};
 use recur_core::data::BallConfig;
 
 use crate::Client;
@@ -61,11 +61,27 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             cluster::gen_ball(config, output, as_json)
         }
+        Command::Train(args) if args.print_spec => {
+            let mut client = match args.dataset {
+                Some(_) => Some(connect().await?),
+                None => None,
+            };
+            jobs::print_spec(client.as_mut(), args).await
+        }
         Command::Train(args) => jobs::train(&mut connect().await?, args, as_json).await,
         Command::Jobs => jobs::list(&mut connect().await?, as_json).await,
         Command::Status { job } => jobs::status(&mut connect().await?, &job, as_json).await,
         Command::Watch { job } => jobs::follow(&mut connect().await?, &job, as_json).await,
         Command::Cancel { job } => jobs::cancel(&mut connect().await?, &job, as_json).await,
+        Command::Delete { job } => jobs::delete(&mut connect().await?, &job, as_json).await,
+        Command::Datasets { command } => match command {
+            None | Some(DatasetsCommand::List) => {
+                jobs::datasets(&mut connect().await?, as_json).await
+            }
+            Some(DatasetsCommand::Delete { id }) => {
+                jobs::delete_dataset(&mut connect().await?, &id, as_json).await
+            }
+        },
         Command::Workers => cluster::workers(&mut connect().await?, as_json).await,
         Command::Predict(args) => predict::predict(&mut connect().await?, args, as_json).await,
         Command::Checkpoint(args) => {

@@ -20,6 +20,9 @@ pub(super) struct Progress {
     patience: u64,
     best: Option<(u64, f64)>,
     live: bool,
+    /// Epochs of the history that came before the job's state (which holds the total and the
+    /// patience): shown once it has come.
+    early: Vec<pb::EpochMetrics>,
 }
 
 impl Progress {
@@ -44,10 +47,11 @@ impl Progress {
             patience: 0,
             best: None,
             live: false,
+            early: Vec::new(),
         }
     }
 
-    /// The job's state changed (also its first event, before the history).
+    /// The job's state changed (also sent once right after the history of its epochs).
     pub(super) fn job(&mut self, j: &pb::JobInfo) {
         if self.replayed_up_to.is_none() {
             self.replayed_up_to = Some(j.epochs);
@@ -59,6 +63,9 @@ impl Progress {
                 bar.set_length(self.max_epochs.max(1));
                 bar.set_position(j.epochs);
             }
+            for e in std::mem::take(&mut self.early) {
+                self.epoch(&e);
+            }
         }
         if !j.message.is_empty() {
             self.note(&j.message);
@@ -67,6 +74,10 @@ impl Progress {
 
     /// An epoch finished.
     pub(super) fn epoch(&mut self, e: &pb::EpochMetrics) {
+        if self.replayed_up_to.is_none() {
+            self.early.push(*e);
+            return;
+        }
         let v = e.validation.unwrap_or_default();
         if self.best.is_none_or(|(_, acc)| v.accuracy > acc) {
             self.best = Some((e.epoch, v.accuracy));

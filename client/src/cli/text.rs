@@ -206,3 +206,44 @@ pub(super) fn workers_table(workers: &[pb::WorkerInfo]) {
     }
     println!("{t}");
 }
+
+/// The `recur datasets` table (ids shortened to 12 digits; `--json` has them whole).
+pub(super) fn datasets_table(datasets: &[pb::DatasetInfo]) {
+    if datasets.is_empty() {
+        println!("no datasets");
+        return;
+    }
+    let mut t = table(
+        &["ID", "ROWS", "LENGTHS", "SIZE", "JOBS", "AGE", "NAME"],
+        &[1, 3, 4],
+    );
+    for d in datasets {
+        let s = d.stats.unwrap_or_default();
+        t.add_row(vec![
+            d.id.chars().take(12).collect(),
+            s.rows.to_string(),
+            format!("{}-{}", s.min_len, s.max_len),
+            bytes(s.bytes),
+            d.job_ids.len().to_string(),
+            age(d.uploaded_unix_ms),
+            d.name.clone(),
+        ]);
+    }
+    println!("{t}");
+}
+
+/// A size in bytes as people read it (`1.5 MiB`).
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}

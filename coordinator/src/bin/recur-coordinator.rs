@@ -1,5 +1,6 @@
 //! `recur-coordinator`: parses flags, sets up logging, binds, and runs the coordinator.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -15,6 +16,10 @@ struct Args {
     /// Address to listen on.
     #[arg(long, env = "RECUR_LISTEN", default_value = "0.0.0.0:7070")]
     listen: String,
+    /// Also serve `GET /metrics` over plain HTTP here (for example 0.0.0.0:9464), apart from
+    /// the gRPC port and its TLS.
+    #[arg(long, env = "RECUR_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Where datasets, the job store and checkpoints are kept.
     #[arg(long, env = "RECUR_DATA_DIR", default_value = "recur-data")]
     data_dir: PathBuf,
@@ -122,6 +127,17 @@ fn main() -> anyhow::Result<()> {
             args.data_dir.display()
         );
     }
+    // Refused now, in one line, rather than as the store's error after the listener is up.
+    let probe = args.data_dir.join(".recur-write-check");
+    std::fs::create_dir_all(&args.data_dir)
+        .and_then(|()| std::fs::write(&probe, b""))
+        .and_then(|()| std::fs::remove_file(&probe))
+        .with_context(|| {
+            format!(
+                "--data-dir {} (RECUR_DATA_DIR) is not writable",
+                args.data_dir.display()
+            )
+        })?;
     config.validate()?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
@@ -133,7 +149,13 @@ fn main() -> anyhow::Result<()> {
                     args.listen
                 )
             })?;
-        recur_coordinator::run(listener, config, shutdown_signal()).await?;
+        let metrics = match &args.metrics_listen {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("--metrics-listen {addr} (RECUR_METRICS_LISTEN): cannot listen there")
+            })?),
+            None => None,
+        };
+        recur_coordinator::serve(listener, metrics, config, shutdown_signal()).await?;
         Ok(())
     })
 }
@@ -164,7 +186,9 @@ fn init_tracing(json: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour only on a terminal: journald, `docker logs` and files get plain text.
+        .with_ansi(std::io::stderr().is_terminal());
     if json {
         builder.json().init();
     } else {

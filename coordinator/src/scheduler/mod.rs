@@ -114,6 +114,15 @@ pub enum Action {
     Send(WorkerId, pb::CoordinatorMessage),
     /// Close a worker's stream and forget it.
     Disconnect(WorkerId, String),
+    /// A worker is no longer part of the cluster.
+    WorkerGone {
+        /// Its name.
+        name: String,
+        /// Its device.
+        device: String,
+        /// How it went.
+        how: Departure,
+    },
     /// A job's state or progress changed.
     Job(JobId, JobProgress),
     /// A job finished an epoch: store its history and the steps applied in it together.
@@ -144,6 +153,9 @@ pub struct NewJob {
     pub spec: JobSpec,
     /// The dataset, raw values.
     pub data: Arc<Dataset>,
+    /// Starting parameters (flat, the model's layout) instead of the seed's initialisation: a
+    /// fine-tuned job's copy of another job's best parameters.
+    pub init: Option<Vec<f32>>,
     /// Where to continue from, for a job that was running when the coordinator stopped.
     pub resume: Option<Resume>,
 }
@@ -157,6 +169,28 @@ pub struct Resume {
     pub best: Option<Checkpoint>,
     /// Every epoch recorded so far.
     pub history: Vec<pb::EpochMetrics>,
+}
+
+/// How a worker left the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Departure {
+    /// It said goodbye.
+    Left,
+    /// Its connection closed.
+    Lost,
+    /// The coordinator dropped it: a missed deadline, a bad result, no heartbeat.
+    Dropped,
+}
+
+impl Departure {
+    /// The `cause` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Left => "left",
+            Self::Lost => "lost",
+            Self::Dropped => "dropped",
+        }
+    }
 }
 
 /// A connected worker.
@@ -182,6 +216,11 @@ pub struct WorkerEntry {
     pub train_rows: u64,
     /// Its measured training throughput, time steps per second (0 until measured).
     pub speed: f64,
+    /// Milliseconds it spent computing the step parts it returned.
+    pub compute_ms: f64,
+    /// Milliseconds its step parts spent in transport and queues (from the step's start to the
+    /// result, less the compute).
+    pub wait_ms: f64,
 }
 
 /// The scheduler's state.
@@ -223,6 +262,11 @@ impl Scheduler {
         std::mem::take(&mut self.actions)
     }
 
+    /// Whether a job is queued or running here.
+    pub fn has_job(&self, id: &JobId) -> bool {
+        self.running() == Some(id) || self.queue.iter().any(|j| &j.id == id)
+    }
+
     /// Connected workers.
     pub fn workers(&self) -> &BTreeMap<WorkerId, WorkerEntry> {
         &self.workers
@@ -255,6 +299,8 @@ impl Scheduler {
                 steps: 0,
                 train_rows: 0,
                 speed: 0.0,
+                compute_ms: 0.0,
+                wait_ms: 0.0,
             },
         );
         let heartbeat_ms = (self.config.heartbeat_timeout.as_millis() / 3).max(1) as u32;
@@ -282,7 +328,12 @@ impl Scheduler {
             Kind::Hello(_) => self.disconnect(id, "sent a second hello".into(), now),
             Kind::Goodbye(g) => {
                 tracing::info!(worker = %id, reason = %g.reason, "worker left");
-                self.remove(id, format!("said goodbye: {}", g.reason), now);
+                self.remove(
+                    id,
+                    format!("said goodbye: {}", g.reason),
+                    Departure::Left,
+                    now,
+                );
             }
             Kind::Error(e) => self.with_job(now, |job, cx| {
                 if job.id().0 == e.job_id {
@@ -299,6 +350,9 @@ impl Scheduler {
     fn with_job(&mut self, now: Instant, f: impl FnOnce(&mut RunningJob, &mut Ctx<'_>)) {
         let mut drops = Vec::new();
         if let Some(job) = &mut self.running {
+            // Every event of the job's handling carries its id and step.
+            let span = tracing::info_span!("job", job = %job.id(), step = job.step());
+            let _entered = span.enter();
             let mut cx = ctx(&self.config, &mut self.workers, &mut self.actions, now);
             f(job, &mut cx);
             drops = cx.drops;
@@ -309,18 +363,31 @@ impl Scheduler {
         self.advance(now);
     }
 
-    /// A worker's stream closed, or it must be dropped.
+    /// A worker must be dropped (it missed a deadline, sent a bad result, went silent).
     pub fn disconnect(&mut self, id: WorkerId, reason: String, now: Instant) {
         if self.workers.contains_key(&id) {
             tracing::warn!(worker = %id, %reason, "worker dropped");
         }
-        self.remove(id, reason, now);
+        self.remove(id, reason, Departure::Dropped, now);
     }
 
-    fn remove(&mut self, id: WorkerId, reason: String, now: Instant) {
-        if self.workers.remove(&id).is_none() {
-            return;
+    /// A worker's stream closed.
+    pub fn closed(&mut self, id: WorkerId, reason: String, now: Instant) {
+        if self.workers.contains_key(&id) {
+            tracing::warn!(worker = %id, %reason, "worker lost");
         }
+        self.remove(id, reason, Departure::Lost, now);
+    }
+
+    fn remove(&mut self, id: WorkerId, reason: String, how: Departure, now: Instant) {
+        let Some(gone) = self.workers.remove(&id) else {
+            return;
+        };
+        self.actions.push(Action::WorkerGone {
+            name: gone.name,
+            device: gone.device,
+            how,
+        });
         self.actions.push(Action::Disconnect(id, reason));
         self.with_job(now, |job, cx| job.worker_left(id, cx));
     }

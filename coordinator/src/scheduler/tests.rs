@@ -146,6 +146,7 @@ impl Sim {
                     }
                     Action::Checkpoint(id, kind, c) => self.checkpoints.push((id, kind, *c)),
                     Action::StepApplied { job, step, .. } => self.step_log.push((job, step)),
+                    Action::WorkerGone { .. } => {}
                 }
             }
             if let Some((w, reply)) = self.replies.pop_front()
@@ -207,6 +208,7 @@ fn job(n: u64, max_steps: u64, seed: u64) -> NewJob {
         )
         .unwrap(),
         data: Arc::new(data),
+        init: None,
         resume: None,
     }
 }
@@ -846,6 +848,7 @@ fn a_job_resumed_after_its_last_epoch_completes_without_training_more() {
         let mut second = Sim::new();
         second.s.submit(
             NewJob {
+                init: None,
                 resume: Some(resume_point(&first, &id)),
                 ..spec
             },
@@ -951,6 +954,7 @@ fn a_resumed_job_without_its_best_checkpoint_trains_on_instead_of_stopping_for_p
     second.join("a");
     second.s.submit(
         NewJob {
+            init: None,
             resume: Some(resume),
             ..spec
         },

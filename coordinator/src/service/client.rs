@@ -3,6 +3,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use recur_core::checkpoint::Checkpoint;
 use recur_core::sets::{CheckpointSets, Role};
 use recur_proto::v1 as pb;
 use recur_proto::v1::recur_server::Recur;
@@ -130,6 +131,7 @@ impl ClientService {
             )));
         }
         let id = DatasetId(digest);
+        let _gate = self.shared.datasets_gate.read().await;
         let shared = self.shared.clone();
         let stored_id = id.clone();
         let data = tokio::task::spawn_blocking(move || {
@@ -150,20 +152,76 @@ impl ClientService {
             mean_len: stats.mean_len,
             max_abs: stats.max_abs,
             bytes: header.total_bytes,
+            uploaded_ms: now_ms(),
         };
         self.shared.store.put_dataset(&id, &meta)?;
         tracing::info!(dataset = %id, rows = meta.rows, "dataset uploaded");
         Ok(pb::UploadDatasetResponse {
             dataset_id: id.0,
-            stats: Some(pb::DatasetStats {
-                rows: meta.rows,
-                min_len: meta.min_len,
-                max_len: meta.max_len,
-                mean_len: meta.mean_len,
-                max_abs: meta.max_abs,
-                bytes: meta.bytes,
-            }),
+            stats: Some(dataset_stats(&meta)),
         })
+    }
+
+    /// A dataset as listed, with the jobs (newest first) of `jobs` that use it.
+    fn dataset_info(id: &DatasetId, meta: &DatasetMeta, jobs: &[JobRecord]) -> pb::DatasetInfo {
+        pb::DatasetInfo {
+            id: id.0.clone(),
+            name: meta.name.clone(),
+            stats: Some(dataset_stats(meta)),
+            uploaded_unix_ms: meta.uploaded_ms,
+            job_ids: jobs
+                .iter()
+                .filter(|j| &j.spec.dataset == id)
+                .map(|j| j.id.0.clone())
+                .collect(),
+        }
+    }
+
+    /// For a fine-tuning spec (`init_from`): the other job's best parameters, after filling in
+    /// its model when the spec has none and checking the models match.
+    async fn init_params(&self, wire: &mut pb::JobSpec) -> Result<Option<Checkpoint>, Status> {
+        if wire.init_from.is_empty() {
+            return Ok(None);
+        }
+        let from = job_id(&wire.init_from)?;
+        if self.shared.store.job(&from)?.is_none() {
+            return Err(Status::not_found(format!("init_from: no job {from}")));
+        }
+        let sets = CheckpointSets::new(self.shared.jobs_dir().join(&from.0));
+        let loaded = tokio::task::spawn_blocking(move || sets.load_current(Role::Best))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(Error::from)?;
+        let Some((_, checkpoint)) = loaded else {
+            return Err(Status::failed_precondition(format!(
+                "init_from: {from} has no best checkpoint yet"
+            )));
+        };
+        let theirs = &checkpoint.manifest.model;
+        match &wire.model {
+            None => wire.model = Some(theirs.into()),
+            Some(m) => {
+                let ours = recur_core::model::ModelConfig::try_from(m)
+                    .map_err(|e| Status::invalid_argument(format!("model: {e}")))?;
+                if &ours != theirs {
+                    return Err(Status::invalid_argument(format!(
+                        "init_from: {from}'s model is {theirs}, this job's is {ours}; leave the model unset to take {from}'s"
+                    )));
+                }
+            }
+        }
+        Ok(Some(checkpoint))
+    }
+}
+
+fn dataset_stats(meta: &DatasetMeta) -> pb::DatasetStats {
+    pb::DatasetStats {
+        rows: meta.rows,
+        min_len: meta.min_len,
+        max_len: meta.max_len,
+        mean_len: meta.mean_len,
+        max_abs: meta.max_abs,
+        bytes: meta.bytes,
     }
 }
 
@@ -190,11 +248,14 @@ impl Recur for ClientService {
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        let wire = request
+        let mut wire = request
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("spec is missing"))?;
+        let init = self.init_params(&mut wire).await?;
         let spec = JobSpec::from_proto(&wire, &self.shared.config.spec)?;
+        // Held until the job is recorded: its dataset is not deleted meanwhile.
+        let _gate = self.shared.datasets_gate.read().await;
         if self.shared.store.dataset(&spec.dataset)?.is_none() {
             return Err(Status::not_found(format!(
                 "dataset {} not found; upload it first",
@@ -227,14 +288,24 @@ impl Recur for ClientService {
             )));
         }
         let id = self.shared.store.next_job_id()?;
+        if let Some(checkpoint) = &init {
+            // The job's own copy: it starts (or starts over, after a restart) from it even if
+            // the other job is deleted.
+            let (dir, checkpoint) = (self.shared.jobs_dir().join(&id.0), checkpoint.clone());
+            tokio::task::spawn_blocking(move || checkpoint.save(&dir, crate::server::INIT_STEM))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(Error::from)?;
+        }
         let record = JobRecord::new(id.clone(), spec.clone(), now_ms());
         self.shared.store.put_job(&record)?;
         super::job_metrics(&self.shared, &record);
-        tracing::info!(job = %id, dataset = %spec.dataset, "job submitted");
+        tracing::info!(job = %id, dataset = %spec.dataset, init_from = ?spec.init_from, "job submitted");
         self.shared.send(Event::Submit(Box::new(NewJob {
             id: id.clone(),
             spec,
             data,
+            init: init.map(|c| c.params),
             resume: None,
         })))?;
         Ok(Response::new(pb::SubmitJobResponse {
@@ -285,6 +356,85 @@ impl Recur for ClientService {
             .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
         let record = self.record(&id)?;
         Ok(Response::new(self.info(&record)?))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn delete_job(
+        &self,
+        request: Request<pb::DeleteJobRequest>,
+    ) -> Result<Response<pb::DeleteJobResponse>, Status> {
+        let id = job_id(&request.into_inner().job_id)?;
+        let last = self.shared.store.last_epoch(&id)?;
+        let (reply, rx) = oneshot::channel();
+        self.shared.send(Event::Delete(id, reply))?;
+        let record = rx
+            .await
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))??;
+        Ok(Response::new(pb::DeleteJobResponse {
+            job: Some(record.to_proto(last)),
+        }))
+    }
+
+    async fn list_datasets(
+        &self,
+        _: Request<pb::ListDatasetsRequest>,
+    ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
+        let jobs = self.shared.store.jobs()?;
+        let mut datasets: Vec<pb::DatasetInfo> = self
+            .shared
+            .store
+            .datasets()?
+            .iter()
+            .map(|(id, meta)| Self::dataset_info(id, meta, &jobs))
+            .collect();
+        datasets.sort_by(|a, b| {
+            b.uploaded_unix_ms
+                .cmp(&a.uploaded_unix_ms)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        Ok(Response::new(pb::ListDatasetsResponse { datasets }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn delete_dataset(
+        &self,
+        request: Request<pb::DeleteDatasetRequest>,
+    ) -> Result<Response<pb::DeleteDatasetResponse>, Status> {
+        let raw = request.into_inner().dataset_id;
+        let id = DatasetId::parse(&raw).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "dataset_id `{raw}` is not a dataset id (64 hex digits)"
+            ))
+        })?;
+        let _gate = self.shared.datasets_gate.write().await;
+        let Some(meta) = self.shared.store.dataset(&id)? else {
+            return Err(Status::not_found(format!("no dataset {id}")));
+        };
+        let jobs = self.shared.store.jobs()?;
+        let active: Vec<String> = jobs
+            .iter()
+            .filter(|j| j.spec.dataset == id && !j.state.is_final())
+            .map(|j| format!("{} ({})", j.id, super::state_name(j.state)))
+            .collect();
+        if !active.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "dataset {id} is in use by {}; cancel those jobs first",
+                active.join(", ")
+            )));
+        }
+        let info = Self::dataset_info(&id, &meta, &jobs);
+        // The record first: once it is gone no job can be submitted on the dataset, and a
+        // failure to remove the file leaves only an unlisted file (replaced by a re-upload).
+        self.shared.store.delete_dataset(&id)?;
+        let shared = self.shared.clone();
+        let removed = id.clone();
+        tokio::task::spawn_blocking(move || shared.datasets.remove(&removed))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        tracing::info!(dataset = %id, "dataset deleted");
+        Ok(Response::new(pb::DeleteDatasetResponse {
+            dataset: Some(info),
+        }))
     }
 
     type WatchJobStream = EventStream<pb::WatchJobResponse>;

@@ -40,6 +40,8 @@ pub(crate) enum Event {
     Closed(WorkerId, String),
     Submit(Box<NewJob>),
     Cancel(JobId, oneshot::Sender<bool>),
+    /// Deletes an ended job; answers with the record as it was.
+    Delete(JobId, oneshot::Sender<Result<JobRecord, Status>>),
     Workers(oneshot::Sender<Vec<pb::WorkerInfo>>),
 }
 
@@ -69,6 +71,9 @@ pub(crate) struct Shared {
     pub events: mpsc::UnboundedSender<Event>,
     pub watch: broadcast::Sender<WatchEvent>,
     pub uploads: tokio::sync::Semaphore,
+    /// Dataset changes: uploads and submissions hold it shared, a dataset's deletion alone, so
+    /// a dataset is never deleted between a submission's check and its job's record.
+    pub datasets_gate: tokio::sync::RwLock<()>,
     /// Fires once when the coordinator shuts down; long-lived streams end on it.
     pub shutdown: broadcast::Sender<()>,
     /// Prometheus metrics.
@@ -178,7 +183,7 @@ impl LoopState {
                 let _ = reply.send(id);
             }
             Event::Message(id, kind, read_at) => self.scheduler.message(id, kind, read_at),
-            Event::Closed(id, reason) => self.scheduler.disconnect(id, reason, now),
+            Event::Closed(id, reason) => self.scheduler.closed(id, reason, now),
             Event::Submit(job) => self.scheduler.submit(*job, now),
             Event::Cancel(id, reply) => {
                 // Answer only once the cancellation is stored (below), so the caller reads the
@@ -187,6 +192,18 @@ impl LoopState {
             }
             Event::Workers(reply) => {
                 let _ = reply.send(worker_infos(&self.scheduler, now));
+            }
+            Event::Delete(id, reply) => {
+                let result = if self.scheduler.has_job(&id) {
+                    Err(Status::failed_precondition(format!(
+                        "{id} is queued or running; cancel it first (`recur cancel {id}`)"
+                    )))
+                } else {
+                    // Every write of the job's actions is done (they run before the next event),
+                    // so nothing recreates what is deleted here.
+                    blocking(|| delete_job(shared, &id))
+                };
+                let _ = reply.send(result);
             }
         }
         self.perform_all(shared);
@@ -210,6 +227,8 @@ impl LoopState {
                 steps: w.steps as f64,
                 rows: w.train_rows as f64,
                 steps_per_second: w.speed,
+                compute_seconds: w.compute_ms / 1e3,
+                wait_seconds: w.wait_ms / 1e3,
                 last_seen_unix_seconds: wall
                     - now.saturating_duration_since(w.last_seen).as_secs_f64(),
             })
@@ -225,28 +244,30 @@ impl LoopState {
         let m = &shared.metrics;
         m.workers.set(self.scheduler.workers().len() as i64);
         m.queued.set(self.scheduler.queued() as i64);
-        // Per-worker series change with membership at once; their figures follow on ticks,
-        // not on every step message.
-        if !self
-            .scheduler
-            .workers()
-            .keys()
-            .eq(self.published_workers.iter())
-        {
-            self.publish_workers(shared);
-        }
-        // Messages to workers go out before the writes the same event caused: a worker computes
-        // its next part while the epoch's history and checkpoints are written, and the time a
-        // slow disk takes does not count against its deadline.
+        // Per-worker series change with membership at once; their figures follow on ticks and
+        // at each epoch's end, not on every step message.
         let (sends, writes): (Vec<Action>, Vec<Action>) = self
             .scheduler
             .take_actions()
             .into_iter()
             .partition(|a| matches!(a, Action::Send(..) | Action::Disconnect(..)));
+        // Messages to workers go out before the writes the same event caused: a worker computes
+        // its next part while the epoch's history and checkpoints are written, and the time a
+        // slow disk takes does not count against its deadline.
         for action in sends {
             perform(shared, &mut self.streams, action);
         }
-        let blocking = writes.iter().any(|a| {
+        let epoch_ended = writes.iter().any(|a| matches!(a, Action::Epoch(..)));
+        if epoch_ended
+            || !self
+                .scheduler
+                .workers()
+                .keys()
+                .eq(self.published_workers.iter())
+        {
+            self.publish_workers(shared);
+        }
+        let slow = writes.iter().any(|a| {
             matches!(
                 a,
                 Action::Job(..) | Action::Epoch(..) | Action::Checkpoint(..)
@@ -257,14 +278,57 @@ impl LoopState {
                 perform(shared, &mut self.streams, action);
             }
         };
-        let multi_thread = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        if blocking && multi_thread {
-            tokio::task::block_in_place(run);
+        if slow {
+            blocking(run);
         } else {
             run();
         }
     }
+}
+
+/// Runs `f`, which blocks on the disk, telling a multi-threaded runtime so, so that the tasks
+/// that read the workers' streams keep running elsewhere meanwhile.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi_thread {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
+}
+
+/// Deletes an ended job: the store's record, history and steps first (in one transaction, so
+/// the job vanishes at once), then its directory of checkpoint sets, renamed out of the way
+/// before it is removed (a crash leaves a `.deleted-` directory, swept at the next start).
+fn delete_job(shared: &Shared, id: &JobId) -> Result<JobRecord, Status> {
+    let Some(record) = shared.store.job(id)? else {
+        return Err(Status::not_found(format!("no job {id}")));
+    };
+    if !record.state.is_final() {
+        return Err(Status::failed_precondition(format!(
+            "{id} is {}; cancel it first (`recur cancel {id}`)",
+            state_name(record.state)
+        )));
+    }
+    shared.store.delete_job(id)?;
+    shared.predictor.invalidate(id);
+    shared.metrics.remove_job(&id.0);
+    let dir = shared.jobs_dir().join(&id.0);
+    let doomed = shared.jobs_dir().join(format!(".deleted-{}", id.0));
+    match std::fs::rename(&dir, &doomed) {
+        Ok(()) => {
+            if let Err(e) = std::fs::remove_dir_all(&doomed) {
+                tracing::error!(job = %id, path = %doomed.display(), error = %e, "could not remove a deleted job's checkpoints");
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::error!(job = %id, path = %dir.display(), error = %e, "could not remove a deleted job's checkpoints");
+        }
+    }
+    tracing::info!(job = %id, "job deleted");
+    Ok(record)
 }
 
 fn worker_infos(scheduler: &Scheduler, now: Instant) -> Vec<pb::WorkerInfo> {
@@ -295,6 +359,13 @@ fn perform(shared: &Shared, streams: &mut HashMap<WorkerId, WorkerStream>, actio
             if let Some(stream) = streams.get(&id) {
                 let _ = stream.tx.send(Ok(message));
             }
+        }
+        Action::WorkerGone { name, device, how } => {
+            shared
+                .metrics
+                .workers_gone
+                .with_label_values(&[name.as_str(), device.as_str(), how.as_str()])
+                .inc();
         }
         Action::Disconnect(id, reason) => {
             if let Some(stream) = streams.remove(&id) {
@@ -389,13 +460,17 @@ fn slow_disk(shared: &Shared) {
     }
 }
 
-/// Sets a job's per-job metrics from its record; returns its state's name.
-pub(crate) fn job_metrics(shared: &Shared, record: &JobRecord) -> String {
-    let state = pb::JobState::from(record.state);
-    let name = state
+/// A state's lower-case name (`running`).
+pub(crate) fn state_name(state: JobState) -> String {
+    pb::JobState::from(state)
         .as_str_name()
         .trim_start_matches("JOB_STATE_")
-        .to_lowercase();
+        .to_lowercase()
+}
+
+/// Sets a job's per-job metrics from its record; returns its state's name.
+pub(crate) fn job_metrics(shared: &Shared, record: &JobRecord) -> String {
+    let name = state_name(record.state);
     shared
         .metrics
         .job(&record.id.0, &name, record.epochs, record.steps);

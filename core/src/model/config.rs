@@ -83,6 +83,20 @@ pub struct ModelConfig {
     pub output_size: usize,
 }
 
+/// `gru hidden 16 x 2 layers, bidirectional, 3 in / 1 out`.
+impl fmt::Display for ModelConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} hidden {}", self.kind, self.hidden_size)?;
+        if self.num_layers != 1 {
+            write!(f, " x {} layers", self.num_layers)?;
+        }
+        if self.bidirectional {
+            f.write_str(", bidirectional")?;
+        }
+        write!(f, ", {} in / {} out", self.input_size, self.output_size)
+    }
+}
+
 impl ModelConfig {
     /// The tutorial's model: one `rnn_tanh` layer of 8 units, one input and one output.
     pub fn tutorial() -> Self {

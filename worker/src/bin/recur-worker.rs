@@ -1,5 +1,8 @@
 //! `recur-worker`: parses flags, sizes the compute thread pool, and runs a worker.
 
+use std::io::IsTerminal;
+
+use anyhow::Context;
 use clap::Parser;
 use recur_worker::{DeviceSpec, WorkerConfig};
 
@@ -44,6 +47,10 @@ struct Args {
     /// Name expected in the coordinator's certificate, when not the URL's host.
     #[arg(long, env = "RECUR_TLS_DOMAIN")]
     tls_domain: Option<String>,
+    /// Serve this worker's own metrics (`GET /metrics`, plain HTTP) here, for example
+    /// 0.0.0.0:9465.
+    #[arg(long, env = "RECUR_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Log as JSON lines.
     #[arg(long, env = "RECUR_LOG_JSON", value_parser = clap::builder::FalseyValueParser::new())]
     log_json: bool,
@@ -63,7 +70,9 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour only on a terminal: journald, `docker logs` and files get plain text.
+        .with_ansi(std::io::stderr().is_terminal());
     if args.log_json {
         builder.json().init();
     } else {
@@ -91,6 +100,28 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(recur_worker::run(config, recur_worker::shutdown_signal()))?;
+    let metrics_listen = args.metrics_listen;
+    runtime.block_on(async move {
+        if let Some(addr) = &metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("--metrics-listen {addr} (RECUR_METRICS_LISTEN): cannot listen there")
+            })?;
+            let metrics =
+                recur_worker::WorkerMetrics::new(&config.name, &config.device.to_string())
+                    .context("metrics")?;
+            config.metrics = Some(metrics.clone());
+            tracing::info!(addr = %listener.local_addr()?, "metrics served over HTTP");
+            tokio::spawn(async move {
+                // Ends with the process.
+                if let Err(e) =
+                    recur_worker::serve_metrics(listener, metrics, std::future::pending()).await
+                {
+                    tracing::error!(error = %e, "metrics server stopped");
+                }
+            });
+        }
+        recur_worker::run(config, recur_worker::shutdown_signal()).await?;
+        anyhow::Ok(())
+    })?;
     Ok(())
 }

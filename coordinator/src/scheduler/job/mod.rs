@@ -199,9 +199,20 @@ impl RunningJob {
                 job.data.len()
             ));
         }
-        let params = Params::init(t.model, t.seed, &Device::Cpu)
-            .and_then(|p| p.to_flat())
-            .map_err(|e| e.to_string())?;
+        let params = match job.init {
+            // Fine-tuning: another job's best parameters (its model was checked at submission).
+            Some(init) if init.len() == t.model.layout().total() => init,
+            Some(init) => {
+                return Err(format!(
+                    "its starting parameters hold {} values, the model has {}",
+                    init.len(),
+                    t.model.layout().total()
+                ));
+            }
+            None => Params::init(t.model, t.seed, &Device::Cpu)
+                .and_then(|p| p.to_flat())
+                .map_err(|e| e.to_string())?,
+        };
         let optimizer = Optimizer::new(t.optimizer, params.len()).map_err(|e| e.to_string())?;
         let lr = LrScheduler::new(t.schedule, t.optimizer.lr()).map_err(|e| e.to_string())?;
         let resume = job.resume;
@@ -251,6 +262,11 @@ impl RunningJob {
 
     pub(crate) fn id(&self) -> &JobId {
         &self.id
+    }
+
+    /// Optimizer steps applied so far.
+    pub(crate) fn step(&self) -> u64 {
+        self.version
     }
 
     /// The job's stopping rules.
