@@ -3,40 +3,61 @@
 //!
 //! The status of a call is where gRPC puts it: in the response headers when the call fails
 //! before any message (a "trailers-only" response: refused tokens, bad arguments), otherwise in
-//! the trailers that end the body. A body dropped before its trailers (the client went away)
-//! counts as `Cancelled`. Paths that are not one of the coordinator's services count under
-//! `method="other"`, so random paths cannot grow the label set.
+//! the trailers that end the body. A call dropped before its status (the client went away, or
+//! its deadline passed) counts as `Cancelled`. Only the methods of the services served get their
+//! own labels (taken from their descriptor sets); any other path counts as `other`, so callers
+//! cannot grow the label set.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use prometheus::{HistogramVec, IntCounterVec};
-
-/// The services whose methods get their own label.
-const SERVICES: [&str; 5] = [
-    "recur.v1.Recur",
-    "recur.v1.Workers",
-    "grpc.health.v1.Health",
-    "grpc.reflection.v1.ServerReflection",
-    "grpc.reflection.v1alpha.ServerReflection",
-];
+use prost::Message;
 
 /// Adds [`GrpcMetrics`] to a service.
 #[derive(Debug, Clone)]
 pub struct GrpcMetricsLayer {
     calls: IntCounterVec,
     seconds: HistogramVec,
+    /// `/package.Service/Method` of every method served.
+    methods: Arc<HashSet<String>>,
 }
 
 impl GrpcMetricsLayer {
     /// Counts into `calls` (labels `service`, `method`, `code`) and times into `seconds`
-    /// (labels `service`, `method`).
-    pub fn new(calls: IntCounterVec, seconds: HistogramVec) -> Self {
-        Self { calls, seconds }
+    /// (labels `service`, `method`); the methods of the services in `descriptor_sets` (encoded
+    /// `FileDescriptorSet`s) get their own labels.
+    pub fn new(
+        calls: IntCounterVec,
+        seconds: HistogramVec,
+        descriptor_sets: &[&[u8]],
+    ) -> Result<Self, prost::DecodeError> {
+        let mut methods = HashSet::new();
+        for set in descriptor_sets {
+            for file in prost_types::FileDescriptorSet::decode(*set)?.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        methods.insert(format!(
+                            "/{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            method.name()
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            calls,
+            seconds,
+            methods: Arc::new(methods),
+        })
     }
 }
 
@@ -58,17 +79,22 @@ pub struct GrpcMetrics<S> {
     layer: GrpcMetricsLayer,
 }
 
-/// One call being measured; records itself once.
+/// One call being measured. It records itself once: with the status it ended with, or as
+/// `Cancelled` when dropped before one arrived.
 #[derive(Debug)]
 struct Call {
     service: String,
     method: String,
     start: Instant,
     layer: GrpcMetricsLayer,
+    recorded: bool,
 }
 
 impl Call {
-    fn record(self, code: tonic::Code) {
+    fn record(&mut self, code: tonic::Code) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
         let code = match code {
             tonic::Code::Ok => "OK".to_string(),
             other => format!("{other:?}"),
@@ -85,16 +111,17 @@ impl Call {
     }
 }
 
-/// The call's service and method labels, from its path (`/recur.v1.Recur/SubmitJob`).
-fn labels(path: &str) -> (String, String) {
-    let mut parts = path.trim_start_matches('/').splitn(2, '/');
-    match (parts.next(), parts.next()) {
-        (Some(service), Some(method))
-            if SERVICES.contains(&service)
-                && !method.is_empty()
-                && method.len() <= 64
-                && method.bytes().all(|b| b.is_ascii_alphanumeric()) =>
-        {
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.record(tonic::Code::Cancelled);
+    }
+}
+
+/// The call's service and method labels (`recur.v1.Recur`, `SubmitJob`) when `path` is a method
+/// in `methods`, else `other`.
+fn labels(path: &str, methods: &HashSet<String>) -> (String, String) {
+    match path.trim_start_matches('/').split_once('/') {
+        Some((service, method)) if methods.contains(path) => {
             (service.to_string(), method.to_string())
         }
         _ => ("other".into(), "other".into()),
@@ -128,12 +155,13 @@ where
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/grpc"));
         let call = grpc.then(|| {
-            let (service, method) = labels(request.uri().path());
+            let (service, method) = labels(request.uri().path(), &self.layer.methods);
             Call {
                 service,
                 method,
                 start: Instant::now(),
                 layer: self.layer.clone(),
+                recorded: false,
             }
         });
         MeteredFuture {
@@ -165,15 +193,14 @@ where
         let mut call = this.call.take();
         Poll::Ready(match result {
             Ok(response) => {
-                if let Some(code) = status_of(response.headers())
-                    && let Some(call) = call.take()
-                {
+                // A trailers-only response: the status is in the headers.
+                if let (Some(code), Some(call)) = (status_of(response.headers()), call.as_mut()) {
                     call.record(code);
                 }
                 Ok(response.map(|inner| MeteredBody { inner, call }))
             }
             Err(e) => {
-                if let Some(call) = call {
+                if let Some(call) = call.as_mut() {
                     call.record(tonic::Code::Unknown);
                 }
                 Err(e)
@@ -183,20 +210,13 @@ where
 }
 
 pin_project! {
-    /// A response body that records its call's status from its trailers.
+    /// A response body that records its call's status from its trailers (or as `Cancelled`
+    /// when dropped before them).
     #[derive(Debug)]
     pub struct MeteredBody<B> {
         #[pin]
         inner: B,
         call: Option<Call>,
-    }
-
-    impl<B> PinnedDrop for MeteredBody<B> {
-        fn drop(this: Pin<&mut Self>) {
-            if let Some(call) = this.project().call.take() {
-                call.record(tonic::Code::Cancelled);
-            }
-        }
     }
 }
 
@@ -210,18 +230,15 @@ impl<B: Body> Body for MeteredBody<B> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         let frame = ready!(this.inner.poll_frame(cx));
-        match &frame {
-            Some(Ok(f)) => {
-                if let Some(code) = f.trailers_ref().and_then(status_of)
-                    && let Some(call) = this.call.take()
-                {
-                    call.record(code);
+        if let Some(call) = this.call.as_mut() {
+            match &frame {
+                Some(Ok(f)) => {
+                    if let Some(code) = f.trailers_ref().and_then(status_of) {
+                        call.record(code);
+                    }
                 }
-            }
-            Some(Err(_)) | None => {
-                if let Some(call) = this.call.take() {
-                    call.record(tonic::Code::Unknown);
-                }
+                // A body that fails or ends without trailers carries no status.
+                Some(Err(_)) | None => call.record(tonic::Code::Unknown),
             }
         }
         Poll::Ready(frame)
@@ -238,22 +255,42 @@ impl<B: Body> Body for MeteredBody<B> {
 
 #[cfg(test)]
 mod tests {
-    use super::labels;
+    use super::*;
 
     #[test]
-    fn labels_name_known_methods_and_lump_the_rest() {
+    fn labels_name_the_methods_served_and_lump_the_rest() {
+        let layer = GrpcMetricsLayer::new(
+            IntCounterVec::new(
+                prometheus::Opts::new("c", "c"),
+                &["service", "method", "code"],
+            )
+            .unwrap(),
+            HistogramVec::new(
+                prometheus::HistogramOpts::new("s", "s"),
+                &["service", "method"],
+            )
+            .unwrap(),
+            &[recur_proto::FILE_DESCRIPTOR_SET],
+        )
+        .unwrap();
+        let label = |path| labels(path, &layer.methods);
         assert_eq!(
-            labels("/recur.v1.Recur/SubmitJob"),
+            label("/recur.v1.Recur/SubmitJob"),
             ("recur.v1.Recur".into(), "SubmitJob".into())
+        );
+        assert_eq!(
+            label("/recur.v1.Workers/Join"),
+            ("recur.v1.Workers".into(), "Join".into())
         );
         for path in [
             "/",
             "/metrics",
             "/evil.Service/X",
             "/recur.v1.Recur/",
-            "/recur.v1.Recur/a/b",
+            "/recur.v1.Recur/NoSuchMethod",
+            "/recur.v1.Recur/SubmitJob/x",
         ] {
-            assert_eq!(labels(path), ("other".into(), "other".into()), "{path}");
+            assert_eq!(label(path), ("other".into(), "other".into()), "{path}");
         }
     }
 }

@@ -49,7 +49,7 @@ pub struct Metrics {
     /// Per worker (labels `worker`, `name`, `device`): steps and rows computed, measured speed
     /// and time since it was last heard from.
     pub worker: GaugeVec,
-    /// Workers that left, by `name`, `device` and `cause` (left, lost, dropped).
+    /// Workers that left, by `device` and `cause` (left, lost, dropped).
     pub workers_gone: IntCounterVec,
     /// gRPC calls by `service`, `method` and status `code`.
     pub grpc_calls: IntCounterVec,
@@ -108,7 +108,7 @@ impl Metrics {
                 "workers_gone_total",
                 "Workers that left the cluster by cause: left (said goodbye), lost (connection closed), dropped (by the coordinator: missed deadline, bad result, no heartbeat)",
             ),
-            &["name", "device", "cause"],
+            &["device", "cause"],
         )?;
         registry.register(Box::new(workers_gone.clone()))?;
         let grpc_calls = IntCounterVec::new(

@@ -170,7 +170,14 @@ pub async fn serve(
     let grpc_metrics = crate::grpc_metrics::GrpcMetricsLayer::new(
         shared.metrics.grpc_calls.clone(),
         shared.metrics.grpc_seconds.clone(),
-    );
+        &[
+            recur_proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ],
+    )
+    .map_err(|e| Error::FailedPrecondition(format!("gRPC metrics: {e}")))?;
     let served = builder
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)

@@ -142,16 +142,15 @@ impl Executor {
         let _entered = span.enter();
         let kind = match &cmd {
             C::LoadShard(_) => "load",
-            C::Step(s) => {
-                if let Some(m) = &self.metrics {
-                    m.rows.inc_by(s.rows.len() as u64);
-                }
-                "step"
-            }
+            C::Step(_) => "step",
             C::Evaluate(_) => "evaluate",
             C::Release(_) | C::Welcome(_) => "release",
         };
         let started = std::time::Instant::now();
+        let rows = match &cmd {
+            C::Step(s) => s.rows.len() as u64,
+            _ => 0,
+        };
         let result = match cmd {
             C::LoadShard(part) => self.load(part).map(|()| None),
             C::Step(step) => self.step(step).map(|r| Some(W::StepResult(r))),
@@ -167,6 +166,9 @@ impl Executor {
         };
         if let Some(m) = &self.metrics {
             let outcome = if result.is_ok() { "ok" } else { "error" };
+            if result.is_ok() {
+                m.rows.inc_by(rows);
+            }
             m.commands.with_label_values(&[kind, outcome]).inc();
             m.command_seconds
                 .with_label_values(&[kind])

@@ -1,11 +1,13 @@
 //! A worker's own Prometheus metrics, served over plain HTTP at `GET /metrics` on
 //! `--metrics-listen`: commands by kind and outcome with their compute time, training rows,
-//! whether it is joined, how often it (re)joined, and process metrics. Every series carries the
-//! worker's `name` and `device`.
+//! whether it is joined, how often it (re)joined, a GPU's free and total memory, and process
+//! metrics. Every series carries the worker's `name` and `device`.
+
+use std::sync::{Arc, Mutex};
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// The worker's metrics; clones share them.
@@ -23,6 +25,10 @@ pub struct WorkerMetrics {
     pub joined: IntGauge,
     /// Times it joined a coordinator (1 plus its reconnections).
     pub joins: IntCounter,
+    /// A GPU's free and total memory (`kind`), read at each scrape.
+    device_memory: IntGaugeVec,
+    /// The GPU whose memory is reported; none on the CPU.
+    device: Arc<Mutex<Option<candle_core::Device>>>,
 }
 
 impl WorkerMetrics {
@@ -55,6 +61,14 @@ impl WorkerMetrics {
         registry.register(Box::new(joined.clone()))?;
         let joins = IntCounter::new("joins_total", "Times it joined a coordinator")?;
         registry.register(Box::new(joins.clone()))?;
+        let device_memory = IntGaugeVec::new(
+            Opts::new(
+                "device_memory_bytes",
+                "The GPU's free and total memory (kind), at the scrape",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(device_memory.clone()))?;
         let build = IntGauge::with_opts(
             Opts::new("build_info", "The worker's version (always 1)")
                 .const_label("version", env!("CARGO_PKG_VERSION")),
@@ -74,11 +88,32 @@ impl WorkerMetrics {
             rows,
             joined,
             joins,
+            device_memory,
+            device: Arc::default(),
         })
+    }
+
+    /// Reports `device`'s memory from now on (nothing is reported for the CPU).
+    pub fn watch_device(&self, device: &candle_core::Device) {
+        if let Ok(mut watched) = self.device.lock() {
+            *watched = Some(device.clone());
+        }
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        let memory = self
+            .device
+            .lock()
+            .ok()
+            .and_then(|d| d.as_ref().and_then(recur_core::fused::device_memory));
+        if let Some((free, total)) = memory {
+            for (kind, bytes) in [("free", free), ("total", total)] {
+                self.device_memory
+                    .with_label_values(&[kind])
+                    .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            }
+        }
         let mut families = self.registry.gather();
         families.extend(self.process.gather());
         let mut out = Vec::new();

@@ -109,6 +109,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let device = config.device.open()?;
+    if let Some(m) = &config.metrics {
+        m.watch_device(&device);
+    }
     let compute_threads = recur_core::fused::compute_threads();
     tracing::info!(
         name = %config.name,

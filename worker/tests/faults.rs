@@ -369,6 +369,10 @@ async fn a_worker_serves_its_own_metrics() {
         "{body}"
     );
     assert!(
+        !body.contains("recur_worker_device_memory_bytes{"),
+        "no device memory on the CPU: {body}"
+    );
+    assert!(
         recur_tests::metric(&body, "process_resident_memory_bytes").is_some_and(|b| b > 0.0),
         "{body}"
     );

@@ -294,9 +294,9 @@ pub struct TrainArgs {
     /// Stacked layers (default 1).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub layers: Option<u32>,
-    /// Run each layer in both directions.
-    #[arg(long)]
-    pub bidirectional: bool,
+    /// Run each layer in both directions (`--bidirectional=false` turns off a spec file's).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub bidirectional: Option<bool>,
     /// Optimizer (default adam).
     #[arg(long, value_enum)]
     pub optimizer: Option<OptimizerArg>,

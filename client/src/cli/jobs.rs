@@ -174,7 +174,7 @@ pub(super) fn train_spec(args: &TrainArgs, base: pb::JobSpec) -> Result<pb::JobS
     let model_flags = args.model.is_some()
         || args.hidden.is_some()
         || args.layers.is_some()
-        || args.bidirectional;
+        || args.bidirectional.is_some();
     if model_flags {
         // Over the spec's model, or the tutorial's.
         let model = spec.model.get_or_insert(pb::ModelConfig {
@@ -199,7 +199,9 @@ pub(super) fn train_spec(args: &TrainArgs, base: pb::JobSpec) -> Result<pb::JobS
         if let Some(layers) = args.layers {
             model.num_layers = layers;
         }
-        model.bidirectional |= args.bidirectional;
+        if let Some(both) = args.bidirectional {
+            model.bidirectional = both;
+        }
     }
     if let Some(lr) = args.lr
         && !(lr.is_finite() && lr > 0.0)

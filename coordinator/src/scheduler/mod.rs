@@ -116,8 +116,6 @@ pub enum Action {
     Disconnect(WorkerId, String),
     /// A worker is no longer part of the cluster.
     WorkerGone {
-        /// Its name.
-        name: String,
         /// Its device.
         device: String,
         /// How it went.
@@ -384,7 +382,6 @@ impl Scheduler {
             return;
         };
         self.actions.push(Action::WorkerGone {
-            name: gone.name,
             device: gone.device,
             how,
         });

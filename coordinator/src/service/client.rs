@@ -190,9 +190,12 @@ impl ClientService {
         let sets = CheckpointSets::new(self.shared.jobs_dir().join(&from.0));
         let loaded = tokio::task::spawn_blocking(move || sets.load_current(Role::Best))
             .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(Error::from)?;
-        let Some((_, checkpoint)) = loaded else {
+            .map_err(|e| Status::internal(e.to_string()))?;
+        // A job deleted meanwhile is not found, whatever its vanishing files made the load say.
+        if self.shared.store.job(&from)?.is_none() {
+            return Err(Status::not_found(format!("init_from: no job {from}")));
+        }
+        let Some((_, checkpoint)) = loaded.map_err(Error::from)? else {
             return Err(Status::failed_precondition(format!(
                 "init_from: {from} has no best checkpoint yet"
             )));
@@ -298,7 +301,11 @@ impl Recur for ClientService {
                 .map_err(Error::from)?;
         }
         let record = JobRecord::new(id.clone(), spec.clone(), now_ms());
-        self.shared.store.put_job(&record)?;
+        if let Err(e) = self.shared.store.put_job(&record) {
+            // No record: nothing will ever use the copy.
+            let _ = std::fs::remove_dir_all(self.shared.jobs_dir().join(&id.0));
+            return Err(e.into());
+        }
         super::job_metrics(&self.shared, &record);
         tracing::info!(job = %id, dataset = %spec.dataset, init_from = ?spec.init_from, "job submitted");
         self.shared.send(Event::Submit(Box::new(NewJob {
@@ -428,10 +435,18 @@ impl Recur for ClientService {
         self.shared.store.delete_dataset(&id)?;
         let shared = self.shared.clone();
         let removed = id.clone();
-        tokio::task::spawn_blocking(move || shared.datasets.remove(&removed))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
-        tracing::info!(dataset = %id, "dataset deleted");
+        let file = tokio::task::spawn_blocking(move || shared.datasets.remove(&removed)).await;
+        match file {
+            Ok(Ok(())) => tracing::info!(dataset = %id, "dataset deleted"),
+            // The dataset is gone already (its record); a file left behind is only disk space,
+            // reused by a re-upload of the same bytes.
+            Ok(Err(e)) => {
+                tracing::error!(dataset = %id, error = %e, "dataset deleted, but its file stays")
+            }
+            Err(e) => {
+                tracing::error!(dataset = %id, error = %e, "dataset deleted, but its file stays")
+            }
+        }
         Ok(Response::new(pb::DeleteDatasetResponse {
             dataset: Some(info),
         }))

@@ -298,9 +298,10 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
-/// Deletes an ended job: the store's record, history and steps first (in one transaction, so
-/// the job vanishes at once), then its directory of checkpoint sets, renamed out of the way
-/// before it is removed (a crash leaves a `.deleted-` directory, swept at the next start).
+/// Deletes an ended job: its directory of checkpoint sets is renamed out of sight, then the
+/// store's record, history and steps go in one transaction (the job vanishes at once), and the
+/// renamed directory is removed in the background (a crash leaves a `.deleted-` directory, swept
+/// at the next start). A rename that fails leaves the job as it was.
 fn delete_job(shared: &Shared, id: &JobId) -> Result<JobRecord, Status> {
     let Some(record) = shared.store.job(id)? else {
         return Err(Status::not_found(format!("no job {id}")));
@@ -311,21 +312,33 @@ fn delete_job(shared: &Shared, id: &JobId) -> Result<JobRecord, Status> {
             state_name(record.state)
         )));
     }
-    shared.store.delete_job(id)?;
-    shared.predictor.invalidate(id);
-    shared.metrics.remove_job(&id.0);
     let dir = shared.jobs_dir().join(&id.0);
     let doomed = shared.jobs_dir().join(format!(".deleted-{}", id.0));
-    match std::fs::rename(&dir, &doomed) {
-        Ok(()) => {
-            if let Err(e) = std::fs::remove_dir_all(&doomed) {
-                tracing::error!(job = %id, path = %doomed.display(), error = %e, "could not remove a deleted job's checkpoints");
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+    let moved = match std::fs::rename(&dir, &doomed) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
         Err(e) => {
-            tracing::error!(job = %id, path = %dir.display(), error = %e, "could not remove a deleted job's checkpoints");
+            return Err(Status::internal(format!(
+                "cannot move {} out of the way: {e}",
+                dir.display()
+            )));
         }
+    };
+    if let Err(e) = shared.store.delete_job(id) {
+        if moved && let Err(back) = std::fs::rename(&doomed, &dir) {
+            tracing::error!(job = %id, error = %back, "could not put a job's checkpoints back");
+        }
+        return Err(e.into());
+    }
+    shared.predictor.invalidate(id);
+    shared.metrics.remove_job(&id.0);
+    if moved {
+        let job = id.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = std::fs::remove_dir_all(&doomed) {
+                tracing::error!(%job, path = %doomed.display(), error = %e, "could not remove a deleted job's checkpoints");
+            }
+        });
     }
     tracing::info!(job = %id, "job deleted");
     Ok(record)
@@ -360,11 +373,11 @@ fn perform(shared: &Shared, streams: &mut HashMap<WorkerId, WorkerStream>, actio
                 let _ = stream.tx.send(Ok(message));
             }
         }
-        Action::WorkerGone { name, device, how } => {
+        Action::WorkerGone { device, how } => {
             shared
                 .metrics
                 .workers_gone
-                .with_label_values(&[name.as_str(), device.as_str(), how.as_str()])
+                .with_label_values(&[device.as_str(), how.as_str()])
                 .inc();
         }
         Action::Disconnect(id, reason) => {

@@ -330,6 +330,21 @@ pub fn compile_cuda_kernels() -> Result<()> {
     cuda::ptx().map(|_| ())
 }
 
+/// Free and total memory of a GPU, in bytes; `None` for the CPU, or when the driver cannot say.
+pub fn device_memory(device: &candle_core::Device) -> Option<(u64, u64)> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = device {
+        return dev
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, total)| (free as u64, total as u64));
+    }
+    let _ = device;
+    None
+}
+
 /// Threads for the matrix products: the process's compute pool, sized from `CANDLE_NUM_THREADS`
 /// (or the cores) when first read and fixed from then on.
 pub fn compute_threads() -> usize {

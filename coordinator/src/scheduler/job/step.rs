@@ -201,9 +201,12 @@ impl RunningJob {
             w.steps += 1;
             w.train_rows += part.rows.len() as u64;
             w.speed = self.speeds.get(worker).unwrap_or(0.0) * 1e3;
-            let since_sent = cx.now.saturating_duration_since(pending.sent_at);
-            w.compute_ms += r.compute_ms;
-            w.wait_ms += (since_sent.as_secs_f64() * 1e3 - r.compute_ms).max(0.0);
+            // The worker's own figure; a nonsense one is left out rather than spoil the sums.
+            if r.compute_ms.is_finite() && r.compute_ms >= 0.0 {
+                let since_sent = cx.now.saturating_duration_since(pending.sent_at);
+                w.compute_ms += r.compute_ms;
+                w.wait_ms += (since_sent.as_secs_f64() * 1e3 - r.compute_ms).max(0.0);
+            }
         }
         pending.round.results.insert(
             r.part,
