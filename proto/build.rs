@@ -34,6 +34,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".recur.v1.ModelKind",
             ".recur.v1.OptimizerSpec",
             ".recur.v1.ScheduleSpec",
+            ".recur.v1.SeriesSpec",
+            ".recur.v1.Normalization",
         ])?;
     tonic_prost_build::configure()
         // Flat vectors decode as one slice of the received buffer, not float by float.

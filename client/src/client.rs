@@ -126,11 +126,24 @@ impl Client {
         &self.address
     }
 
-    /// Uploads a CSV file's bytes; `progress` is called with the bytes sent so far.
+    /// Uploads a CSV file's bytes (one sequence per line); `progress` is called with the bytes
+    /// sent so far.
     pub async fn upload(
         &mut self,
         name: &str,
         bytes: Vec<u8>,
+        progress: impl FnMut(u64) + Send + 'static,
+    ) -> Result<pb::UploadDatasetResponse> {
+        self.upload_as(name, bytes, pb::DatasetLayout::Rows, progress)
+            .await
+    }
+
+    /// Uploads a CSV file's bytes laid out as `layout`.
+    pub async fn upload_as(
+        &mut self,
+        name: &str,
+        bytes: Vec<u8>,
+        layout: pb::DatasetLayout,
         progress: impl FnMut(u64) + Send + 'static,
     ) -> Result<pb::UploadDatasetResponse> {
         use pb::upload_dataset_request::Kind;
@@ -139,6 +152,7 @@ impl Client {
             kind: Some(Kind::Header(pb::UploadHeader {
                 name: name.to_string(),
                 total_bytes: bytes.len() as u64,
+                layout: layout as i32,
             })),
         };
         let stream = upload_stream(header, bytes, sha, progress);

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, mpsc};
 
 use candle_core::Device;
+use recur_core::data::Normalizer;
 use recur_core::model::SeqModel;
 use recur_core::sets::{CheckpointSets, Role};
 use recur_core::step::{Batch, predict};
@@ -27,7 +28,8 @@ use crate::{Error, Result};
 #[derive(Debug)]
 struct Loaded {
     model: SeqModel,
-    scale: f32,
+    /// Raw values to the model's and back.
+    norm: Normalizer,
     epoch: u64,
 }
 
@@ -155,7 +157,7 @@ fn load(job: &JobId, jobs_dir: &std::path::Path, cache: &Mutex<Cache>) -> Result
     };
     let loaded = Arc::new(Loaded {
         model: SeqModel::new(ckpt.params(&Device::Cpu)?),
-        scale: ckpt.manifest.scale,
+        norm: ckpt.manifest.normalizer(),
         epoch: ckpt.manifest.epoch,
     });
     if let Ok(mut c) = cache.lock() {
@@ -195,16 +197,25 @@ fn run_batch(loaded: &Loaded, requests: Vec<Request>) {
     }
 }
 
-/// Predictions (data units) for raw rows.
+/// Predictions (data units, `output_size` per row) for raw rows of whole steps.
 fn forward(loaded: &Loaded, rows: &[&[f32]]) -> Result<Vec<f32>> {
-    let scaled: Vec<Vec<f32>> = rows
+    let features = loaded.model.config().input_size;
+    if let Some((i, row)) = rows
         .iter()
-        .map(|row| row.iter().map(|v| v / loaded.scale).collect())
-        .collect();
+        .enumerate()
+        .find(|(_, r)| r.is_empty() || !r.len().is_multiple_of(features))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "sequence {i} has {} values; the model takes steps of {features} features (one per \
+             feature column), at least one",
+            row.len()
+        )));
+    }
+    let scaled: Vec<Vec<f32>> = rows.iter().map(|row| loaded.norm.inputs(row)).collect();
     let inputs: Vec<&[f32]> = scaled.iter().map(Vec::as_slice).collect();
-    let preds = Batch::from_inputs(&inputs, loaded.model.config().input_size, &Device::Cpu)
+    let preds = Batch::from_inputs(&inputs, features, &Device::Cpu)
         .and_then(|b| predict(&loaded.model, &b))?;
-    Ok(preds.into_iter().map(|p| p * loaded.scale).collect())
+    Ok(loaded.norm.outputs(&preds))
 }
 
 #[cfg(test)]
@@ -218,7 +229,7 @@ mod tests {
         let params = Params::init(ModelConfig::tutorial(), 1, &Device::Cpu).unwrap();
         let loaded = Loaded {
             model: SeqModel::new(params),
-            scale: 50.0,
+            norm: Normalizer::uniform(50.0, 1, 1),
             epoch: 3,
         };
         let request = |rows: Vec<Vec<f32>>| {

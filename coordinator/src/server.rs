@@ -265,8 +265,15 @@ fn recover_jobs(shared: &Shared) -> Result<()> {
         if record.state.is_final() {
             continue;
         }
-        let data = match shared.datasets.load(&record.spec.dataset) {
-            Ok(d) => d,
+        let meta = shared
+            .store
+            .dataset(&record.spec.dataset)?
+            .unwrap_or_default();
+        let data = match shared
+            .datasets
+            .prepare(&record.spec, meta.layout, &meta.name)
+        {
+            Ok(d) => Arc::new(d),
             Err(e) => {
                 tracing::error!(job = %record.id, error = %e, "cannot recover job: dataset unreadable");
                 let mut failed = record.clone();

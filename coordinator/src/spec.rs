@@ -1,6 +1,6 @@
 //! A job's specification, converted from and to the wire and validated against the limits.
 
-use recur_core::data::{Scale, SplitFractions};
+use recur_core::data::{ColumnScale, Missing, Scale, SeriesSpec, SplitFractions};
 use recur_core::model::ModelConfig;
 use recur_core::optim::{LrSchedule, OptimizerConfig};
 use recur_core::train::TrainConfig;
@@ -26,6 +26,55 @@ pub struct JobSpec {
     /// The job whose best parameters this one starts from (fine-tuning).
     #[serde(default)]
     pub init_from: Option<JobId>,
+    /// How a series dataset becomes samples (none for rows).
+    #[serde(default)]
+    pub series: Option<SeriesSpec>,
+}
+
+fn series_from_proto(s: &pb::SeriesSpec) -> Result<SeriesSpec> {
+    let mut column_scales: Vec<ColumnScale> = s
+        .column_scales
+        .iter()
+        .map(|(column, &scale)| ColumnScale {
+            column: column.clone(),
+            scale,
+        })
+        .collect();
+    column_scales.sort_by(|a, b| a.column.cmp(&b.column));
+    let spec = SeriesSpec {
+        features: s.features.clone(),
+        targets: s.targets.clone(),
+        window: s.window as usize,
+        stride: (s.stride as usize).max(1),
+        horizon: s.horizon as usize,
+        missing: if s.drop_missing {
+            Missing::Drop
+        } else {
+            Missing::Refuse
+        },
+        order_by: (!s.order_by.is_empty()).then(|| s.order_by.clone()),
+        column_scales,
+    };
+    spec.validate()
+        .map_err(|e| Error::InvalidArgument(format!("series: {e}")))?;
+    Ok(spec)
+}
+
+fn series_to_proto(s: &SeriesSpec) -> pb::SeriesSpec {
+    pb::SeriesSpec {
+        features: s.features.clone(),
+        targets: s.targets.clone(),
+        window: s.window as u32,
+        stride: s.stride as u32,
+        horizon: s.horizon as u32,
+        drop_missing: s.missing == Missing::Drop,
+        order_by: s.order_by.clone().unwrap_or_default(),
+        column_scales: s
+            .column_scales
+            .iter()
+            .map(|c| (c.column.clone(), c.scale))
+            .collect(),
+    }
 }
 
 /// Bounds a job spec must respect.
@@ -210,11 +259,34 @@ impl JobSpec {
                 ),
             )
         })?;
-        let model = match &s.model {
-            None => ModelConfig::tutorial(),
-            Some(m) => ModelConfig::try_from(m)
-                .map_err(|e| Error::InvalidArgument(format!("model: {e}")))?,
-        };
+        let series = s.series.as_ref().map(series_from_proto).transpose()?;
+        let mut wire_model = s.model.unwrap_or_else(|| (&ModelConfig::tutorial()).into());
+        if let Some(series) = &series {
+            // Unset sizes are the numbers of columns.
+            for (size, columns, field) in [
+                (
+                    &mut wire_model.input_size,
+                    series.features.len(),
+                    "input_size",
+                ),
+                (
+                    &mut wire_model.output_size,
+                    series.targets.len(),
+                    "output_size",
+                ),
+            ] {
+                if *size == 0 {
+                    *size = columns as u32;
+                } else if *size as usize != columns {
+                    return Err(invalid(
+                        &format!("model.{field}"),
+                        format!("is {size}, the series names {columns} columns for it"),
+                    ));
+                }
+            }
+        }
+        let model = ModelConfig::try_from(&wire_model)
+            .map_err(|e| Error::InvalidArgument(format!("model: {e}")))?;
         let params = model.layout().total();
         if params > limits.max_params {
             return Err(invalid(
@@ -237,7 +309,22 @@ impl JobSpec {
                 format!("{batch_size} is above the limit of {}", limits.max_batch),
             ));
         }
-        let scale = if s.scale_auto {
+        let normalization = pb::Normalization::try_from(s.normalization).map_err(|_| {
+            invalid(
+                "normalization",
+                format!("{} is not a known normalization", s.normalization),
+            )
+        })?;
+        let scale = if normalization == pb::Normalization::Standard
+            || (normalization == pb::Normalization::Unspecified
+                && series.is_some()
+                && s.scale.is_none()
+                && !s.scale_auto)
+        {
+            Scale::Standard
+        } else if normalization == pb::Normalization::Minmax {
+            Scale::MinMax
+        } else if s.scale_auto {
             Scale::Auto
         } else {
             match s.scale {
@@ -312,6 +399,7 @@ impl JobSpec {
                 }
                 id => Some(JobId(id.to_string())),
             },
+            series,
         })
     }
 
@@ -331,9 +419,15 @@ impl JobSpec {
             seed: t.seed,
             scale: match t.scale {
                 Scale::Fixed(v) => Some(v),
-                Scale::Auto => None,
+                Scale::Auto | Scale::Standard | Scale::MinMax => None,
             },
             scale_auto: t.scale == Scale::Auto,
+            normalization: match t.scale {
+                Scale::Fixed(_) | Scale::Auto => pb::Normalization::Fixed,
+                Scale::Standard => pb::Normalization::Standard,
+                Scale::MinMax => pb::Normalization::Minmax,
+            } as i32,
+            series: self.series.as_ref().map(series_to_proto),
             train_percent: t.split.train,
             validation_percent: t.split.validation,
             max_steps: self.max_steps.unwrap_or(0),

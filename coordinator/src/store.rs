@@ -11,6 +11,7 @@ use recur_proto::v1 as pb;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use crate::datasets::Layout;
 use crate::error::StoreError;
 use crate::ids::{DatasetId, JobId};
 use crate::scheduler::{JobProgress, JobState};
@@ -121,7 +122,7 @@ impl JobRecord {
 }
 
 /// What is kept about an uploaded dataset.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DatasetMeta {
     /// The file name given at upload.
     pub name: String,
@@ -140,6 +141,12 @@ pub struct DatasetMeta {
     /// Unix milliseconds of the last upload (0 for records from before it was kept).
     #[serde(default)]
     pub uploaded_ms: u64,
+    /// How the file is laid out (rows for records from before series existed).
+    #[serde(default)]
+    pub layout: Layout,
+    /// A series' header.
+    #[serde(default)]
+    pub columns: Vec<String>,
 }
 
 /// The embedded store.
@@ -532,6 +539,8 @@ mod tests {
             max_abs: 1.0,
             bytes: 6,
             uploaded_ms: 9,
+            layout: Layout::Series,
+            columns: vec!["a".into(), "b".into()],
         };
         let id = DatasetId("d".repeat(64));
         store.put_dataset(&id, &meta).unwrap();

@@ -123,7 +123,9 @@ impl Trainee for Recur<SeqModel> {
         // The step as a worker runs it, timed whole; then a forward pass alone, after it, to
         // split the time (that forward finds warm caches, so the split leans towards forward).
         let t0 = Instant::now();
-        self.grads = grad_sum(&self.model, batch, 1.0).unwrap().grads;
+        self.grads = grad_sum(&self.model, batch, &[recur_core::data::Affine::divide(1.0)])
+            .unwrap()
+            .grads;
         let t1 = Instant::now();
         drop(self.model.forward(batch.packed(), false).unwrap());
         let forward = t1.elapsed().min(t1 - t0);
@@ -236,7 +238,7 @@ fn bench_candle_nn(w: &Workload, kind: ModelKind, batches: &[Vec<usize>]) -> f64
             for (k, &r) in rows.iter().enumerate() {
                 xs[k * t..k * t + w.data.steps(r)].copy_from_slice(w.data.input(r));
             }
-            let ys: Vec<f32> = rows.iter().map(|&r| w.data.target(r)).collect();
+            let ys: Vec<f32> = rows.iter().map(|&r| w.data.targets(r)[0]).collect();
             (
                 Tensor::from_vec(xs, (rows.len(), t, 1), &dev).unwrap(),
                 Tensor::from_vec(ys, (rows.len(), 1), &dev).unwrap(),
@@ -266,7 +268,7 @@ fn dump_batches(path: &str, w: &Workload, batches: &[Vec<usize>]) {
         b.iter()
             .map(|&r| {
                 let mut v = w.data.input(r).to_vec();
-                v.push(w.data.target(r));
+                v.push(w.data.targets(r)[0]);
                 v
             })
             .collect()

@@ -17,6 +17,7 @@ use candle_core::{Device, Tensor};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
+use crate::data::Normalizer;
 use crate::metrics::Metrics;
 use crate::model::{ModelConfig, Params};
 use crate::optim::{LrScheduler, OptimizerConfig, OptimizerState};
@@ -52,6 +53,20 @@ pub struct Manifest {
     /// cursor), opaque to this module.
     #[serde(default)]
     pub position: BTreeMap<String, u64>,
+    /// Per-column maps from raw values to the model's (a series job's); absent, every column is
+    /// divided by `scale`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalizer: Option<Normalizer>,
+}
+
+impl Manifest {
+    /// The maps from raw values to the model's: the stored per-column ones, or `scale` for
+    /// every input feature and target.
+    pub fn normalizer(&self) -> Normalizer {
+        self.normalizer.clone().unwrap_or_else(|| {
+            Normalizer::uniform(self.scale, self.model.input_size, self.model.output_size)
+        })
+    }
 }
 
 /// A checkpoint in memory.
@@ -138,6 +153,11 @@ impl Checkpoint {
         manifest
             .model
             .validate()
+            .and_then(|()| {
+                manifest
+                    .normalizer()
+                    .validate(manifest.model.input_size, manifest.model.output_size)
+            })
             .map_err(|e| Error::checkpoint(&paths.manifest, e.to_string()))?;
         let bytes = fs::read(&paths.model).map_err(|e| Error::io(&paths.model, e))?;
         let (tensors, meta) = decode(&bytes, &paths.model)?;
@@ -377,6 +397,7 @@ mod tests {
                 scheduler: None,
                 lr: Some(0.01),
                 position: BTreeMap::from([("batch".to_string(), 7)]),
+                normalizer: None,
             },
             params: p,
             optimizer: Some(opt.state().clone()),

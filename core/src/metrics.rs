@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::Affine;
+
 /// The tutorial's accuracy of one batch: `1 - mean(|y - p| / (|y| + 1e-4))` on normalised
 /// values.
 pub fn tutorial_accuracy(ys: &[f32], ps: &[f32]) -> f64 {
@@ -60,16 +62,24 @@ pub struct BatchSums {
 }
 
 impl BatchSums {
-    /// The sums of `ps` against `ys` (normalised, one output each), with `scale` to return to
-    /// the data's units.
-    pub fn of(ys: &[f32], ps: &[f32], scale: f32) -> Self {
+    /// The sums of `ps` against `ys` (normalised; value `i` is target `i % targets.len()` of
+    /// its sample, mapped back to the data's units by `targets[i % targets.len()]`). The relative
+    /// error is the tutorial's, on values divided by the target's scale but not shifted (for
+    /// the tutorial's /50, exactly its normalised values).
+    pub fn of(ys: &[f32], ps: &[f32], targets: &[Affine]) -> Self {
         let mut sums = Self::default();
-        for (&y, &p) in ys.iter().zip(ps) {
+        let n = targets.len().max(1);
+        for (i, (&y, &p)) in ys.iter().zip(ps).enumerate() {
+            let map = targets.get(i % n).copied().unwrap_or(Affine::divide(1.0));
+            let (scale, offset) = (map.scale as f64, map.shift as f64 / map.scale as f64);
             let err = (y - p).abs() as f64;
-            sums.rel_error += err / (y.abs() as f64 + 1e-4);
+            sums.rel_error += err / ((y as f64 + offset).abs() + 1e-4);
             sums.squared_error += err * err;
-            sums.abs_error += err * scale as f64;
-            let (y_raw, p_raw) = (y as f64 * scale as f64, p as f64 * scale as f64);
+            sums.abs_error += err * scale;
+            let (y_raw, p_raw) = (
+                y as f64 * scale + map.shift as f64,
+                p as f64 * scale + map.shift as f64,
+            );
             if p_raw.round() == y_raw.round() {
                 sums.exact += 1;
             }
@@ -130,8 +140,12 @@ mod tests {
     #[test]
     fn accuracy_is_a_mean_of_batch_means() {
         let mut acc = MetricsAccumulator::default();
-        acc.add_batch(&BatchSums::of(&[1.0, 1.0, 1.0], &[1.0, 1.0, 1.0], 50.0));
-        acc.add_batch(&BatchSums::of(&[1.0], &[0.5], 50.0));
+        acc.add_batch(&BatchSums::of(
+            &[1.0, 1.0, 1.0],
+            &[1.0, 1.0, 1.0],
+            &[Affine::divide(50.0)],
+        ));
+        acc.add_batch(&BatchSums::of(&[1.0], &[0.5], &[Affine::divide(50.0)]));
         let m = acc.finish();
         let second = 1.0 - 0.5 / 1.0001;
         assert!((m.accuracy - (1.0 + second) / 2.0).abs() < 1e-9);
@@ -143,9 +157,13 @@ mod tests {
 
     #[test]
     fn parts_of_a_batch_add_up() {
-        let whole = BatchSums::of(&[0.1, 0.2, 0.3], &[0.1, 0.25, 0.2], 50.0);
-        let mut parts = BatchSums::of(&[0.1], &[0.1], 50.0);
-        parts.add(&BatchSums::of(&[0.2, 0.3], &[0.25, 0.2], 50.0));
+        let whole = BatchSums::of(&[0.1, 0.2, 0.3], &[0.1, 0.25, 0.2], &[Affine::divide(50.0)]);
+        let mut parts = BatchSums::of(&[0.1], &[0.1], &[Affine::divide(50.0)]);
+        parts.add(&BatchSums::of(
+            &[0.2, 0.3],
+            &[0.25, 0.2],
+            &[Affine::divide(50.0)],
+        ));
         assert!((whole.rel_error - parts.rel_error).abs() < 1e-12);
         assert_eq!(whole.exact, parts.exact);
         assert_eq!(whole.samples, 3);

@@ -417,6 +417,7 @@ mod tests {
                 scheduler: None,
                 lr: None,
                 position: BTreeMap::new(),
+                normalizer: None,
             },
             params,
             optimizer: None,

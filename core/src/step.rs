@@ -4,7 +4,7 @@
 use candle_core::{Device, Tensor};
 
 use crate::Result;
-use crate::data::Dataset;
+use crate::data::{Affine, Dataset};
 use crate::metrics::BatchSums;
 use crate::model::{PackedBatch, SeqModel};
 
@@ -16,15 +16,15 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Packs `rows` of `data`: each row's inputs are its values but the last, one feature per
-    /// step; the target is the last value.
+    /// Packs `rows` of `data`: each row's input steps (`data.features()` values each), and its
+    /// targets in the packed (sorted) order.
     pub fn from_rows(data: &Dataset, rows: &[usize], device: &Device) -> Result<Self> {
         let inputs: Vec<&[f32]> = rows.iter().map(|&r| data.input(r)).collect();
-        let packed = PackedBatch::new(&inputs, 1, device)?;
+        let packed = PackedBatch::new(&inputs, data.features(), device)?;
         let targets = packed
             .order()
             .iter()
-            .map(|&k| data.target(rows[k]))
+            .flat_map(|&k| data.targets(rows[k]).iter().copied())
             .collect();
         Ok(Self { packed, targets })
     }
@@ -64,21 +64,22 @@ pub struct GradSum {
 }
 
 /// Forward and backward over `batch`: the gradient of `sum_i mean_j (y_ij - t_ij)^2`.
-pub fn grad_sum(model: &SeqModel, batch: &Batch, scale: f32) -> Result<GradSum> {
+/// `targets` maps each target back to the data's units for the metrics.
+pub fn grad_sum(model: &SeqModel, batch: &Batch, targets: &[Affine]) -> Result<GradSum> {
     let out = model.forward(&batch.packed, false)?;
-    let targets = Tensor::from_slice(&batch.targets, out.ys.shape(), out.ys.device())?;
-    let grads = crate::fused::squared_error(&out.ys, &targets)?.backward()?;
+    let wanted = Tensor::from_slice(&batch.targets, out.ys.shape(), out.ys.device())?;
+    let grads = crate::fused::squared_error(&out.ys, &wanted)?.backward()?;
     let preds = out.ys.flatten_all()?.to_vec1::<f32>()?;
     Ok(GradSum {
         grads: model.params().grads_flat(&grads)?,
-        sums: BatchSums::of(&batch.targets, &preds, scale),
+        sums: BatchSums::of(&batch.targets, &preds, targets),
     })
 }
 
 /// Forward only: the metric sums of `batch`.
-pub fn evaluate(model: &SeqModel, batch: &Batch, scale: f32) -> Result<BatchSums> {
+pub fn evaluate(model: &SeqModel, batch: &Batch, targets: &[Affine]) -> Result<BatchSums> {
     let preds = predict_sorted(model, &batch.packed)?;
-    Ok(BatchSums::of(&batch.targets, &preds, scale))
+    Ok(BatchSums::of(&batch.targets, &preds, targets))
 }
 
 /// Forward only: the head's outputs in **input** order, `output_size` values per sequence.

@@ -12,7 +12,7 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{Checkpoint, FORMAT_VERSION, Manifest};
-use crate::data::{Dataset, Scale, Split, SplitFractions, epoch_batches};
+use crate::data::{Dataset, Normalizer, Scale, Split, SplitFractions, epoch_batches};
 use crate::metrics::{Metrics, MetricsAccumulator};
 use crate::model::{ModelConfig, Params, SeqModel};
 use crate::optim::{LrSchedule, LrScheduler, Optimizer, OptimizerConfig};
@@ -79,12 +79,6 @@ impl TrainConfig {
     /// Checks every setting, naming the first that is out of range.
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
-        if self.model.input_size != 1 || self.model.output_size != 1 {
-            return Err(Error::setting(
-                "model",
-                "CSV data has one feature per step and one target: input_size and output_size must be 1",
-            ));
-        }
         self.optimizer.validate()?;
         self.schedule.validate()?;
         if self.batch_size == 0 {
@@ -149,7 +143,7 @@ pub struct TrainReport {
 pub struct Trainer {
     config: TrainConfig,
     data: Dataset,
-    scale: f32,
+    norm: Normalizer,
     split: Split,
     model: SeqModel,
     flat: Vec<f32>,
@@ -163,18 +157,33 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// Prepares a run over `data` (raw values; normalised here).
+    /// Prepares a run over `data` (raw values, split at random by the config's seed; normalised
+    /// here, fitted on the training rows).
     pub fn new(config: TrainConfig, data: &Dataset, device: &Device) -> Result<Self> {
-        config.validate()?;
-        let scale = config.scale.resolve(data)?;
         let split = Split::new(data.len(), config.seed, config.split)?;
+        let norm = Normalizer::fit(config.scale, data, &split.train)?;
+        Self::with_split(config, data, split, norm, device)
+    }
+
+    /// Prepares a run over `data` (raw values) with a given split and normalisation (a series'
+    /// windows, split by time).
+    pub fn with_split(
+        config: TrainConfig,
+        data: &Dataset,
+        split: Split,
+        norm: Normalizer,
+        device: &Device,
+    ) -> Result<Self> {
+        config.validate()?;
+        check_shape(&config.model, data)?;
+        norm.validate(data.features(), data.targets_per_row())?;
         let params = Params::init(config.model, config.seed, device)?;
         let flat = params.to_flat()?;
         let optimizer = Optimizer::new(config.optimizer, flat.len())?;
         let scheduler = LrScheduler::new(config.schedule, config.optimizer.lr())?;
         Ok(Self {
-            data: data.scaled(scale),
-            scale,
+            data: data.normalized(&norm),
+            norm,
             split,
             model: SeqModel::new(params),
             flat,
@@ -189,9 +198,9 @@ impl Trainer {
         })
     }
 
-    /// The resolved normalisation divisor.
-    pub fn scale(&self) -> f32 {
-        self.scale
+    /// The normalisation in use.
+    pub fn normalizer(&self) -> &Normalizer {
+        &self.norm
     }
 
     /// The split in use.
@@ -217,7 +226,7 @@ impl Trainer {
     /// One optimizer step on the global batch `rows`; returns the batch's metric sums.
     pub fn train_step(&mut self, rows: &[usize]) -> Result<crate::metrics::BatchSums> {
         let batch = Batch::from_rows(&self.data, rows, &self.device)?;
-        let mut g = grad_sum(&self.model, &batch, self.scale)?;
+        let mut g = grad_sum(&self.model, &batch, &self.norm.targets)?;
         let n = batch.len() as f32;
         g.grads.iter_mut().for_each(|v| *v /= n);
         self.optimizer.step(&mut self.flat, &g.grads)?;
@@ -231,7 +240,7 @@ impl Trainer {
         let mut acc = MetricsAccumulator::default();
         for chunk in rows.chunks(self.config.batch_size) {
             let batch = Batch::from_rows(&self.data, chunk, &self.device)?;
-            acc.add_batch(&evaluate(&self.model, &batch, self.scale)?);
+            acc.add_batch(&evaluate(&self.model, &batch, &self.norm.targets)?);
         }
         Ok(acc.finish())
     }
@@ -308,7 +317,7 @@ impl Trainer {
             manifest: Manifest {
                 format_version: FORMAT_VERSION,
                 model: self.config.model,
-                scale: self.scale,
+                scale: self.norm.targets[0].scale,
                 epoch: best_epoch,
                 step: 0,
                 validation: Some(best_validation),
@@ -317,6 +326,7 @@ impl Trainer {
                 scheduler: None,
                 lr: None,
                 position: Default::default(),
+                normalizer: Some(self.norm.clone()),
             },
             params: self.flat.clone(),
             optimizer: None,
@@ -330,4 +340,21 @@ impl Trainer {
             best,
         })
     }
+}
+
+/// Checks that the model takes the data's features per step and predicts its targets.
+pub fn check_shape(model: &ModelConfig, data: &Dataset) -> Result<()> {
+    if model.input_size != data.features() || model.output_size != data.targets_per_row() {
+        return Err(Error::setting(
+            "model",
+            format!(
+                "takes {} features per step and predicts {} values, the data has {} and {}",
+                model.input_size,
+                model.output_size,
+                data.features(),
+                data.targets_per_row()
+            ),
+        ));
+    }
+    Ok(())
 }

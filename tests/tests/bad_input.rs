@@ -15,6 +15,7 @@ fn header(total: u64) -> pb::UploadDatasetRequest {
         kind: Some(Up::Header(pb::UploadHeader {
             name: "bad.csv".into(),
             total_bytes: total,
+            layout: pb::DatasetLayout::Rows as i32,
         })),
     }
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 use recur_core::convert::{f32s_from_wire, f32s_to_wire};
-use recur_core::data::Dataset;
+use recur_core::data::{Affine, Dataset, Normalizer};
 use recur_core::metrics::BatchSums;
 use recur_core::model::{ModelConfig, Params, SeqModel};
 use recur_core::step::{Batch, grad_sum, predict};
@@ -15,7 +15,7 @@ use recur_proto::v1 as pb;
 use crate::{Error, Result};
 
 /// Rows of one split of the shard, by dataset row id.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Rows {
     data: Dataset,
     index: HashMap<u64, usize>,
@@ -24,6 +24,15 @@ struct Rows {
 }
 
 impl Rows {
+    /// No rows yet, of the model's shape.
+    fn shaped(model: &ModelConfig) -> Self {
+        Self {
+            data: Dataset::with_shape(model.input_size, model.output_size),
+            index: HashMap::new(),
+            batch: Vec::new(),
+        }
+    }
+
     fn append(&mut self, block: &pb::RowBlock, batches: Option<&[u32]>) -> Result<()> {
         if block.ids.len() != block.lengths.len() {
             return Err(Error::Protocol(
@@ -47,8 +56,12 @@ impl Rows {
         let mut at = 0;
         for (k, (&id, &len)) in block.ids.iter().zip(&block.lengths).enumerate() {
             let len = len as usize;
-            if len < 2 {
-                return Err(Error::Protocol(format!("row {id} has {len} values")));
+            if !self.data.fits(len) {
+                return Err(Error::Protocol(format!(
+                    "row {id} has {len} values, not whole steps of {} and {} targets",
+                    self.data.features(),
+                    self.data.targets_per_row()
+                )));
             }
             self.index.insert(id, self.data.len());
             self.data.push_row(&block.values[at..at + len]);
@@ -76,7 +89,8 @@ struct Shard {
     job_id: String,
     version: u64,
     model: ModelConfig,
-    scale: f32,
+    /// Per target, the map back to the data's units.
+    targets: Vec<Affine>,
     train: Rows,
     validation: Rows,
     test: Rows,
@@ -212,16 +226,33 @@ impl Executor {
                     }
                 }
             } else {
-                Rows::default()
+                Rows::shaped(&model)
             };
+            let targets = if part.target_maps.is_empty() {
+                vec![Affine::divide(part.scale); model.output_size]
+            } else {
+                part.target_maps
+                    .iter()
+                    .map(|a| Affine {
+                        shift: a.shift,
+                        scale: a.scale,
+                    })
+                    .collect()
+            };
+            Normalizer {
+                inputs: vec![Affine::divide(1.0); model.input_size],
+                targets: targets.clone(),
+            }
+            .validate(model.input_size, model.output_size)
+            .map_err(|e| Error::Protocol(format!("LoadShard: {e}")))?;
             self.shard = Some(Shard {
                 job_id: part.job_id.clone(),
                 version: part.shard_version,
                 model,
-                scale: part.scale,
+                targets,
                 train,
-                validation: Rows::default(),
-                test: Rows::default(),
+                validation: Rows::shaped(&model),
+                test: Rows::shaped(&model),
             });
         }
         let shard = self
@@ -289,7 +320,7 @@ impl Executor {
             }
         } else {
             let batch = Batch::from_rows(&shard.train.data, &rows, &self.device)?;
-            grad_sum(model, &batch, shard.scale)?
+            grad_sum(model, &batch, &shard.targets)?
         };
         if !self.throttle.is_zero() {
             std::thread::sleep(self.throttle * rows.len() as u32);
@@ -320,8 +351,13 @@ impl Executor {
         for chunk in local.chunks(EVAL_CHUNK) {
             let batch = Batch::from_rows(&rows.data, chunk, &self.device)?;
             let preds = predict(model, &batch)?;
+            let outs = shard.model.output_size;
             for (k, &r) in chunk.iter().enumerate() {
-                let sums = BatchSums::of(&[rows.data.target(r)], &preds[k..k + 1], shard.scale);
+                let sums = BatchSums::of(
+                    rows.data.targets(r),
+                    &preds[k * outs..(k + 1) * outs],
+                    &shard.targets,
+                );
                 by_batch.entry(rows.batch[r]).or_default().add(&sums);
             }
         }

@@ -52,7 +52,7 @@ pub enum Command {
     #[command(subcommand)]
     Gen(GenCommand),
     /// Upload a CSV file, submit a training job, and watch it.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// List jobs.
     Jobs,
     /// Show a job.
@@ -234,6 +234,23 @@ pub enum GenCommand {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// A daily series with a header: `date,temp,demand,price`, demand driven by a weekly cycle
+    /// and the previous day's temperature, a few cells missing. Train on it with
+    /// `--features temp,demand --targets demand --window 14 --drop-missing --order-by date`.
+    Series {
+        /// Days to generate.
+        #[arg(long, default_value_t = 2000)]
+        steps: usize,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Days with a missing cell, per thousand.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=1000))]
+        missing_per_mille: u32,
+        /// Output file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
 }
 
 /// Recurrent cells.
@@ -315,7 +332,9 @@ pub struct TrainArgs {
     /// Stop once validation accuracy reaches this.
     #[arg(long)]
     pub target_accuracy: Option<f64>,
-    /// Divide values by this, or `auto` for the largest magnitude (default 50).
+    /// Divide values by this, or `auto` for the largest magnitude (default 50 for rows); or
+    /// `standard` / `minmax`, fitted per column on the training split (the default for a
+    /// series).
     #[arg(long)]
     pub scale: Option<String>,
     /// Seed of initialisation, split and batch order (default 0).
@@ -327,6 +346,44 @@ pub struct TrainArgs {
     /// Submit and return without watching.
     #[arg(long)]
     pub detach: bool,
+    /// The series layout.
+    #[command(flatten)]
+    pub series: SeriesArgs,
+}
+
+/// `recur train`'s series flags: any of them uploads the file as a series (a header, one time
+/// step per line) and cuts it into windows by time.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Series (a CSV with a header, one time step per line)")]
+pub struct SeriesArgs {
+    /// Treat the file as a series (implied by the flags below).
+    #[arg(long)]
+    pub series: bool,
+    /// Feature columns, in order (comma-separated names from the header).
+    #[arg(long, value_delimiter = ',', value_name = "COLUMNS")]
+    pub features: Vec<String>,
+    /// Target columns (may also be features).
+    #[arg(long, alias = "target", value_delimiter = ',', value_name = "COLUMNS")]
+    pub targets: Vec<String>,
+    /// Steps per sample (default 1).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub window: Option<u32>,
+    /// Steps between consecutive samples' starts (default 1).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub stride: Option<u32>,
+    /// Predict the targets this many steps after a window's last step (default 1; 0 reads them at
+    /// the last step).
+    #[arg(long)]
+    pub horizon: Option<u32>,
+    /// Leave out steps with a missing value (empty, `null`, `NaN`) instead of refusing the file.
+    #[arg(long)]
+    pub drop_missing: bool,
+    /// Sort the steps by this column first (e.g. a date).
+    #[arg(long, value_name = "COLUMN")]
+    pub order_by: Option<String>,
+    /// A fixed divisor for a column instead of `--scale` (repeatable).
+    #[arg(long, value_name = "COLUMN=DIVISOR")]
+    pub column_scale: Vec<String>,
 }
 
 /// `recur predict`.

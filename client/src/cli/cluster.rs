@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use recur_core::data::BallConfig;
+use recur_core::data::{BallConfig, SeriesConfig};
 use serde_json::json;
 
 use super::args::{LocalArgs, WorkerArgs};
@@ -91,6 +91,21 @@ pub(super) fn gen_ball(config: BallConfig, output: PathBuf, as_json: bool) -> Re
         println!("{}", json!({"path": output, "rows": rows}));
     } else {
         println!("wrote {rows} rows to {}", output.display());
+    }
+    Ok(())
+}
+
+pub(super) fn gen_series(config: SeriesConfig, output: PathBuf, as_json: bool) -> Result<()> {
+    std::fs::write(&output, config.to_csv())
+        .map_err(|e| CliError::new(format!("{}: {e}", output.display()), ""))?;
+    if as_json {
+        println!("{}", json!({"path": output, "steps": config.steps}));
+    } else {
+        println!(
+            "wrote {} days (date,temp,demand,price) to {}",
+            config.steps,
+            output.display()
+        );
     }
     Ok(())
 }

@@ -61,6 +61,7 @@ pub(super) async fn run(args: DemoArgs, as_json: bool) -> Result<()> {
         &mut client,
         Path::new("ball.csv"),
         data.to_csv().into_bytes(),
+        pb::DatasetLayout::Rows,
     )
     .await?;
     let spec = pb::JobSpec {

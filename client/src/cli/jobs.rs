@@ -226,20 +226,27 @@ pub(super) fn train_spec(args: &TrainArgs, base: pb::JobSpec) -> Result<pb::JobS
         }
     }
     if let Some(scale) = &args.scale {
-        (spec.scale, spec.scale_auto) = if scale == "auto" {
-            (None, true)
-        } else {
-            match scale.parse::<f32>() {
-                Ok(v) if v.is_finite() && v > 0.0 => (Some(v), false),
+        use pb::Normalization as N;
+        let normalization;
+        (spec.scale, spec.scale_auto, normalization) = match scale.as_str() {
+            "auto" => (None, true, N::Fixed),
+            "standard" => (None, false, N::Standard),
+            "minmax" => (None, false, N::Minmax),
+            _ => match scale.parse::<f32>() {
+                Ok(v) if v.is_finite() && v > 0.0 => (Some(v), false, N::Fixed),
                 _ => {
                     return Err(CliError::new(
-                        format!("--scale {scale} is neither `auto` nor a positive number"),
-                        "for example --scale 50 or --scale auto",
+                        format!(
+                            "--scale {scale} is none of `auto`, `standard`, `minmax` or a positive number"
+                        ),
+                        "for example --scale 50, --scale auto or --scale standard",
                     ));
                 }
-            }
+            },
         };
+        spec.normalization = normalization as i32;
     }
+    series_flags(args, &mut spec)?;
     if let Some(batch) = args.batch {
         spec.batch_size = Some(batch);
     }
@@ -266,6 +273,69 @@ pub(super) fn train_spec(args: &TrainArgs, base: pb::JobSpec) -> Result<pb::JobS
         spec.name = file.to_string_lossy().into_owned();
     }
     Ok(spec)
+}
+
+/// The series flags, over the spec file's `series` (any of them makes the job a series job).
+fn series_flags(args: &TrainArgs, spec: &mut pb::JobSpec) -> Result<()> {
+    let s = &args.series;
+    let any = s.series
+        || !s.features.is_empty()
+        || !s.targets.is_empty()
+        || s.window.is_some()
+        || s.stride.is_some()
+        || s.horizon.is_some()
+        || s.drop_missing
+        || s.order_by.is_some()
+        || !s.column_scale.is_empty();
+    if !any {
+        return Ok(());
+    }
+    let series = spec.series.get_or_insert_with(|| pb::SeriesSpec {
+        window: 1,
+        stride: 1,
+        horizon: 1,
+        ..Default::default()
+    });
+    if !s.features.is_empty() {
+        series.features.clone_from(&s.features);
+    }
+    if !s.targets.is_empty() {
+        series.targets.clone_from(&s.targets);
+    }
+    if let Some(w) = s.window {
+        series.window = w;
+    }
+    if let Some(stride) = s.stride {
+        series.stride = stride;
+    }
+    if let Some(h) = s.horizon {
+        series.horizon = h;
+    }
+    if s.drop_missing {
+        series.drop_missing = true;
+    }
+    if let Some(order) = &s.order_by {
+        series.order_by.clone_from(order);
+    }
+    for pair in &s.column_scale {
+        let parsed = pair
+            .split_once('=')
+            .and_then(|(c, v)| Some((c.trim(), v.trim().parse::<f32>().ok()?)))
+            .filter(|(c, v)| !c.is_empty() && v.is_finite() && *v > 0.0);
+        let Some((column, scale)) = parsed else {
+            return Err(CliError::new(
+                format!("--column-scale {pair} is not COLUMN=DIVISOR"),
+                "for example --column-scale volume=1e8",
+            ));
+        };
+        series.column_scales.insert(column.to_string(), scale);
+    }
+    // The model's sizes follow the columns (the coordinator fills in zeros).
+    if let Some(model) = spec.model.as_mut() {
+        model.input_size = 0;
+        model.output_size = 0;
+    }
+    Ok(())
 }
 
 /// Reads a `--spec` file.
@@ -311,6 +381,7 @@ pub(crate) async fn upload(
     client: &mut Client,
     path: &Path,
     bytes: Vec<u8>,
+    layout: pb::DatasetLayout,
 ) -> Result<pb::UploadDatasetResponse> {
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(bytes.len() as u64);
@@ -325,7 +396,7 @@ pub(crate) async fn upload(
     let progress = bar.clone();
     let name = path.display().to_string();
     let result = client
-        .upload(&name, bytes, move |n| progress.set_position(n))
+        .upload_as(&name, bytes, layout, move |n| progress.set_position(n))
         .await;
     bar.finish_and_clear();
     result.map_err(|e| match e.code() {
@@ -369,7 +440,12 @@ pub(super) async fn train(client: &mut Client, args: TrainArgs, as_json: bool) -
         (Some(file), _) => {
             let bytes = std::fs::read(file)
                 .map_err(|e| CliError::new(format!("{}: {e}", file.display()), "check the path"))?;
-            let uploaded = upload(client, file, bytes).await?;
+            let layout = if spec.series.is_some() {
+                pb::DatasetLayout::Series
+            } else {
+                pb::DatasetLayout::Rows
+            };
+            let uploaded = upload(client, file, bytes, layout).await?;
             if !as_json {
                 let rows = uploaded.stats.map_or(0, |s| s.rows);
                 eprintln!(

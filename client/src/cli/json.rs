@@ -91,10 +91,13 @@ pub fn worker(w: &pb::WorkerInfo) -> Value {
 
 /// A dataset as JSON.
 pub fn dataset(d: &pb::DatasetInfo) -> Value {
-    let s = d.stats.unwrap_or_default();
+    let s = d.stats.clone().unwrap_or_default();
+    let series = s.layout == pb::DatasetLayout::Series as i32;
     json!({
         "id": d.id,
         "name": d.name,
+        "layout": if series { "series" } else { "rows" },
+        "columns": s.columns,
         "rows": s.rows,
         "min_len": s.min_len,
         "max_len": s.max_len,

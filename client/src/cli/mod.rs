@@ -20,7 +20,7 @@ pub use args::{Cli, Command};
 pub use error::{CliError, exit};
 
 use args::{DatasetsCommand, GenCommand};
-use recur_core::data::BallConfig;
+use recur_core::data::{BallConfig, SeriesConfig};
 
 use crate::Client;
 use error::Result;
@@ -61,14 +61,28 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             cluster::gen_ball(config, output, as_json)
         }
+        Command::Gen(GenCommand::Series {
+            steps,
+            seed,
+            missing_per_mille,
+            output,
+        }) => cluster::gen_series(
+            SeriesConfig {
+                steps,
+                seed,
+                missing_per_mille,
+            },
+            output,
+            as_json,
+        ),
         Command::Train(args) if args.print_spec => {
             let mut client = match args.dataset {
                 Some(_) => Some(connect().await?),
                 None => None,
             };
-            jobs::print_spec(client.as_mut(), args).await
+            jobs::print_spec(client.as_mut(), *args).await
         }
-        Command::Train(args) => jobs::train(&mut connect().await?, args, as_json).await,
+        Command::Train(args) => jobs::train(&mut connect().await?, *args, as_json).await,
         Command::Jobs => jobs::list(&mut connect().await?, as_json).await,
         Command::Status { job } => jobs::status(&mut connect().await?, &job, as_json).await,
         Command::Watch { job } => jobs::follow(&mut connect().await?, &job, as_json).await,

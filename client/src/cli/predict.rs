@@ -9,13 +9,15 @@ use super::error::{CliError, Result};
 use super::text::format_value;
 use crate::Client;
 
-/// Parses `1,3,5,7` (spaces allowed) into values.
+/// Parses `1,3,5,7` (spaces allowed) into values. Steps of several features may be separated
+/// by `;` for readability (`20.5,101;21,99` is two steps of two features); the values are sent
+/// one after another either way.
 pub(super) fn parse_history(text: &str) -> Result<Vec<f32>, String> {
     let text = text.trim();
     if text.is_empty() {
         return Err("the history is empty".into());
     }
-    text.split(',')
+    text.split([',', ';'])
         .enumerate()
         .map(|(i, v)| {
             let v = v.trim();
@@ -83,8 +85,10 @@ pub(super) async fn predict(client: &mut Client, args: PredictArgs, as_json: boo
         if as_json {
             println!("{}", json!({"predictions": predictions}));
         } else {
-            for p in predictions {
-                println!("{}", format_value(p));
+            // One line per history: its targets, comma-separated.
+            let per_row = (predictions.len() / rows.len()).max(1);
+            for p in predictions.chunks(per_row) {
+                println!("{}", joined(p));
             }
         }
         return Ok(());
@@ -98,9 +102,18 @@ pub(super) async fn predict(client: &mut Client, args: PredictArgs, as_json: boo
             json!({"predictions": r.predictions, "epoch": r.epoch})
         );
     } else {
-        println!("{}", format_value(r.predictions[0]));
+        println!("{}", joined(&r.predictions));
     }
     Ok(())
+}
+
+/// Predictions of one history (one per target), comma-separated.
+fn joined(values: &[f32]) -> String {
+    values
+        .iter()
+        .map(|&v| format_value(v))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 pub(super) async fn checkpoint(

@@ -218,11 +218,17 @@ pub(super) fn datasets_table(datasets: &[pb::DatasetInfo]) {
         &[1, 3, 4],
     );
     for d in datasets {
-        let s = d.stats.unwrap_or_default();
+        let s = d.stats.clone().unwrap_or_default();
+        // A series shows its header instead of row lengths.
+        let shape = if s.layout == pb::DatasetLayout::Series as i32 {
+            format!("series: {}", s.columns.join(","))
+        } else {
+            format!("{}-{}", s.min_len, s.max_len)
+        };
         t.add_row(vec![
             d.id.chars().take(12).collect(),
             s.rows.to_string(),
-            format!("{}-{}", s.min_len, s.max_len),
+            shape,
             bytes(s.bytes),
             d.job_ids.len().to_string(),
             age(d.uploaded_unix_ms),

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use recur_core::checkpoint::Checkpoint;
-use recur_core::data::Dataset;
+use recur_core::data::Prepared;
 use recur_core::metrics::Metrics;
 use recur_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
@@ -149,8 +149,8 @@ pub struct NewJob {
     pub id: JobId,
     /// What to train.
     pub spec: JobSpec,
-    /// The dataset, raw values.
-    pub data: Arc<Dataset>,
+    /// The data, normalised and split.
+    pub data: Arc<Prepared>,
     /// Starting parameters (flat, the model's layout) instead of the seed's initialisation: a
     /// fine-tuned job's copy of another job's best parameters.
     pub init: Option<Vec<f32>>,

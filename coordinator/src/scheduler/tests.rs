@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use recur_core::checkpoint::Checkpoint;
-use recur_core::data::BallConfig;
+use recur_core::data::{BallConfig, Prepared};
 use recur_proto::v1 as pb;
 use recur_worker::Executor;
 
@@ -197,16 +197,19 @@ fn job(n: u64, max_steps: u64, seed: u64) -> NewJob {
         seed,
         ..Default::default()
     };
+    let spec = JobSpec::from_proto(
+        &wire,
+        &SpecLimits {
+            max_params: 1 << 20,
+            max_batch: 1 << 16,
+        },
+    )
+    .unwrap();
+    let t = &spec.train;
+    let data = Prepared::rows(&data, t.seed, t.split, t.scale).unwrap();
     NewJob {
         id: JobId::nth(n),
-        spec: JobSpec::from_proto(
-            &wire,
-            &SpecLimits {
-                max_params: 1 << 20,
-                max_batch: 1 << 16,
-            },
-        )
-        .unwrap(),
+        spec,
         data: Arc::new(data),
         init: None,
         resume: None,
@@ -220,7 +223,7 @@ fn check_stored_steps(sim: &Sim, n: u64, seed: u64) {
     let id = JobId::nth(n);
     let reference = job(n, 1, seed);
     let t = &reference.spec.train;
-    let train = recur_core::data::Split::new(reference.data.len(), t.seed, t.split)
+    let train = recur_core::data::Split::new(reference.data.data.len(), t.seed, t.split)
         .unwrap()
         .train;
     let steps: Vec<&pb::StepRecord> = sim

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{Event, Shared, now_ms};
 use crate::Error;
+use crate::datasets::{Checked, Layout};
 use crate::ids::{DatasetId, JobId};
 use crate::scheduler::{JobState, NewJob};
 use crate::spec::JobSpec;
@@ -131,31 +132,59 @@ impl ClientService {
             )));
         }
         let id = DatasetId(digest);
+        let layout = Layout::from_proto(header.layout)?;
         let _gate = self.shared.datasets_gate.read().await;
+        if let Some(old) = self.shared.store.dataset(&id)?
+            && old.layout != layout
+        {
+            return Err(Status::already_exists(format!(
+                "{name}: these bytes are dataset {id}, uploaded as {}; they cannot also be {}",
+                old.layout.as_str(),
+                layout.as_str()
+            )));
+        }
         let shared = self.shared.clone();
         let stored_id = id.clone();
-        let data = tokio::task::spawn_blocking(move || {
+        let checked = tokio::task::spawn_blocking(move || {
             shared
                 .datasets
-                .store(&stored_id, &name, &bytes)
+                .store(&stored_id, &name, &bytes, layout)
                 .map(|d| (d, name))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))??;
-        let (data, name) = data;
-        let stats = data.stats();
-        let meta = DatasetMeta {
-            name,
-            rows: stats.rows as u64,
-            min_len: stats.min_len as u64,
-            max_len: stats.max_len as u64,
-            mean_len: stats.mean_len,
-            max_abs: stats.max_abs,
-            bytes: header.total_bytes,
-            uploaded_ms: now_ms(),
+        let (checked, name) = checked;
+        let meta = match checked {
+            Checked::Rows(data) => {
+                let stats = data.stats();
+                DatasetMeta {
+                    name,
+                    rows: stats.rows as u64,
+                    min_len: stats.min_len as u64,
+                    max_len: stats.max_len as u64,
+                    mean_len: stats.mean_len,
+                    max_abs: stats.max_abs,
+                    bytes: header.total_bytes,
+                    uploaded_ms: now_ms(),
+                    layout,
+                    columns: Vec::new(),
+                }
+            }
+            Checked::Series(info) => DatasetMeta {
+                name,
+                rows: info.steps as u64,
+                min_len: info.columns.len() as u64,
+                max_len: info.columns.len() as u64,
+                mean_len: info.columns.len() as f64,
+                max_abs: info.max_abs,
+                bytes: header.total_bytes,
+                uploaded_ms: now_ms(),
+                layout,
+                columns: info.columns,
+            },
         };
         self.shared.store.put_dataset(&id, &meta)?;
-        tracing::info!(dataset = %id, rows = meta.rows, "dataset uploaded");
+        tracing::info!(dataset = %id, rows = meta.rows, layout = layout.as_str(), "dataset uploaded");
         Ok(pb::UploadDatasetResponse {
             dataset_id: id.0,
             stats: Some(dataset_stats(&meta)),
@@ -223,6 +252,8 @@ fn dataset_stats(meta: &DatasetMeta) -> pb::DatasetStats {
         min_len: meta.min_len,
         max_len: meta.max_len,
         mean_len: meta.mean_len,
+        layout: meta.layout.to_proto() as i32,
+        columns: meta.columns.clone(),
         max_abs: meta.max_abs,
         bytes: meta.bytes,
     }
@@ -259,12 +290,12 @@ impl Recur for ClientService {
         let spec = JobSpec::from_proto(&wire, &self.shared.config.spec)?;
         // Held until the job is recorded: its dataset is not deleted meanwhile.
         let _gate = self.shared.datasets_gate.read().await;
-        if self.shared.store.dataset(&spec.dataset)?.is_none() {
+        let Some(meta) = self.shared.store.dataset(&spec.dataset)? else {
             return Err(Status::not_found(format!(
                 "dataset {} not found; upload it first",
                 spec.dataset
             )));
-        }
+        };
         let queued = self
             .shared
             .store
@@ -278,18 +309,13 @@ impl Recur for ClientService {
             )));
         }
         let shared = self.shared.clone();
-        let dataset = spec.dataset.clone();
-        let data = tokio::task::spawn_blocking(move || shared.datasets.load(&dataset))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
-        let min_rows = 3;
-        if data.len() < min_rows {
-            return Err(Status::invalid_argument(format!(
-                "dataset {} has {} rows; a job needs at least {min_rows} (train, validation, test)",
-                spec.dataset,
-                data.len()
-            )));
-        }
+        let checked = spec.clone();
+        let data = tokio::task::spawn_blocking(move || {
+            shared.datasets.prepare(&checked, meta.layout, &meta.name)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        let data = Arc::new(data);
         let id = self.shared.store.next_job_id()?;
         if let Some(checkpoint) = &init {
             // The job's own copy: it starts (or starts over, after a restart) from it even if

@@ -92,6 +92,53 @@ pub enum LineProblem {
     },
     /// The file has no rows at all.
     NoRows,
+    /// A series file's header is unusable.
+    BadHeader {
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A series line has another number of fields than the header.
+    FieldCount {
+        /// Fields on the line.
+        found: usize,
+        /// Columns in the header.
+        expected: usize,
+    },
+    /// A column a job names is not in the header.
+    UnknownColumn {
+        /// The name asked for.
+        name: String,
+        /// The header, as read.
+        header: String,
+    },
+    /// A cell of a column used as a number is not one.
+    NotANumberIn {
+        /// The column's name.
+        column: String,
+        /// The cell, cut to 32 characters.
+        text: String,
+    },
+    /// A cell of a used column is missing (empty, `null`, `NaN`) and missing values are refused.
+    MissingIn {
+        /// The column's name.
+        column: String,
+        /// The cell as written.
+        text: String,
+    },
+    /// A cell's magnitude is above the limit.
+    OutOfRangeIn {
+        /// The column's name.
+        column: String,
+        /// The value.
+        value: f64,
+        /// The limit.
+        limit: f64,
+    },
+    /// The CSV reader could not read on (an unterminated quote, say).
+    Unreadable {
+        /// The reader's message.
+        problem: String,
+    },
 }
 
 impl fmt::Display for LineProblem {
@@ -121,6 +168,26 @@ impl fmt::Display for LineProblem {
                 write!(f, "the file has {bytes} bytes, above the limit of {limit}")
             }
             Self::NoRows => write!(f, "the file has no rows"),
+            Self::BadHeader { problem } => write!(f, "header: {problem}"),
+            Self::FieldCount { found, expected } => {
+                write!(f, "has {found} fields, the header has {expected}")
+            }
+            Self::UnknownColumn { name, header } => {
+                write!(f, "no column `{name}` in the header ({header})")
+            }
+            Self::NotANumberIn { column, text } => {
+                write!(f, "column {column}: `{text}` is not a number")
+            }
+            Self::MissingIn { column, text } => write!(
+                f,
+                "column {column}: missing value `{text}` (drop such steps with the missing policy `drop`)"
+            ),
+            Self::OutOfRangeIn {
+                column,
+                value,
+                limit,
+            } => write!(f, "column {column}: {value} is beyond ±{limit}"),
+            Self::Unreadable { problem } => write!(f, "unreadable: {problem}"),
         }
     }
 }

@@ -85,6 +85,72 @@ impl BallConfig {
     }
 }
 
+/// A daily multi-feature series with known relations, for the series layout: `date` (ISO, from
+/// 2020-01-01), `temp` (a yearly-ish cycle of period 73 days), `demand` (a weekly cycle plus 3 per
+/// degree of the previous day's temperature above 20), `price` (half of demand's deviation),
+/// each with uniform noise. A few cells of `temp` and `demand` are missing (`null`, empty or
+/// `NaN`), so `demand` one step ahead is predictable from windows of `temp` and `demand` once
+/// those steps are dropped.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SeriesConfig {
+    /// Time steps (lines after the header).
+    pub steps: usize,
+    /// Seed; the same seed gives the same file.
+    pub seed: u64,
+    /// Share of steps with a missing cell, in parts per thousand.
+    pub missing_per_mille: u32,
+}
+
+impl SeriesConfig {
+    /// 2,000 days, 5 per mille of them with a missing cell.
+    pub fn example(seed: u64) -> Self {
+        Self {
+            steps: 2000,
+            seed,
+            missing_per_mille: 5,
+        }
+    }
+
+    /// The file's text: a header, then one line per day.
+    pub fn to_csv(&self) -> String {
+        use std::f64::consts::TAU;
+        use std::fmt::Write as _;
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        let mut out = String::from("date,temp,demand,price\n");
+        let mut prev_temp = 20.0;
+        for t in 0..self.steps {
+            let tf = t as f64;
+            let temp = 20.0 + 8.0 * (TAU * tf / 73.0).sin() + rng.random_range(-0.5..0.5);
+            let demand = 100.0
+                + 3.0 * (prev_temp - 20.0)
+                + 10.0 * (TAU * tf / 7.0).sin()
+                + rng.random_range(-1.0..1.0);
+            let price = 50.0 + 0.5 * (demand - 100.0) + rng.random_range(-0.5..0.5);
+            prev_temp = temp;
+            let day = std::time::UNIX_EPOCH
+                + std::time::Duration::from_secs((18_262 + t as u64) * 86_400);
+            let date = humantime::format_rfc3339(day).to_string();
+            let cell = |v: f64| format!("{v:.2}");
+            let (mut temp_cell, mut demand_cell) = (cell(temp), cell(demand));
+            if rng.random_range(0..1000) < self.missing_per_mille {
+                let missing = ["null", "", "NaN"][rng.random_range(0..3)].to_string();
+                if rng.random_bool(0.5) {
+                    temp_cell = missing;
+                } else {
+                    demand_cell = missing;
+                }
+            }
+            let _ = writeln!(
+                out,
+                "{},{temp_cell},{demand_cell},{}",
+                &date[..10],
+                cell(price)
+            );
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,5 +172,29 @@ mod tests {
         assert_ne!(ds, BallConfig::tutorial(4).generate().unwrap());
         let w2 = BallConfig::w2(1).generate().unwrap().stats();
         assert_eq!((w2.rows, w2.min_len, w2.max_len), (32_768, 10, 50));
+    }
+
+    #[test]
+    fn the_series_has_dates_in_order_and_a_few_missing_cells() {
+        let text = SeriesConfig::example(1).to_csv();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "date,temp,demand,price");
+        assert_eq!(lines.len(), 2001);
+        assert!(lines[1].starts_with("2020-01-01,"));
+        assert!(lines[60].starts_with("2020-02-29,"));
+        assert!(lines[367].starts_with("2021-01-01,"));
+        assert!(lines.windows(2).skip(1).all(|w| w[0][..10] < w[1][..10]));
+        let missing = lines[1..]
+            .iter()
+            .filter(|l| {
+                l.split(',')
+                    .any(|c| c.is_empty() || c == "null" || c == "NaN")
+            })
+            .count();
+        assert!(
+            (3..=30).contains(&missing),
+            "{missing} lines with a missing cell"
+        );
+        assert_eq!(text, SeriesConfig::example(1).to_csv());
     }
 }

@@ -3,23 +3,41 @@
 
 mod csv;
 mod generate;
+mod norm;
+mod series;
 mod split;
 
 pub use csv::{CsvErrors, CsvLimits, LineError, LineProblem, parse_csv};
-pub use generate::BallConfig;
+pub use generate::{BallConfig, SeriesConfig};
+pub use norm::{Affine, Normalizer};
+pub use series::{
+    ColumnScale, Missing, SeriesInfo, SeriesSpec, Windows, cut_windows, read_series_header,
+};
 pub use split::{
     Scale, Split, SplitFractions, epoch_batches, rows_digest, shard_by_steps, split_batch,
 };
 
 use std::fmt::Write as _;
 
-/// Variable-length rows of values, stored flat. In each row the last value is the target and the
-/// rest are the input steps (one feature per step).
-#[derive(Debug, Clone, Default, PartialEq)]
+use crate::Result;
+
+/// Variable-length rows of values, stored flat. Each row is its input steps, `features` values
+/// per step, followed by its `targets` values. The tutorial's rows are one feature per step and
+/// one target: the last value.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Dataset {
     values: Vec<f32>,
     /// `offsets[i]..offsets[i + 1]` is row `i`; starts with 0.
     offsets: Vec<usize>,
+    features: usize,
+    targets: usize,
+}
+
+impl Default for Dataset {
+    /// An empty dataset of one feature per step and one target.
+    fn default() -> Self {
+        Self::with_shape(1, 1)
+    }
 }
 
 /// Row counts and lengths of a dataset.
@@ -38,11 +56,35 @@ pub struct DatasetStats {
 }
 
 impl Dataset {
-    /// Appends a row (inputs then target).
-    pub fn push_row(&mut self, row: &[f32]) {
-        if self.offsets.is_empty() {
-            self.offsets.push(0);
+    /// An empty dataset of `features` values per step and `targets` values per row (both at
+    /// least 1).
+    pub fn with_shape(features: usize, targets: usize) -> Self {
+        Self {
+            values: Vec::new(),
+            offsets: vec![0],
+            features: features.max(1),
+            targets: targets.max(1),
         }
+    }
+
+    /// Values per input step.
+    pub fn features(&self) -> usize {
+        self.features
+    }
+
+    /// Target values per row.
+    pub fn targets_per_row(&self) -> usize {
+        self.targets
+    }
+
+    /// Whether `len` values make a row of this shape: at least one step, whole steps.
+    pub fn fits(&self, len: usize) -> bool {
+        len > self.targets && (len - self.targets).is_multiple_of(self.features)
+    }
+
+    /// Appends a row (input steps then targets); its length must pass [`Dataset::fits`].
+    pub fn push_row(&mut self, row: &[f32]) {
+        debug_assert!(self.fits(row.len()), "a row of {} values", row.len());
         self.values.extend_from_slice(row);
         self.offsets.push(self.values.len());
     }
@@ -62,20 +104,21 @@ impl Dataset {
         &self.values[self.offsets[i]..self.offsets[i + 1]]
     }
 
-    /// The input steps of row `i`.
+    /// The input steps of row `i`, `features` values each.
     pub fn input(&self, i: usize) -> &[f32] {
         let row = self.row(i);
-        &row[..row.len() - 1]
+        &row[..row.len() - self.targets]
     }
 
-    /// The target of row `i`.
-    pub fn target(&self, i: usize) -> f32 {
-        self.values[self.offsets[i + 1] - 1]
+    /// The targets of row `i`.
+    pub fn targets(&self, i: usize) -> &[f32] {
+        let row = self.row(i);
+        &row[row.len() - self.targets..]
     }
 
-    /// Input steps of row `i` (its length minus the target).
+    /// Input steps of row `i`.
     pub fn steps(&self, i: usize) -> usize {
-        self.offsets[i + 1] - self.offsets[i] - 1
+        (self.offsets[i + 1] - self.offsets[i] - self.targets) / self.features
     }
 
     /// Rows, lengths and the largest magnitude.
@@ -94,8 +137,25 @@ impl Dataset {
     pub fn scaled(&self, scale: f32) -> Dataset {
         Dataset {
             values: self.values.iter().map(|v| v / scale).collect(),
-            offsets: self.offsets.clone(),
+            ..self.clone()
         }
+    }
+
+    /// A copy normalised by `norm`: each input value by its feature's map, each target by its
+    /// own. `norm` must have this dataset's shape.
+    pub fn normalized(&self, norm: &Normalizer) -> Dataset {
+        let mut out = self.clone();
+        for i in 0..self.len() {
+            let (start, end) = (self.offsets[i], self.offsets[i + 1]);
+            let split = end - self.targets;
+            for (k, v) in out.values[start..split].iter_mut().enumerate() {
+                *v = norm.inputs[k % self.features].apply(*v);
+            }
+            for (k, v) in out.values[split..end].iter_mut().enumerate() {
+                *v = norm.targets[k].apply(*v);
+            }
+        }
+        out
     }
 
     /// The rows as CSV text, one per line, in the shortest form that reads back to the same
@@ -112,5 +172,40 @@ impl Dataset {
             out.push('\n');
         }
         out
+    }
+}
+
+/// A job's data ready to train on: normalised rows, their split, and the normalisation (fitted on
+/// the training rows only).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prepared {
+    /// The rows, normalised.
+    pub data: Dataset,
+    /// Training, validation and test rows.
+    pub split: Split,
+    /// Raw values to normalised ones, per column.
+    pub norm: Normalizer,
+}
+
+impl Prepared {
+    /// Rows shuffled by `seed` and cut by `fractions`.
+    pub fn rows(raw: &Dataset, seed: u64, fractions: SplitFractions, scale: Scale) -> Result<Self> {
+        let split = Split::new(raw.len(), seed, fractions)?;
+        let norm = Normalizer::fit(scale, raw, &split.train)?;
+        Ok(Self {
+            data: raw.normalized(&norm),
+            split,
+            norm,
+        })
+    }
+
+    /// A series' windows, as split by time.
+    pub fn series(windows: &Windows, scale: Scale) -> Result<Self> {
+        let norm = windows.normalizer(scale)?;
+        Ok(Self {
+            data: windows.data.normalized(&norm),
+            split: windows.split.clone(),
+            norm,
+        })
     }
 }

@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 use super::Dataset;
 use crate::{Error, Result};
 
-/// How values are normalised: divided by a fixed number, or by the dataset's largest magnitude.
+/// How values are normalised: divided by a fixed number or by the dataset's largest magnitude
+/// (every column alike), or standardised or min-max scaled per column with statistics of the
+/// training rows only (see [`super::Normalizer::fit`]).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Scale {
@@ -19,6 +21,11 @@ pub enum Scale {
     Fixed(f32),
     /// Divide by the largest absolute value in the dataset.
     Auto,
+    /// Subtract the training mean, divide by the training standard deviation, per column.
+    Standard,
+    /// Map the training minimum and maximum onto 0 and 1, per column.
+    #[serde(rename = "minmax")]
+    MinMax,
 }
 
 impl Default for Scale {
@@ -28,11 +35,17 @@ impl Default for Scale {
 }
 
 impl Scale {
-    /// The divisor for this dataset.
+    /// The one divisor of every column, for the uniform kinds (`fixed`, `auto`).
     pub fn resolve(self, ds: &Dataset) -> Result<f32> {
         let scale = match self {
             Self::Fixed(s) => s,
             Self::Auto => ds.stats().max_abs,
+            Self::Standard | Self::MinMax => {
+                return Err(Error::setting(
+                    "scale",
+                    format!("`{self}` is fitted per column, not one divisor"),
+                ));
+            }
         };
         if scale.is_finite() && scale > 0.0 {
             Ok(scale)
@@ -50,6 +63,8 @@ impl fmt::Display for Scale {
         match self {
             Self::Fixed(s) => write!(f, "{s}"),
             Self::Auto => f.write_str("auto"),
+            Self::Standard => f.write_str("standard"),
+            Self::MinMax => f.write_str("minmax"),
         }
     }
 }
@@ -58,14 +73,17 @@ impl FromStr for Scale {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        if s == "auto" {
-            return Ok(Self::Auto);
+        match s {
+            "auto" => return Ok(Self::Auto),
+            "standard" => return Ok(Self::Standard),
+            "minmax" => return Ok(Self::MinMax),
+            _ => {}
         }
         match s.parse::<f32>() {
             Ok(v) if v.is_finite() && v > 0.0 => Ok(Self::Fixed(v)),
             _ => Err(Error::setting(
                 "scale",
-                format!("`{s}` is neither `auto` nor a positive number"),
+                format!("`{s}` is none of `auto`, `standard`, `minmax` or a positive number"),
             )),
         }
     }

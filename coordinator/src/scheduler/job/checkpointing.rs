@@ -72,7 +72,7 @@ impl RunningJob {
         Manifest {
             format_version: FORMAT_VERSION,
             model: self.spec.train.model,
-            scale: self.scale,
+            scale: self.norm.targets[0].scale,
             epoch,
             step,
             validation,
@@ -81,6 +81,7 @@ impl RunningJob {
             scheduler: None,
             lr: None,
             position: BTreeMap::new(),
+            normalizer: Some(self.norm.clone()),
         }
     }
 

@@ -34,7 +34,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 
 use candle_core::Device;
-use recur_core::data::{Dataset, Split, epoch_batches};
+use recur_core::data::{Dataset, Normalizer, Split, epoch_batches};
 use recur_core::metrics::{Metrics, MetricsAccumulator};
 use recur_core::model::Params;
 use recur_core::optim::{LrScheduler, Optimizer};
@@ -93,7 +93,7 @@ pub(crate) struct RunningJob {
     id: JobId,
     spec: JobSpec,
     data: Dataset,
-    scale: f32,
+    norm: Normalizer,
     split: Split,
     /// The evaluation batch of every validation and test row, by dataset row.
     eval_batch: Vec<u32>,
@@ -184,10 +184,9 @@ impl RunningJob {
 
     fn prepare(job: NewJob, now: Instant) -> Result<Self, String> {
         let t = &job.spec.train;
-        let scale = t.scale.resolve(&job.data).map_err(|e| e.to_string())?;
-        let split = Split::new(job.data.len(), t.seed, t.split).map_err(|e| e.to_string())?;
+        let split = job.data.split.clone();
         // Evaluation batches are the split's rows in order, `batch_size` at a time.
-        let mut eval_batch = vec![0u32; job.data.len()];
+        let mut eval_batch = vec![0u32; job.data.data.len()];
         for rows in [&split.validation, &split.test] {
             for (i, &r) in rows.iter().enumerate() {
                 eval_batch[r] = (i / t.batch_size) as u32;
@@ -196,7 +195,7 @@ impl RunningJob {
         if split.validation.is_empty() || split.test.is_empty() {
             return Err(format!(
                 "the dataset's {} rows leave an empty validation or test split",
-                job.data.len()
+                job.data.data.len()
             ));
         }
         let params = match job.init {
@@ -218,8 +217,8 @@ impl RunningJob {
         let resume = job.resume;
         let mut running = Self {
             id: job.id,
-            data: job.data.scaled(scale),
-            scale,
+            data: job.data.data.clone(),
+            norm: job.data.norm.clone(),
             split,
             eval_batch,
             params,

@@ -170,7 +170,16 @@ impl RunningJob {
             job_id: self.id.0.clone(),
             shard_version: self.shard_version,
             model: Some((&self.spec.train.model).into()),
-            scale: self.scale,
+            scale: self.norm.targets[0].scale,
+            target_maps: self
+                .norm
+                .targets
+                .iter()
+                .map(|a| pb::Affine {
+                    shift: a.shift,
+                    scale: a.scale,
+                })
+                .collect(),
             eval_batch_size: self.spec.train.batch_size as u32,
             ..Default::default()
         }

@@ -1,0 +1,392 @@
+//! The series layout end to end: a CSV with a header uploaded as a series, cut into windows of
+//! several features by the coordinator, trained by workers, served from raw values.
+
+use candle_core::Device;
+use recur_core::checkpoint::{Manifest, load_state_dict};
+use recur_core::data::{
+    CsvLimits, Missing, Prepared, Scale, SeriesConfig, SeriesSpec, SplitFractions, cut_windows,
+};
+use recur_core::model::{ModelConfig, ModelKind, SeqModel};
+use recur_core::step::{Batch, predict};
+use recur_core::train::{TrainConfig, Trainer};
+use recur_proto::v1 as pb;
+use recur_tests::{TestCluster, state};
+
+const FEATURES: [&str; 2] = ["temp", "demand"];
+
+fn series_text() -> String {
+    SeriesConfig {
+        steps: 600,
+        seed: 3,
+        missing_per_mille: 10,
+    }
+    .to_csv()
+}
+
+fn wire_series() -> pb::SeriesSpec {
+    pb::SeriesSpec {
+        features: FEATURES.map(String::from).to_vec(),
+        targets: vec!["demand".into()],
+        window: 7,
+        stride: 1,
+        horizon: 1,
+        drop_missing: true,
+        order_by: "date".into(),
+        column_scales: [("temp".to_string(), 10.0)].into(),
+    }
+}
+
+/// The same settings as [`wire_series`], as recur-core takes them.
+fn core_series() -> SeriesSpec {
+    SeriesSpec {
+        features: FEATURES.map(String::from).to_vec(),
+        targets: vec!["demand".into()],
+        window: 7,
+        stride: 1,
+        horizon: 1,
+        missing: Missing::Drop,
+        order_by: Some("date".into()),
+        column_scales: vec![recur_core::data::ColumnScale {
+            column: "temp".into(),
+            scale: 10.0,
+        }],
+    }
+}
+
+fn model() -> ModelConfig {
+    ModelConfig {
+        kind: ModelKind::Gru,
+        input_size: 2,
+        hidden_size: 8,
+        num_layers: 1,
+        bidirectional: false,
+        output_size: 1,
+    }
+}
+
+fn job(dataset: &str, seed: u64) -> pb::JobSpec {
+    pb::JobSpec {
+        name: "series".into(),
+        dataset_id: dataset.to_string(),
+        seed,
+        batch_size: Some(32),
+        // Sizes unset: the coordinator takes them from the columns.
+        model: Some(pb::ModelConfig {
+            input_size: 0,
+            output_size: 0,
+            ..(&model()).into()
+        }),
+        series: Some(wire_series()),
+        ..Default::default()
+    }
+}
+
+async fn upload_series(tc: &mut TestCluster, text: &str) -> String {
+    tc.client
+        .upload_as(
+            "days.csv",
+            text.as_bytes().to_vec(),
+            pb::DatasetLayout::Series,
+            |_| {},
+        )
+        .await
+        .unwrap()
+        .dataset_id
+}
+
+async fn checkpoint(tc: &mut TestCluster, job: &str, latest: bool) -> (Manifest, Vec<f32>) {
+    let (manifest, bytes) = tc.client.checkpoint(job, latest).await.unwrap();
+    let manifest: Manifest = serde_json::from_str(&manifest).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    std::fs::write(&path, bytes).unwrap();
+    let params = load_state_dict(&path, manifest.model, &Device::Cpu)
+        .unwrap()
+        .to_flat()
+        .unwrap();
+    (manifest, params)
+}
+
+fn assert_params_close(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len());
+    for (k, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-5 * y.abs().max(1e-2),
+            "{what}: parameter {k}: {x} vs {y}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_train_a_series_like_one_process_and_predict_from_raw_values() {
+    let text = series_text();
+    let windows = cut_windows(
+        text.as_bytes(),
+        "days.csv",
+        &core_series(),
+        SplitFractions::default(),
+        &CsvLimits::default(),
+    )
+    .unwrap();
+    assert!(windows.dropped > 0, "the file should have missing cells");
+    let reference = Prepared::series(&windows, Scale::Standard).unwrap();
+
+    let mut tc = TestCluster::start(2).await;
+    let dataset = upload_series(&mut tc, &text).await;
+    let listed = tc.client.datasets().await.unwrap();
+    let stats = listed[0].stats.clone().unwrap();
+    assert_eq!(stats.layout, pb::DatasetLayout::Series as i32);
+    assert_eq!(stats.columns, ["date", "temp", "demand", "price"]);
+    assert_eq!(stats.rows, 600);
+
+    // Eight steps (all in the first epoch) on two workers equal one process's.
+    let id = tc
+        .submit(pb::JobSpec {
+            max_steps: 8,
+            ..job(&dataset, 2)
+        })
+        .await;
+    let (_, info) = tc.follow(&id).await;
+    assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
+    let (manifest, cluster) = checkpoint(&mut tc, &id, true).await;
+    assert_eq!(manifest.model, model());
+    let mut trainer = Trainer::with_split(
+        TrainConfig {
+            model: model(),
+            batch_size: 32,
+            seed: 2,
+            scale: Scale::Standard,
+            ..TrainConfig::default()
+        },
+        &windows.data,
+        windows.split.clone(),
+        reference.norm.clone(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let batches = trainer.next_epoch_batches();
+    assert!(batches.len() > 8);
+    for rows in batches.iter().take(8) {
+        trainer.train_step(rows).unwrap();
+    }
+    assert_params_close(&cluster, trainer.params(), "2 workers vs recur-core");
+
+    // A job with epochs has a best checkpoint, whose normalisation (fitted on the training
+    // windows only; temp's fixed /10) is stored and applied to raw histories by Predict.
+    let id = tc
+        .submit(pb::JobSpec {
+            max_epochs: 2,
+            ..job(&dataset, 4)
+        })
+        .await;
+    let (_, info) = tc.follow(&id).await;
+    assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
+    let (manifest, params) = checkpoint(&mut tc, &id, false).await;
+    assert_eq!(manifest.normalizer.as_ref(), Some(&reference.norm));
+    assert_eq!(reference.norm.inputs[0].scale, 10.0);
+    assert_eq!(reference.norm.inputs[0].shift, 0.0);
+    assert!(
+        reference.norm.inputs[1].shift > 50.0,
+        "demand is standardised"
+    );
+    let histories: Vec<Vec<f32>> = reference
+        .split
+        .test
+        .iter()
+        .take(4)
+        .map(|&r| windows.data.input(r).to_vec())
+        .collect();
+    let answer = tc
+        .client
+        .predict(&id, histories.clone())
+        .await
+        .unwrap()
+        .predictions;
+    let model = SeqModel::new(
+        recur_core::model::Params::from_flat(manifest.model, &params, &Device::Cpu).unwrap(),
+    );
+    let scaled: Vec<Vec<f32>> = histories.iter().map(|h| reference.norm.inputs(h)).collect();
+    let inputs: Vec<&[f32]> = scaled.iter().map(Vec::as_slice).collect();
+    let local = reference.norm.outputs(
+        &predict(
+            &model,
+            &Batch::from_inputs(&inputs, 2, &Device::Cpu).unwrap(),
+        )
+        .unwrap(),
+    );
+    assert_eq!(answer.len(), 4);
+    for (a, b) in answer.iter().zip(&local) {
+        assert!((a - b).abs() < 1e-3 * b.abs().max(1.0), "{a} vs {b}");
+    }
+    // Half a step is not a step.
+    let err = tc
+        .client
+        .predict(&id, vec![vec![20.0, 100.0, 21.0]])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument));
+    assert!(
+        err.to_string()
+            .contains("sequence 0 has 3 values; the model takes steps of 2 features"),
+        "{err}"
+    );
+    tc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn series_mistakes_are_refused_naming_file_line_and_column() {
+    let mut tc = TestCluster::start(1).await;
+    let text = series_text();
+    let dataset = upload_series(&mut tc, &text).await;
+    let refused = async |tc: &mut TestCluster, spec: pb::JobSpec, code, wanted: &str| {
+        let err = tc.client.submit(spec).await.unwrap_err();
+        assert_eq!(err.code(), Some(code), "{err}");
+        assert!(err.to_string().contains(wanted), "`{err}` lacks `{wanted}`");
+    };
+    let with = |change: fn(&mut pb::SeriesSpec)| {
+        let mut spec = job(&dataset, 1);
+        if let Some(s) = spec.series.as_mut() {
+            change(s);
+        }
+        spec
+    };
+    use tonic::Code::{AlreadyExists, InvalidArgument};
+    refused(
+        &mut tc,
+        with(|s| {
+            s.features[0] = "tmp".into();
+            s.column_scales.clear();
+        }),
+        InvalidArgument,
+        "days.csv:1: no column `tmp` in the header (date,temp,demand,price)",
+    )
+    .await;
+    refused(
+        &mut tc,
+        with(|s| {
+            s.features[0] = "date".into();
+            s.column_scales.clear();
+        }),
+        InvalidArgument,
+        "days.csv:2: column date: `2020-01-01` is not a number",
+    )
+    .await;
+    refused(
+        &mut tc,
+        with(|s| s.drop_missing = false),
+        InvalidArgument,
+        "missing value",
+    )
+    .await;
+    refused(
+        &mut tc,
+        with(|s| s.window = 700),
+        InvalidArgument,
+        "window 700 steps is longer than the series'",
+    )
+    .await;
+    refused(
+        &mut tc,
+        with(|s| s.horizon = 590),
+        InvalidArgument,
+        "leaves no samples",
+    )
+    .await;
+    refused(
+        &mut tc,
+        with(|s| s.targets.clear()),
+        InvalidArgument,
+        "targets name at least one column",
+    )
+    .await;
+    let mut spec = job(&dataset, 1);
+    spec.model = Some(pb::ModelConfig {
+        input_size: 3,
+        ..(&model()).into()
+    });
+    refused(
+        &mut tc,
+        spec,
+        InvalidArgument,
+        "model.input_size is 3, the series names 2 columns for it",
+    )
+    .await;
+    let mut spec = job(&dataset, 1);
+    spec.series = None;
+    spec.model = None;
+    refused(
+        &mut tc,
+        spec,
+        InvalidArgument,
+        "is a series: say which columns",
+    )
+    .await;
+
+    // A rows dataset takes no series spec; the same bytes cannot be both.
+    let rows = tc
+        .client
+        .upload("rows.csv", b"1,2,3\n2,3,4\n3,4,5\n".to_vec(), |_| {})
+        .await
+        .unwrap()
+        .dataset_id;
+    refused(
+        &mut tc,
+        job(&rows, 1),
+        InvalidArgument,
+        "was uploaded as rows",
+    )
+    .await;
+    let err = tc
+        .client
+        .upload_as(
+            "rows.csv",
+            b"1,2,3\n2,3,4\n3,4,5\n".to_vec(),
+            pb::DatasetLayout::Series,
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(AlreadyExists), "{err}");
+    let err = tc
+        .client
+        .upload_as(
+            "plain.csv",
+            b"1,2\n3,4\n".to_vec(),
+            pb::DatasetLayout::Series,
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(InvalidArgument), "{err}");
+    assert!(
+        err.to_string()
+            .contains("plain.csv:1: header: is all numbers"),
+        "{err}"
+    );
+    let err = tc
+        .client
+        .upload_as(
+            "ragged.csv",
+            b"a,b\n1,2\n3\n".to_vec(),
+            pb::DatasetLayout::Series,
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("ragged.csv:3: has 1 fields, the header has 2"),
+        "{err}"
+    );
+    // Nothing was queued by the refusals, and the coordinator still trains the series.
+    assert!(tc.client.jobs().await.unwrap().is_empty());
+    let id = tc
+        .submit(pb::JobSpec {
+            max_steps: 2,
+            ..job(&dataset, 1)
+        })
+        .await;
+    let (_, info) = tc.follow(&id).await;
+    assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
+    tc.shutdown().await;
+}
