@@ -725,7 +725,7 @@ async fn specs_fine_tuning_and_deleting_jobs_and_datasets() {
         jobs.as_array().unwrap().iter().all(|j| j["id"] != "job-1"),
         "{jobs}"
     );
-    ok(run(recur(&url, &["predict", "job-2", "1,3,5,7"])).await);
+    ok(run(recur(&url, &["predict", "job-1", "1,3,5,7"])).await);
     assert!(client.steps("job-1").await.is_err());
 
     // With every job ended, the dataset goes, file and all.
@@ -758,4 +758,105 @@ fn usage_errors_are_json_with_json() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: "));
+}
+
+/// The mean absolute error of "tomorrow's demand is today's" over the test part of a series
+/// file (the last 20 % of its complete days), the baseline a model of it must beat.
+fn persistence_mae(path: &Path) -> f64 {
+    let text = std::fs::read_to_string(path).unwrap();
+    let demand: Vec<f64> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split(',').collect();
+            let (temp, demand) = (cells[1].parse::<f64>(), cells[2].parse::<f64>());
+            match (temp, demand) {
+                (Ok(t), Ok(d)) if t.is_finite() && d.is_finite() => Some(d),
+                _ => None,
+            }
+        })
+        .collect();
+    let test = &demand[demand.len() * 80 / 100..];
+    let errors: Vec<f64> = test.windows(2).map(|w| (w[1] - w[0]).abs()).collect();
+    errors.iter().sum::<f64>() / errors.len() as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_series_is_trained_from_flags_and_predicted_from_raw_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(
+        "127.0.0.1:0",
+        CoordinatorConfig::new(dir.path().join("data")),
+        2,
+    )
+    .await
+    .unwrap();
+    let url = cluster.url();
+    let days = dir.path().join("days.csv");
+    let days_arg = days.to_str().unwrap();
+    ok(run(recur(
+        &url,
+        &["gen", "series", "--seed", "2", "-o", days_arg],
+    ))
+    .await);
+    assert!(
+        std::fs::read_to_string(&days)
+            .unwrap()
+            .starts_with("date,temp,demand,price\n")
+    );
+
+    let series = [
+        "--features",
+        "temp,demand",
+        "--targets",
+        "demand",
+        "--window",
+        "14",
+        "--order-by",
+        "date",
+        "--model",
+        "gru",
+        "--hidden",
+        "16",
+    ];
+    // Missing cells are refused unless dropped, naming the line and column.
+    let mut args = vec!["train", days_arg];
+    args.extend(series);
+    let (code, err) = failed(run(recur(&url, &args)).await);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("days.csv:") && err.contains("missing value"),
+        "{err}"
+    );
+
+    args.extend(["--drop-missing", "--epochs", "40", "--seed", "1"]);
+    let mut json_args = vec!["--json"];
+    json_args.extend(&args);
+    let out = ok(run(recur(&url, &json_args)).await);
+    let last = out.lines().last().unwrap_or_default();
+    let info = json(last);
+    let mae = info["job"]["test"]["mae"].as_f64().unwrap();
+    let baseline = persistence_mae(&days);
+    assert!(
+        mae < baseline / 3.0,
+        "test MAE {mae} is not well below tomorrow-is-today's {baseline}"
+    );
+    let datasets = json(&ok(run(recur(&url, &["--json", "datasets"])).await));
+    assert_eq!(datasets[0]["layout"], "series");
+    assert_eq!(datasets[0]["columns"][2], "demand");
+
+    // Raw steps, `;` between steps: 14 steps of (temp, demand) give one demand.
+    let history: Vec<String> = (0..14)
+        .map(|t| format!("{:.1},{:.1}", 20.0 + (t % 3) as f64, 100.0 + (t % 7) as f64))
+        .collect();
+    let history = history.join(";");
+    let out = ok(run(recur(&url, &["predict", "job-1", &history])).await);
+    let predicted: f64 = out.trim().parse().unwrap();
+    assert!((60.0..140.0).contains(&predicted), "{predicted}");
+    let (_, err) = failed(run(recur(&url, &["predict", "job-1", "20,100;21"])).await);
+    assert!(
+        err.contains("has 3 values; the model takes steps of 2 features"),
+        "{err}"
+    );
+    cluster.shutdown().await.unwrap();
 }
