@@ -329,6 +329,105 @@ impl Client {
     }
 }
 
+/// An open `PredictStream` session on one stream: feed it steps, get a prediction after each.
+/// Dropping it ends the stream; the session stays on the coordinator until it is idle too long
+/// and can be continued with [`Client::resume_stream`].
+#[derive(Debug)]
+pub struct PredictSession {
+    requests: tokio::sync::mpsc::Sender<pb::PredictStreamRequest>,
+    responses: Streaming<pb::PredictStreamResponse>,
+    opened: pb::StreamOpened,
+}
+
+impl PredictSession {
+    /// What the coordinator said at open: session id, epoch, sizes, steps so far.
+    pub fn opened(&self) -> &pb::StreamOpened {
+        &self.opened
+    }
+
+    /// Feeds one or more raw steps (`input_size` values each); returns `output_size` predictions
+    /// per step and the steps fed so far. An error ends this stream (the session is unchanged).
+    pub async fn feed(&mut self, values: Vec<f32>) -> Result<pb::StreamPredictions> {
+        use pb::predict_stream_request::Kind;
+        use pb::predict_stream_response::Kind as Out;
+        let sent = self
+            .requests
+            .send(pb::PredictStreamRequest {
+                kind: Some(Kind::Steps(pb::StreamSteps { values })),
+            })
+            .await;
+        match self.responses.message().await? {
+            Some(pb::PredictStreamResponse {
+                kind: Some(Out::Predictions(p)),
+            }) => Ok(p),
+            _ if sent.is_err() => Err(Status::unavailable("the prediction stream closed").into()),
+            _ => Err(Status::internal("the coordinator answered steps with something else").into()),
+        }
+    }
+}
+
+impl PredictSession {
+    /// Ends the stream and waits until the coordinator has put the session back, so it can be
+    /// continued at once with [`Client::resume_stream`].
+    pub async fn close(self) -> Result<()> {
+        let Self {
+            requests,
+            mut responses,
+            ..
+        } = self;
+        drop(requests);
+        while responses.message().await?.is_some() {}
+        Ok(())
+    }
+}
+
+impl Client {
+    /// Opens a `PredictStream` session on `job`'s best checkpoint.
+    pub async fn open_stream(&mut self, job: &str) -> Result<PredictSession> {
+        self.stream_session(pb::StreamOpen {
+            job_id: job.to_string(),
+            session_id: String::new(),
+        })
+        .await
+    }
+
+    /// Continues a `PredictStream` session on a new stream.
+    pub async fn resume_stream(&mut self, session: &str) -> Result<PredictSession> {
+        self.stream_session(pb::StreamOpen {
+            job_id: String::new(),
+            session_id: session.to_string(),
+        })
+        .await
+    }
+
+    async fn stream_session(&mut self, open: pb::StreamOpen) -> Result<PredictSession> {
+        use pb::predict_stream_request::Kind;
+        use pb::predict_stream_response::Kind as Out;
+        let (requests, rx) = tokio::sync::mpsc::channel(4);
+        requests
+            .send(pb::PredictStreamRequest {
+                kind: Some(Kind::Open(open)),
+            })
+            .await
+            .map_err(|_| Status::internal("the request channel closed"))?;
+        let mut responses = self
+            .inner
+            .predict_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        match responses.message().await? {
+            Some(pb::PredictStreamResponse {
+                kind: Some(Out::Opened(opened)),
+            }) => Ok(PredictSession {
+                requests,
+                responses,
+                opened,
+            }),
+            _ => Err(Status::internal("the coordinator did not answer `open`").into()),
+        }
+    }
+}
+
 fn upload_stream(
     header: pb::UploadDatasetRequest,
     bytes: Vec<u8>,

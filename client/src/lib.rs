@@ -10,4 +10,4 @@ pub mod cli;
 mod client;
 pub mod local;
 
-pub use client::{Client, ClientError, DEFAULT_COORDINATOR};
+pub use client::{Client, ClientError, DEFAULT_COORDINATOR, PredictSession};

@@ -51,6 +51,10 @@ pub struct CoordinatorConfig {
     /// For tests: every store and checkpoint write takes this much longer, as on a slow disk.
     /// Zero in normal use.
     pub write_delay: Duration,
+    /// Most `PredictStream` sessions open at once.
+    pub max_stream_sessions: usize,
+    /// A `PredictStream` session without a stream for this long is closed.
+    pub stream_idle: Duration,
 }
 
 impl CoordinatorConfig {
@@ -80,6 +84,8 @@ impl CoordinatorConfig {
             part_deadline_floor: crate::scheduler::SchedulerConfig::default().deadline_floor,
             keep_checkpoints: 3,
             write_delay: Duration::ZERO,
+            max_stream_sessions: 1024,
+            stream_idle: Duration::from_secs(600),
         }
     }
 
@@ -107,6 +113,9 @@ impl CoordinatorConfig {
         }
         if self.keep_checkpoints == 0 {
             return bad("keep at least 1 checkpoint set");
+        }
+        if self.max_stream_sessions == 0 {
+            return bad("allow at least 1 stream session");
         }
         if self.max_message_bytes < 1 << 20 {
             return bad("max message size must be at least 1 MiB");

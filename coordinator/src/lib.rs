@@ -11,7 +11,7 @@
 pub mod auth;
 pub mod config;
 pub mod convert;
-mod datasets;
+pub mod datasets;
 mod error;
 pub mod grpc_metrics;
 pub mod ids;
@@ -22,6 +22,7 @@ pub mod server;
 mod service;
 pub mod spec;
 pub mod store;
+mod stream;
 
 pub use config::CoordinatorConfig;
 pub use error::{Error, Result};

@@ -50,6 +50,11 @@ pub async fn serve(
     let store = Store::open(&data_dir.join("jobs.redb"))?;
     let datasets = Datasets::open(data_dir.join("datasets"), config.csv)?;
     let predictor = Predictor::start(data_dir.join("jobs"));
+    let sessions = crate::stream::Sessions::new(
+        data_dir.join("jobs"),
+        config.max_stream_sessions,
+        config.stream_idle,
+    );
     let (events, events_rx) = mpsc::unbounded_channel();
     let (watch, _) = broadcast::channel(1024);
     let (stop, _) = broadcast::channel(1);
@@ -60,6 +65,7 @@ pub async fn serve(
         store,
         datasets,
         predictor,
+        sessions,
         events,
         watch,
         shutdown: stop.clone(),

@@ -390,3 +390,126 @@ async fn series_mistakes_are_refused_naming_file_line_and_column() {
     assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
     tc.shutdown().await;
 }
+
+/// One-shot predictions of every prefix of `steps` (2 features per step).
+async fn prefix_predictions(tc: &mut TestCluster, job: &str, steps: &[f32]) -> Vec<f32> {
+    let prefixes: Vec<Vec<f32>> = (1..=steps.len() / 2)
+        .map(|t| steps[..2 * t].to_vec())
+        .collect();
+    tc.client.predict(job, prefixes).await.unwrap().predictions
+}
+
+fn assert_close(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (k, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-3 * y.abs().max(1.0),
+            "{what}: step {k}: {x} vs {y}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_session_keeps_its_state_across_messages_and_streams() {
+    let mut tc = TestCluster::start_with(1, |c| c.max_stream_sessions = 2).await;
+    let dataset = upload_series(&mut tc, &series_text()).await;
+    let job = tc
+        .submit(pb::JobSpec {
+            max_epochs: 2,
+            ..job(&dataset, 6)
+        })
+        .await;
+    let (_, info) = tc.follow(&job).await;
+    assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
+
+    // Twelve raw days of (temp, demand), fed 1, 4 and 5 at a time, then 2 on a new stream.
+    let days: Vec<f32> = (0..12)
+        .flat_map(|t| [18.0 + (t % 5) as f32, 95.0 + (t * 3 % 11) as f32])
+        .collect();
+    let whole = prefix_predictions(&mut tc, &job, &days).await;
+    let mut session = tc.client.open_stream(&job).await.unwrap();
+    let opened = session.opened().clone();
+    assert_eq!(
+        (
+            opened.input_size,
+            opened.output_size,
+            opened.steps,
+            opened.epoch
+        ),
+        (2, 1, 0, info.best_epoch)
+    );
+    let mut streamed = Vec::new();
+    for (from, to) in [(0, 1), (1, 5), (5, 10)] {
+        let answer = session.feed(days[2 * from..2 * to].to_vec()).await.unwrap();
+        assert_eq!(answer.steps, to as u64);
+        streamed.extend(answer.predictions);
+    }
+    assert_close(&streamed, &whole[..10], "streamed vs one-shot");
+
+    // Half a step ends the stream and leaves the session as it was.
+    let err = session.feed(vec![20.0, 100.0, 21.0]).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+    assert!(
+        err.to_string().contains("3 values are not whole steps"),
+        "{err}"
+    );
+    // The session was put back before the error was sent: it resumes at once.
+    let id = opened.session_id.clone();
+    let mut session = tc.client.resume_stream(&id).await.unwrap();
+    assert_eq!(session.opened().steps, 10);
+    let answer = session.feed(days[20..].to_vec()).await.unwrap();
+    assert_eq!(answer.steps, 12);
+    assert_close(&answer.predictions, &whole[10..], "resumed vs one-shot");
+
+    // Held by this stream: a second one is refused. One more session fits, a third does not.
+    let err = tc.client.resume_stream(&id).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
+    assert!(
+        err.to_string().contains("in use by another stream"),
+        "{err}"
+    );
+    let _second = tc.client.open_stream(&job).await.unwrap();
+    let err = tc.client.open_stream(&job).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::ResourceExhausted), "{err}");
+    let err = tc.client.resume_stream("feedbeef").await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
+    let err = tc.client.open_stream("job-99").await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
+    session.close().await.unwrap();
+    tc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_stream_sessions_expire_and_bidirectional_models_cannot_stream() {
+    let mut tc = TestCluster::start_with(1, |c| c.stream_idle = std::time::Duration::ZERO).await;
+    let dataset = upload_series(&mut tc, &series_text()).await;
+    let job_id = tc
+        .submit(pb::JobSpec {
+            max_epochs: 1,
+            ..job(&dataset, 6)
+        })
+        .await;
+    let (_, info) = tc.follow(&job_id).await;
+    assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
+    let mut session = tc.client.open_stream(&job_id).await.unwrap();
+    session.feed(vec![20.0, 100.0]).await.unwrap();
+    let id = session.opened().session_id.clone();
+    session.close().await.unwrap();
+    // Put back with no idle time allowed: gone as soon as its stream has ended.
+    let err = tc.client.resume_stream(&id).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
+    assert!(err.to_string().contains("unknown or expired"), "{err}");
+
+    let mut spec = job(&dataset, 6);
+    spec.max_epochs = 1;
+    if let Some(m) = spec.model.as_mut() {
+        m.bidirectional = true;
+    }
+    let both = tc.submit(spec).await;
+    let (_, info) = tc.follow(&both).await;
+    assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
+    let err = tc.client.open_stream(&both).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
+    assert!(err.to_string().contains("bidirectional"), "{err}");
+    tc.shutdown().await;
+}

@@ -392,11 +392,19 @@ pub struct PredictArgs {
     /// The job id.
     pub job: String,
     /// A history like `1,3,5,7`, or `-` to read one history per line from stdin.
-    #[arg(allow_hyphen_values = true, required_unless_present = "interactive")]
+    #[arg(allow_hyphen_values = true, required_unless_present_any = ["interactive", "stream"])]
     pub history: Option<String>,
     /// Ask for histories at a prompt until Ctrl-D, like the tutorial.
     #[arg(long, conflicts_with = "history")]
     pub interactive: bool,
+    /// Stateful: read steps from stdin (one or more per line, `;` between steps), print the
+    /// prediction after each, the state kept on the coordinator between lines.
+    #[arg(long, conflicts_with_all = ["history", "interactive"])]
+    pub stream: bool,
+    /// With `--stream`: continue this session (its id is printed at the start) instead of
+    /// opening a new one.
+    #[arg(long, requires = "stream", value_name = "ID")]
+    pub session: Option<String>,
 }
 
 /// `recur checkpoint`.

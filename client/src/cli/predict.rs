@@ -29,7 +29,72 @@ pub(super) fn parse_history(text: &str) -> Result<Vec<f32>, String> {
         .collect()
 }
 
+/// `recur predict JOB --stream`: stdin lines of steps in, one line per step out.
+async fn stream(client: &mut Client, args: PredictArgs, as_json: bool) -> Result<()> {
+    let mut session = match &args.session {
+        Some(id) => client.resume_stream(id).await?,
+        None => client.open_stream(&args.job).await?,
+    };
+    let opened = session.opened().clone();
+    if as_json {
+        println!(
+            "{}",
+            json!({"session_id": opened.session_id, "job_id": opened.job_id, "epoch": opened.epoch,
+                   "input_size": opened.input_size, "output_size": opened.output_size, "steps": opened.steps})
+        );
+    } else {
+        eprintln!(
+            "session {} on {} (epoch {}): {} values per step, {} per prediction; {} steps so far",
+            opened.session_id,
+            opened.job_id,
+            opened.epoch,
+            opened.input_size,
+            opened.output_size,
+            opened.steps
+        );
+    }
+    let outs = (opened.output_size as usize).max(1);
+    for (i, line) in std::io::stdin().lock().lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let values = parse_history(&line).map_err(|e| {
+            CliError::new(
+                format!("stdin:{}: {e}", i + 1),
+                "give steps like 20.5,101;21,99 (features by commas, steps by semicolons)",
+            )
+        })?;
+        let answer = session.feed(values).await.map_err(|e| {
+            CliError::new(
+                format!("stdin:{}: {e}", i + 1),
+                format!(
+                    "`recur predict {} --stream --session {}` continues where it stood",
+                    args.job, opened.session_id
+                ),
+            )
+        })?;
+        if as_json {
+            println!(
+                "{}",
+                json!({"steps": answer.steps, "predictions": answer.predictions})
+            );
+        } else {
+            for p in answer.predictions.chunks(outs) {
+                println!("{}", joined(p));
+            }
+        }
+        std::io::stdout().flush()?;
+    }
+    // Back on the coordinator before this command exits: `--session` continues it at once.
+    session.close().await?;
+    Ok(())
+}
+
 pub(super) async fn predict(client: &mut Client, args: PredictArgs, as_json: bool) -> Result<()> {
+    if args.stream {
+        return stream(client, args, as_json).await;
+    }
     let job = args.job;
     if args.interactive {
         let stdin = std::io::stdin();

@@ -50,6 +50,12 @@ struct Args {
     /// Most sequences in one Predict request.
     #[arg(long, env = "RECUR_MAX_PREDICT_ROWS", default_value_t = 10_000)]
     max_predict_rows: usize,
+    /// Most PredictStream sessions open at once (idle ones count until they expire).
+    #[arg(long, env = "RECUR_MAX_STREAM_SESSIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_stream_sessions: u32,
+    /// A PredictStream session with no stream on it for this many seconds is closed.
+    #[arg(long, env = "RECUR_STREAM_IDLE_SECS", default_value_t = 600)]
+    stream_idle_secs: u64,
     /// Token clients must send as `authorization: Bearer <token>`.
     #[arg(long, env = "RECUR_CLIENT_TOKEN", hide_env_values = true, value_parser = recur_proto::token::parse)]
     client_token: Option<String>,
@@ -103,6 +109,8 @@ fn main() -> anyhow::Result<()> {
     config.spec.max_params = args.max_params;
     config.max_message_bytes = args.max_message_bytes;
     config.max_predict_rows = args.max_predict_rows;
+    config.max_stream_sessions = args.max_stream_sessions as usize;
+    config.stream_idle = Duration::from_secs(args.stream_idle_secs);
     config.client_token = args.client_token.map(Secret::new);
     config.worker_token = args.worker_token.map(Secret::new);
     config.no_worker_grace = Duration::from_secs(args.no_worker_grace_s);

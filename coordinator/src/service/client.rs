@@ -568,6 +568,132 @@ impl Recur for ClientService {
 
     type GetCheckpointStream = EventStream<pb::GetCheckpointResponse>;
 
+    type PredictStreamStream = EventStream<pb::PredictStreamResponse>;
+
+    #[tracing::instrument(skip_all)]
+    async fn predict_stream(
+        &self,
+        request: Request<Streaming<pb::PredictStreamRequest>>,
+    ) -> Result<Response<Self::PredictStreamStream>, Status> {
+        use pb::predict_stream_request::Kind;
+        use pb::predict_stream_response::Kind as Out;
+        let mut incoming = request.into_inner();
+        let open = match incoming.message().await? {
+            Some(pb::PredictStreamRequest {
+                kind: Some(Kind::Open(open)),
+            }) => open,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message of a prediction stream must be `open`",
+                ));
+            }
+            None => return Err(Status::invalid_argument("the prediction stream is empty")),
+        };
+        let shared = self.shared.clone();
+        let (opened, mut state) = if open.session_id.is_empty() {
+            let id = job_id(&open.job_id)?;
+            self.record(&id)?;
+            tokio::task::spawn_blocking(move || shared.sessions.open(&id))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))??
+        } else {
+            let resumed = shared.sessions.resume(&open.session_id)?;
+            if !open.job_id.is_empty() && open.job_id != resumed.0.job.0 {
+                shared.sessions.release(&resumed.0.id, resumed.1);
+                return Err(Status::invalid_argument(format!(
+                    "stream session {} is on {}, not {}",
+                    open.session_id, resumed.0.job, open.job_id
+                )));
+            }
+            resumed
+        };
+        tracing::debug!(session = %opened.id, job = %opened.job, steps = opened.steps, "stream session held");
+        let (tx, rx) = mpsc::channel(16);
+        let first = pb::PredictStreamResponse {
+            kind: Some(Out::Opened(pb::StreamOpened {
+                session_id: opened.id.clone(),
+                job_id: opened.job.0.clone(),
+                epoch: opened.model.epoch,
+                input_size: opened.model.input_size() as u32,
+                output_size: opened.model.output_size() as u32,
+                steps: opened.steps,
+            })),
+        };
+        let max_values =
+            self.shared.config.max_predict_len * self.shared.config.max_predict_rows.max(1);
+        let mut shutdown = self.shared.shutdown.subscribe();
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            // Every way out puts the session back before the stream's last word, so a client that
+            // saw the stream end can resume the session at once.
+            let ending = if tx.send(Ok(first)).await.is_err() {
+                None
+            } else {
+                loop {
+                    let message = tokio::select! {
+                        _ = shutdown.recv() => {
+                            break Some(Status::unavailable("the coordinator is shutting down"));
+                        }
+                        m = incoming.message() => m,
+                    };
+                    let steps = match message {
+                        Ok(Some(pb::PredictStreamRequest {
+                            kind: Some(Kind::Steps(steps)),
+                        })) => steps,
+                        Ok(Some(_)) => {
+                            break Some(Status::invalid_argument(
+                                "after `open`, a prediction stream carries only `steps`",
+                            ));
+                        }
+                        // The client is done (or gone): the session waits for the next stream.
+                        Ok(None) | Err(_) => break None,
+                    };
+                    if steps.values.len() > max_values {
+                        break Some(Status::invalid_argument(format!(
+                            "{} values in one message, above the limit of {max_values}",
+                            steps.values.len()
+                        )));
+                    }
+                    let model = opened.model.clone();
+                    let fed = tokio::task::spawn_blocking(move || {
+                        let out = crate::stream::Sessions::feed(&model, &mut state, &steps.values);
+                        (out, state)
+                    })
+                    .await;
+                    let (out, back) = match fed {
+                        Ok(r) => r,
+                        // The state went with the panicked task: the session ends with it.
+                        Err(e) => {
+                            shared.sessions.close(&opened.id);
+                            let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                            return;
+                        }
+                    };
+                    state = back;
+                    match out {
+                        Ok(predictions) => {
+                            let reply = pb::PredictStreamResponse {
+                                kind: Some(Out::Predictions(pb::StreamPredictions {
+                                    predictions,
+                                    steps: state.steps(),
+                                })),
+                            };
+                            if tx.send(Ok(reply)).await.is_err() {
+                                break None;
+                            }
+                        }
+                        Err(e) => break Some(Status::from(e)),
+                    }
+                }
+            };
+            shared.sessions.release(&opened.id, state);
+            if let Some(status) = ending {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     async fn get_checkpoint(
         &self,
         request: Request<pb::GetCheckpointRequest>,

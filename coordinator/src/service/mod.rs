@@ -68,6 +68,8 @@ pub(crate) struct Shared {
     pub store: Store,
     pub datasets: Datasets,
     pub predictor: Predictor,
+    /// `PredictStream` sessions.
+    pub sessions: crate::stream::Sessions,
     pub events: mpsc::UnboundedSender<Event>,
     pub watch: broadcast::Sender<WatchEvent>,
     pub uploads: tokio::sync::Semaphore,
@@ -331,6 +333,7 @@ fn delete_job(shared: &Shared, id: &JobId) -> Result<JobRecord, Status> {
         return Err(e.into());
     }
     shared.predictor.invalidate(id);
+    shared.sessions.forget_job(id);
     shared.metrics.remove_job(&id.0);
     if moved {
         let job = id.clone();

@@ -10,5 +10,5 @@ pub use config::{ModelConfig, ModelKind, ParamEntry, ParamLayout};
 pub use packed::PackedBatch;
 pub use params::Params;
 pub(crate) use params::check_len;
-pub use reference::ReferenceModel;
+pub use reference::{ReferenceModel, StreamState, Streamer};
 pub use rnn::{Forward, SeqModel};

@@ -7,6 +7,10 @@
 //! hidden state are concatenated, and the cell's input weights, folded biases and hidden weights
 //! are concatenated once per forward pass to match. The batch is sorted by length and narrowed as
 //! sequences end, like PyTorch's packed sequences, so padding never enters the computation.
+//!
+//! Its cell step also serves stateful streaming prediction ([`Streamer`]): one sequence fed a
+//! few steps at a time, the recurrent state kept between calls, where a whole-sequence pass per
+//! new step would redo the history each time.
 
 use candle_core::{D, Tensor};
 
@@ -14,12 +18,14 @@ use super::{Forward, ModelConfig, ModelKind, PackedBatch, Params};
 use crate::Result;
 
 /// Recurrent state of one direction while it runs.
+#[derive(Debug, Clone)]
 struct State {
     h: Tensor,
     c: Option<Tensor>,
 }
 
 /// One layer-direction's weights, prepared for the fused step.
+#[derive(Debug, Clone)]
 struct CellWeights {
     /// `(layer_in + 1 + hidden, gates)`: rows match the step input `[x, 1, h]`. The gate columns
     /// are (i, f, o, g) for LSTM and (r, z, n_input, n_hidden) for GRU.
@@ -306,4 +312,147 @@ fn cat_rows(mut parts: Vec<Tensor>) -> Result<Tensor> {
     } else {
         Tensor::cat(&parts, 0)?
     })
+}
+
+/// A unidirectional model prepared to run one sequence a few steps at a time.
+#[derive(Debug, Clone)]
+pub struct Streamer {
+    config: ModelConfig,
+    layers: Vec<CellWeights>,
+    linear_w: Tensor,
+    linear_b: Tensor,
+}
+
+/// Where one sequence stands: every layer's state after the steps fed so far.
+#[derive(Debug, Clone)]
+pub struct StreamState {
+    layers: Vec<State>,
+    steps: u64,
+}
+
+impl StreamState {
+    /// Steps fed so far.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+}
+
+impl Streamer {
+    /// Prepares `params`' model; a bidirectional one cannot run step by step (its backward
+    /// direction starts at the sequence's end).
+    pub fn new(params: &Params) -> Result<Self> {
+        let config = *params.config();
+        if config.bidirectional {
+            return Err(crate::Error::setting(
+                "model",
+                "a bidirectional model reads each sequence from its end and cannot predict step by step",
+            ));
+        }
+        let model = ReferenceModel::new(params.clone());
+        let layers = (0..config.num_layers)
+            .map(|l| model.cell_weights(l, ""))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            config,
+            layers,
+            linear_w: params.get("linear.weight")?.t()?.contiguous()?,
+            linear_b: params.get("linear.bias")?,
+        })
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The state before any step: zeros, as every sequence starts.
+    pub fn start(&self) -> Result<StreamState> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|w| zero_state(&self.config, 1, &w.w))
+            .collect::<Result<_>>()?;
+        Ok(StreamState { layers, steps: 0 })
+    }
+
+    /// Feeds `steps` (normalised, `input_size` values each) after `state` and returns the head's
+    /// output after each of them (`output_size` values each): what a whole-sequence pass over
+    /// the history so far would return at that step. `state` advances only when every step ran.
+    pub fn feed(&self, state: &mut StreamState, steps: &[f32]) -> Result<Vec<f32>> {
+        let n = self.config.input_size;
+        if steps.is_empty() || !steps.len().is_multiple_of(n) {
+            return Err(crate::Error::setting(
+                "steps",
+                format!("{} values are not whole steps of {n}", steps.len()),
+            ));
+        }
+        let device = self.linear_w.device();
+        let mut layers = state.layers.clone();
+        let mut out = Vec::with_capacity(steps.len() / n * self.config.output_size);
+        for step in steps.chunks(n) {
+            let mut x = Tensor::from_slice(step, (1, n), device)?;
+            for (w, s) in self.layers.iter().zip(layers.iter_mut()) {
+                let ones = Tensor::ones((1, 1), x.dtype(), device)?;
+                *s = cell(self.config.kind, vec![x, ones], s, w)?;
+                x = s.h.clone();
+            }
+            let y = x.matmul(&self.linear_w)?.broadcast_add(&self.linear_b)?;
+            out.extend(y.flatten_all()?.to_vec1::<f32>()?);
+        }
+        state.layers = layers;
+        state.steps += (steps.len() / n) as u64;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::model::SeqModel;
+    use crate::step::{Batch, predict};
+
+    #[test]
+    fn streaming_a_sequence_in_pieces_matches_whole_prefixes_through_the_fused_model() {
+        for kind in [ModelKind::RnnTanh, ModelKind::Lstm, ModelKind::Gru] {
+            let config = ModelConfig {
+                kind,
+                input_size: 2,
+                hidden_size: 5,
+                num_layers: 2,
+                bidirectional: false,
+                output_size: 2,
+            };
+            let params = Params::init(config, 7, &Device::Cpu).unwrap();
+            let xs: Vec<f32> = (0..18)
+                .map(|i| ((i * 37 % 11) as f32 - 5.0) / 4.0)
+                .collect();
+            let streamer = Streamer::new(&params).unwrap();
+            let mut state = streamer.start().unwrap();
+            let mut streamed = Vec::new();
+            for piece in [&xs[..2], &xs[2..8], &xs[8..]] {
+                streamed.extend(streamer.feed(&mut state, piece).unwrap());
+            }
+            assert_eq!(state.steps(), 9);
+            let fused = SeqModel::new(params.clone());
+            for t in 1..=9 {
+                let prefix = &xs[..2 * t];
+                let batch = Batch::from_inputs(&[prefix], 2, &Device::Cpu).unwrap();
+                let whole = predict(&fused, &batch).unwrap();
+                for (a, b) in streamed[2 * (t - 1)..2 * t].iter().zip(&whole) {
+                    assert!((a - b).abs() < 1e-5, "{kind} step {t}: {a} vs {b}");
+                }
+            }
+            // A refused piece leaves the state as it was.
+            assert!(streamer.feed(&mut state, &xs[..3]).is_err());
+            assert_eq!(state.steps(), 9);
+        }
+        let bidirectional = ModelConfig {
+            bidirectional: true,
+            ..ModelConfig::tutorial()
+        };
+        let params = Params::init(bidirectional, 1, &Device::Cpu).unwrap();
+        assert!(Streamer::new(&params).is_err());
+    }
 }
