@@ -36,6 +36,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".recur.v1.ScheduleSpec",
             ".recur.v1.SeriesSpec",
             ".recur.v1.Normalization",
+            ".recur.v1.Loss",
+            ".recur.v1.LabelRule",
         ])?;
     tonic_prost_build::configure()
         // Flat vectors decode as one slice of the received buffer, not float by float.

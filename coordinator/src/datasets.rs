@@ -150,13 +150,13 @@ impl Datasets {
         let prepared = match (layout, &spec.series) {
             (Layout::Rows, None) => {
                 let data = self.load(&spec.dataset)?;
-                Prepared::rows(&data, t.seed, t.split, t.scale).map_err(Error::from)?
+                Prepared::rows(&data, t.seed, t.split, t.scale, t.loss).map_err(Error::from)?
             }
             (Layout::Series, Some(series)) => {
                 let bytes = self.read(&spec.dataset)?;
                 let windows = cut_windows(&bytes, name, series, t.split, &self.limits)
                     .map_err(Error::from)?;
-                Prepared::series(&windows, t.scale).map_err(Error::from)?
+                Prepared::series(&windows, t.scale, t.loss).map_err(Error::from)?
             }
             (Layout::Rows, Some(_)) => {
                 return Err(Error::InvalidArgument(format!(

@@ -18,6 +18,7 @@ use candle_core::Device;
 use recur_core::data::Normalizer;
 use recur_core::model::SeqModel;
 use recur_core::sets::{CheckpointSets, Role};
+use recur_core::step::Loss;
 use recur_core::step::{Batch, predict};
 use tokio::sync::oneshot;
 
@@ -30,6 +31,8 @@ struct Loaded {
     model: SeqModel,
     /// Raw values to the model's and back.
     norm: Normalizer,
+    /// How outputs become predictions.
+    loss: Loss,
     epoch: u64,
 }
 
@@ -158,6 +161,7 @@ fn load(job: &JobId, jobs_dir: &std::path::Path, cache: &Mutex<Cache>) -> Result
     let loaded = Arc::new(Loaded {
         model: SeqModel::new(ckpt.params(&Device::Cpu)?),
         norm: ckpt.manifest.normalizer(),
+        loss: ckpt.manifest.loss,
         epoch: ckpt.manifest.epoch,
     });
     if let Ok(mut c) = cache.lock() {
@@ -215,7 +219,7 @@ fn forward(loaded: &Loaded, rows: &[&[f32]]) -> Result<Vec<f32>> {
     let inputs: Vec<&[f32]> = scaled.iter().map(Vec::as_slice).collect();
     let preds = Batch::from_inputs(&inputs, features, &Device::Cpu)
         .and_then(|b| predict(&loaded.model, &b))?;
-    Ok(loaded.norm.outputs(&preds))
+    Ok(loaded.loss.outputs(&loaded.norm, &preds))
 }
 
 #[cfg(test)]
@@ -230,6 +234,7 @@ mod tests {
         let loaded = Loaded {
             model: SeqModel::new(params),
             norm: Normalizer::uniform(50.0, 1, 1),
+            loss: Loss::Mse,
             epoch: 3,
         };
         let request = |rows: Vec<Vec<f32>>| {

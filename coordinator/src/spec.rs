@@ -1,8 +1,9 @@
 //! A job's specification, converted from and to the wire and validated against the limits.
 
-use recur_core::data::{ColumnScale, Missing, Scale, SeriesSpec, SplitFractions};
+use recur_core::data::{ColumnScale, Label, Missing, Scale, SeriesSpec, SplitFractions};
 use recur_core::model::ModelConfig;
 use recur_core::optim::{LrSchedule, OptimizerConfig};
+use recur_core::step::Loss;
 use recur_core::train::TrainConfig;
 use recur_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
@@ -54,6 +55,16 @@ fn series_from_proto(s: &pb::SeriesSpec) -> Result<SeriesSpec> {
         },
         order_by: (!s.order_by.is_empty()).then(|| s.order_by.clone()),
         column_scales,
+        label: match pb::LabelRule::try_from(s.label) {
+            Ok(pb::LabelRule::None) => None,
+            Ok(pb::LabelRule::Rises) => Some(Label::Rises),
+            Err(_) => {
+                return Err(invalid(
+                    "series.label",
+                    format!("{} is not a known label rule", s.label),
+                ));
+            }
+        },
     };
     spec.validate()
         .map_err(|e| Error::InvalidArgument(format!("series: {e}")))?;
@@ -74,6 +85,10 @@ fn series_to_proto(s: &SeriesSpec) -> pb::SeriesSpec {
             .iter()
             .map(|c| (c.column.clone(), c.scale))
             .collect(),
+        label: match s.label {
+            None => pb::LabelRule::None,
+            Some(Label::Rises) => pb::LabelRule::Rises,
+        } as i32,
     }
 }
 
@@ -363,7 +378,21 @@ impl JobSpec {
                 ),
             ));
         }
+        let labelled = series.as_ref().is_some_and(|s| s.label.is_some());
+        let loss = match pb::Loss::try_from(s.loss) {
+            Ok(pb::Loss::Unspecified) if labelled => Loss::Bce,
+            Ok(pb::Loss::Unspecified | pb::Loss::Mse) => Loss::Mse,
+            Ok(pb::Loss::Bce) => Loss::Bce,
+            Err(_) => return Err(invalid("loss", format!("{} is not a known loss", s.loss))),
+        };
+        if labelled && loss != Loss::Bce {
+            return Err(invalid(
+                "loss",
+                "must be BCE for a series with a label rule (its targets are 0/1 labels)",
+            ));
+        }
         let train = TrainConfig {
+            loss,
             model,
             optimizer: optimizer(s.optimizer.as_ref())?,
             schedule: schedule(s.schedule.as_ref())?,
@@ -428,6 +457,10 @@ impl JobSpec {
                 Scale::MinMax => pb::Normalization::Minmax,
             } as i32,
             series: self.series.as_ref().map(series_to_proto),
+            loss: match t.loss {
+                Loss::Mse => pb::Loss::Mse,
+                Loss::Bce => pb::Loss::Bce,
+            } as i32,
             train_percent: t.split.train,
             validation_percent: t.split.validation,
             max_steps: self.max_steps.unwrap_or(0),

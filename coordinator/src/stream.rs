@@ -16,6 +16,7 @@ use rand::RngCore;
 use recur_core::data::Normalizer;
 use recur_core::model::{StreamState, Streamer};
 use recur_core::sets::{CheckpointSets, Role};
+use recur_core::step::Loss;
 
 use crate::ids::JobId;
 use crate::{Error, Result};
@@ -25,6 +26,7 @@ use crate::{Error, Result};
 pub struct StreamModel {
     streamer: Streamer,
     norm: Normalizer,
+    loss: Loss,
     /// The checkpoint's epoch.
     pub epoch: u64,
 }
@@ -123,6 +125,7 @@ impl Sessions {
         let model = Arc::new(StreamModel {
             streamer,
             norm: ckpt.manifest.normalizer(),
+            loss: ckpt.manifest.loss,
             epoch: ckpt.manifest.epoch,
         });
         let mut bytes = [0u8; 16];
@@ -197,7 +200,7 @@ impl Sessions {
             )));
         }
         let out = model.streamer.feed(state, &model.norm.inputs(raw))?;
-        Ok(model.norm.outputs(&out))
+        Ok(model.loss.outputs(&model.norm, &out))
     }
 
     /// Gives a held session back when its stream ends: it stays open until idle too long.

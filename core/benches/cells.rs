@@ -123,9 +123,14 @@ impl Trainee for Recur<SeqModel> {
         // The step as a worker runs it, timed whole; then a forward pass alone, after it, to
         // split the time (that forward finds warm caches, so the split leans towards forward).
         let t0 = Instant::now();
-        self.grads = grad_sum(&self.model, batch, &[recur_core::data::Affine::divide(1.0)])
-            .unwrap()
-            .grads;
+        self.grads = grad_sum(
+            &self.model,
+            batch,
+            &[recur_core::data::Affine::divide(1.0)],
+            recur_core::step::Loss::Mse,
+        )
+        .unwrap()
+        .grads;
         let t1 = Instant::now();
         drop(self.model.forward(batch.packed(), false).unwrap());
         let forward = t1.elapsed().min(t1 - t0);

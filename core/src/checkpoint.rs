@@ -57,6 +57,10 @@ pub struct Manifest {
     /// divided by `scale`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub normalizer: Option<Normalizer>,
+    /// What the model was trained on: for `bce`, its outputs are logits of 0/1 labels and
+    /// predictions are their probabilities.
+    #[serde(default)]
+    pub loss: crate::step::Loss,
 }
 
 impl Manifest {
@@ -398,6 +402,7 @@ mod tests {
                 lr: Some(0.01),
                 position: BTreeMap::from([("batch".to_string(), 7)]),
                 normalizer: None,
+                loss: Default::default(),
             },
             params: p,
             optimizer: Some(opt.state().clone()),

@@ -78,6 +78,10 @@ impl From<&BatchSums> for pb::BatchSums {
             abs_error: s.abs_error,
             exact: s.exact,
             samples: s.samples,
+            labelled: s.labelled,
+            true_pos: s.true_pos,
+            false_pos: s.false_pos,
+            false_neg: s.false_neg,
         }
     }
 }
@@ -90,6 +94,10 @@ impl From<&pb::BatchSums> for BatchSums {
             abs_error: s.abs_error,
             exact: s.exact,
             samples: s.samples,
+            labelled: s.labelled,
+            true_pos: s.true_pos,
+            false_pos: s.false_pos,
+            false_neg: s.false_neg,
         }
     }
 }
@@ -102,6 +110,8 @@ impl From<&Metrics> for pb::Metrics {
             mae: m.mae,
             exact: m.exact,
             samples: m.samples as u64,
+            precision: m.precision,
+            recall: m.recall,
         }
     }
 }
@@ -114,6 +124,8 @@ impl From<&pb::Metrics> for Metrics {
             mae: m.mae,
             exact: m.exact,
             samples: m.samples as usize,
+            precision: m.precision,
+            recall: m.recall,
         }
     }
 }

@@ -28,6 +28,10 @@ pub struct MetricsAccumulator {
     abs_error_sum: f64,
     exact: usize,
     samples: usize,
+    labelled: bool,
+    true_pos: u64,
+    false_pos: u64,
+    false_neg: u64,
 }
 
 /// Metrics of a model on one part of the data.
@@ -43,6 +47,12 @@ pub struct Metrics {
     pub exact: f64,
     /// Samples measured.
     pub samples: usize,
+    /// For 0/1 labels: of the predicted 1s, the share that are 1 (0 when none is predicted).
+    #[serde(default)]
+    pub precision: f64,
+    /// For 0/1 labels: of the actual 1s, the share predicted 1 (0 when there is none).
+    #[serde(default)]
+    pub recall: f64,
 }
 
 /// The sums one batch (or one worker's part of it) contributes; they add up exactly across
@@ -55,10 +65,29 @@ pub struct BatchSums {
     pub squared_error: f64,
     /// Sum of absolute errors in the data's units.
     pub abs_error: f64,
-    /// Predictions that round to the target.
+    /// Predictions that round to the target (for labels: correct labels).
     pub exact: u64,
     /// Samples.
     pub samples: u64,
+    /// Whether these are sums of 0/1 labels against logits ([`BatchSums::of_labels`]).
+    #[serde(default)]
+    pub labelled: bool,
+    /// Labels 1 predicted 1.
+    #[serde(default)]
+    pub true_pos: u64,
+    /// Labels 0 predicted 1.
+    #[serde(default)]
+    pub false_pos: u64,
+    /// Labels 1 predicted 0.
+    #[serde(default)]
+    pub false_neg: u64,
+}
+
+/// Binary cross-entropy of `logit` against the label `t`, computed stably (PyTorch's
+/// `BCEWithLogitsLoss`): `max(x, 0) - x t + log(1 + exp(-|x|))`.
+pub fn bce_with_logits(logit: f32, t: f32) -> f64 {
+    let x = f64::from(logit);
+    x.max(0.0) - x * f64::from(t) + (-x.abs()).exp().ln_1p()
 }
 
 impl BatchSums {
@@ -88,8 +117,43 @@ impl BatchSums {
         sums
     }
 
+    /// The sums of logits `xs` against 0/1 labels `ys`: the label predicted is 1 when the
+    /// logit is positive (probability above one half). `rel_error` counts wrong labels (so the
+    /// per-batch accuracy is the share of correct ones), `squared_error` sums the binary
+    /// cross-entropy (the loss), `abs_error` sums `|sigmoid(x) - y|`, `exact` counts correct
+    /// labels.
+    pub fn of_labels(ys: &[f32], xs: &[f32]) -> Self {
+        let mut sums = Self {
+            labelled: true,
+            ..Self::default()
+        };
+        for (&y, &x) in ys.iter().zip(xs) {
+            let (actual, predicted) = (y > 0.5, x > 0.0);
+            sums.squared_error += bce_with_logits(x, y);
+            let p = 1.0 / (1.0 + (-f64::from(x)).exp());
+            sums.abs_error += (p - f64::from(y)).abs();
+            if actual == predicted {
+                sums.exact += 1;
+            } else {
+                sums.rel_error += 1.0;
+            }
+            match (actual, predicted) {
+                (true, true) => sums.true_pos += 1,
+                (false, true) => sums.false_pos += 1,
+                (true, false) => sums.false_neg += 1,
+                (false, false) => {}
+            }
+            sums.samples += 1;
+        }
+        sums
+    }
+
     /// Adds another part of the same batch.
     pub fn add(&mut self, other: &BatchSums) {
+        self.labelled |= other.labelled;
+        self.true_pos += other.true_pos;
+        self.false_pos += other.false_pos;
+        self.false_neg += other.false_neg;
         self.rel_error += other.rel_error;
         self.squared_error += other.squared_error;
         self.abs_error += other.abs_error;
@@ -110,17 +174,35 @@ impl MetricsAccumulator {
         self.abs_error_sum += sums.abs_error;
         self.exact += sums.exact as usize;
         self.samples += sums.samples as usize;
+        self.labelled |= sums.labelled;
+        self.true_pos += sums.true_pos;
+        self.false_pos += sums.false_pos;
+        self.false_neg += sums.false_neg;
     }
 
-    /// The metrics so far.
+    /// The metrics so far. For labels, accuracy is the share of correct labels over all
+    /// samples; otherwise the tutorial's mean of per-batch accuracies.
     pub fn finish(&self) -> Metrics {
         let n = self.samples.max(1) as f64;
+        let share = |a: u64, b: u64| {
+            if a + b == 0 {
+                0.0
+            } else {
+                a as f64 / (a + b) as f64
+            }
+        };
         Metrics {
-            accuracy: self.batch_accuracy_sum / self.batches.max(1) as f64,
+            accuracy: if self.labelled {
+                self.exact as f64 / n
+            } else {
+                self.batch_accuracy_sum / self.batches.max(1) as f64
+            },
             loss: self.squared_error_sum / n,
             mae: self.abs_error_sum / n,
             exact: self.exact as f64 / n,
             samples: self.samples,
+            precision: share(self.true_pos, self.false_pos),
+            recall: share(self.true_pos, self.false_neg),
         }
     }
 }
@@ -167,5 +249,41 @@ mod tests {
         assert!((whole.rel_error - parts.rel_error).abs() < 1e-12);
         assert_eq!(whole.exact, parts.exact);
         assert_eq!(whole.samples, 3);
+    }
+
+    #[test]
+    fn labels_count_correct_predictions_precision_and_recall() {
+        // Labels 1 1 0 0 1 against logits + - + - +: tp 2, fn 1, fp 1, tn 1.
+        let ys = [1.0, 1.0, 0.0, 0.0, 1.0];
+        let xs = [2.0, -1.0, 0.5, -3.0, 0.1];
+        let mut acc = MetricsAccumulator::default();
+        let mut sums = BatchSums::of_labels(&ys[..2], &xs[..2]);
+        sums.add(&BatchSums::of_labels(&ys[2..], &xs[2..]));
+        acc.add_batch(&sums);
+        let m = acc.finish();
+        assert_eq!(m.samples, 5);
+        assert!((m.accuracy - 0.6).abs() < 1e-12);
+        assert!((m.precision - 2.0 / 3.0).abs() < 1e-12);
+        assert!((m.recall - 2.0 / 3.0).abs() < 1e-12);
+        // Each term is log(1 + exp(-x)) for label 1 and log(1 + exp(x)) for label 0; their
+        // mean is 0.621450138877723.
+        let terms: f64 = ys
+            .iter()
+            .zip(&xs)
+            .map(|(&y, &x)| bce_with_logits(x, y))
+            .sum();
+        let by_hand = [
+            (1.0 + (-2.0f64).exp()).ln(),
+            (1.0 + 1.0f64.exp()).ln(),
+            (1.0 + 0.5f64.exp()).ln(),
+            (1.0 + (-3.0f64).exp()).ln(),
+            (1.0 + (-0.1f64).exp()).ln(),
+        ];
+        // (The logits are f32: 0.1 is not exactly 0.1.)
+        assert!((terms - by_hand.iter().sum::<f64>()).abs() < 1e-7);
+        assert!((m.loss - terms / 5.0).abs() < 1e-12);
+        assert!((m.loss - 0.621_450_138_877_723).abs() < 1e-7);
+        // Large logits stay finite.
+        assert!(bce_with_logits(100.0, 0.0).is_finite() && bce_with_logits(-100.0, 1.0) > 99.0);
     }
 }

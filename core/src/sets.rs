@@ -418,6 +418,7 @@ mod tests {
                 lr: None,
                 position: BTreeMap::new(),
                 normalizer: None,
+                loss: Default::default(),
             },
             params,
             optimizer: None,

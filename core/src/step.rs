@@ -4,9 +4,56 @@
 use candle_core::{Device, Tensor};
 
 use crate::Result;
-use crate::data::{Affine, Dataset};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{Affine, Dataset, Normalizer};
 use crate::metrics::BatchSums;
 use crate::model::{PackedBatch, SeqModel};
+
+/// What a model is trained to minimise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Loss {
+    /// Mean squared error on normalised values (regression; `nn.MSELoss`).
+    #[default]
+    Mse,
+    /// Binary cross-entropy of the head's logits against 0/1 labels
+    /// (`nn.BCEWithLogitsLoss`); predictions are probabilities.
+    Bce,
+}
+
+impl Loss {
+    /// `mse` or `bce`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mse => "mse",
+            Self::Bce => "bce",
+        }
+    }
+
+    /// The head's outputs (normalised, `targets` per sequence) in the data's terms: values in
+    /// the data's units for MSE, the probability of label 1 for BCE.
+    pub fn outputs(self, norm: &Normalizer, outputs: &[f32]) -> Vec<f32> {
+        match self {
+            Self::Mse => norm.outputs(outputs),
+            Self::Bce => outputs.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
+        }
+    }
+
+    /// The metric sums of `outputs` against `targets` (both normalised, sorted order).
+    pub fn sums(self, targets: &[f32], outputs: &[f32], maps: &[Affine]) -> BatchSums {
+        match self {
+            Self::Mse => BatchSums::of(targets, outputs, maps),
+            Self::Bce => BatchSums::of_labels(targets, outputs),
+        }
+    }
+}
+
+impl std::fmt::Display for Loss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Rows of a (normalised) dataset, packed for the model, with their targets in sorted order.
 #[derive(Debug, Clone)]
@@ -63,23 +110,47 @@ pub struct GradSum {
     pub sums: BatchSums,
 }
 
-/// Forward and backward over `batch`: the gradient of `sum_i mean_j (y_ij - t_ij)^2`.
-/// `targets` maps each target back to the data's units for the metrics.
-pub fn grad_sum(model: &SeqModel, batch: &Batch, targets: &[Affine]) -> Result<GradSum> {
+/// Forward and backward over `batch`: the gradient of the loss summed over the batch, each
+/// sample's loss the mean over its outputs (`sum_i mean_j l(y_ij, t_ij)`). `targets` maps each
+/// target back to the data's units for the metrics.
+pub fn grad_sum(
+    model: &SeqModel,
+    batch: &Batch,
+    targets: &[Affine],
+    loss: Loss,
+) -> Result<GradSum> {
     let out = model.forward(&batch.packed, false)?;
     let wanted = Tensor::from_slice(&batch.targets, out.ys.shape(), out.ys.device())?;
-    let grads = crate::fused::squared_error(&out.ys, &wanted)?.backward()?;
+    let total = match loss {
+        Loss::Mse => crate::fused::squared_error(&out.ys, &wanted)?,
+        Loss::Bce => binary_cross_entropy(&out.ys, &wanted)?,
+    };
+    let grads = total.backward()?;
     let preds = out.ys.flatten_all()?.to_vec1::<f32>()?;
     Ok(GradSum {
         grads: model.params().grads_flat(&grads)?,
-        sums: BatchSums::of(&batch.targets, &preds, targets),
+        sums: loss.sums(&batch.targets, &preds, targets),
     })
 }
 
+/// `sum_ij bce(x_ij, t_ij) / outputs` in candle's graph, in the stable form
+/// `max(x, 0) - x t + log(1 + exp(-|x|))`; its gradient is `(sigmoid(x) - t) / outputs`.
+fn binary_cross_entropy(xs: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let outputs = xs.dim(1)? as f64;
+    let softplus = (xs.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    let per = ((xs.relu()? - (xs * targets)?)? + softplus)?;
+    Ok((per.sum_all()? / outputs)?)
+}
+
 /// Forward only: the metric sums of `batch`.
-pub fn evaluate(model: &SeqModel, batch: &Batch, targets: &[Affine]) -> Result<BatchSums> {
+pub fn evaluate(
+    model: &SeqModel,
+    batch: &Batch,
+    targets: &[Affine],
+    loss: Loss,
+) -> Result<BatchSums> {
     let preds = predict_sorted(model, &batch.packed)?;
-    Ok(BatchSums::of(&batch.targets, &preds, targets))
+    Ok(loss.sums(&batch.targets, &preds, targets))
 }
 
 /// Forward only: the head's outputs in **input** order, `output_size` values per sequence.
@@ -90,4 +161,53 @@ pub fn predict(model: &SeqModel, batch: &Batch) -> Result<Vec<f32>> {
 
 fn predict_sorted(model: &SeqModel, packed: &PackedBatch) -> Result<Vec<f32>> {
     Ok(model.infer(packed)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::model::{ModelConfig, ModelKind, Params};
+
+    /// The BCE gradient equals a central finite difference of the summed loss.
+    #[test]
+    fn the_bce_gradient_matches_finite_differences() {
+        let config = ModelConfig {
+            kind: ModelKind::Gru,
+            input_size: 2,
+            hidden_size: 3,
+            num_layers: 1,
+            bidirectional: false,
+            output_size: 2,
+        };
+        let mut data = Dataset::with_shape(2, 2);
+        data.push_row(&[0.5, -1.0, 0.25, 0.75, 1.0, 0.0]);
+        data.push_row(&[-0.5, 0.3, 0.0, 1.0]);
+        data.push_row(&[1.5, 0.2, -0.7, 0.1, 0.9, 0.4, 1.0, 1.0]);
+        let batch = Batch::from_rows(&data, &[0, 1, 2], &Device::Cpu).unwrap();
+        let maps = [Affine::divide(1.0); 2];
+        let params = Params::init(config, 3, &Device::Cpu).unwrap();
+        let flat = params.to_flat().unwrap();
+        let g = grad_sum(&SeqModel::new(params), &batch, &maps, Loss::Bce).unwrap();
+        assert!(g.sums.labelled && g.sums.samples == 6);
+        let loss_at = |flat: &[f32]| {
+            let model = SeqModel::new(Params::from_flat(config, flat, &Device::Cpu).unwrap());
+            let sums = evaluate(&model, &batch, &maps, Loss::Bce).unwrap();
+            // The summed BCE over all outputs, divided by 2 outputs per sample.
+            sums.squared_error / 2.0
+        };
+        let h = 1e-2f32;
+        for k in (0..flat.len()).step_by(5) {
+            let (mut up, mut down) = (flat.clone(), flat.clone());
+            up[k] += h;
+            down[k] -= h;
+            let numeric = (loss_at(&up) - loss_at(&down)) / (2.0 * f64::from(h));
+            let analytic = f64::from(g.grads[k]);
+            assert!(
+                (numeric - analytic).abs() < 2e-3 * analytic.abs().max(0.1),
+                "parameter {k}: finite difference {numeric} vs gradient {analytic}"
+            );
+        }
+    }
 }

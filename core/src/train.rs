@@ -16,7 +16,7 @@ use crate::data::{Dataset, Normalizer, Scale, Split, SplitFractions, epoch_batch
 use crate::metrics::{Metrics, MetricsAccumulator};
 use crate::model::{ModelConfig, Params, SeqModel};
 use crate::optim::{LrSchedule, LrScheduler, Optimizer, OptimizerConfig};
-use crate::step::{Batch, evaluate, grad_sum};
+use crate::step::{Batch, Loss, evaluate, grad_sum};
 use crate::{Error, Result};
 
 /// Everything that defines a training run; with the same data and seed, the same run.
@@ -42,6 +42,9 @@ pub struct TrainConfig {
     pub scale: Scale,
     /// Train/validation/test shares.
     pub split: SplitFractions,
+    /// What is minimised: MSE (regression), or BCE on 0/1 labels (classification).
+    #[serde(default)]
+    pub loss: Loss,
 }
 
 impl Default for TrainConfig {
@@ -61,6 +64,7 @@ impl Default for TrainConfig {
             seed: 0,
             scale: Scale::default(),
             split: SplitFractions::default(),
+            loss: Loss::Mse,
         }
     }
 }
@@ -160,9 +164,14 @@ impl Trainer {
     /// Prepares a run over `data` (raw values, split at random by the config's seed; normalised
     /// here, fitted on the training rows).
     pub fn new(config: TrainConfig, data: &Dataset, device: &Device) -> Result<Self> {
-        let split = Split::new(data.len(), config.seed, config.split)?;
-        let norm = Normalizer::fit(config.scale, data, &split.train)?;
-        Self::with_split(config, data, split, norm, device)
+        let prepared = crate::data::Prepared::rows(
+            data,
+            config.seed,
+            config.split,
+            config.scale,
+            config.loss,
+        )?;
+        Self::with_split(config, data, prepared.split, prepared.norm, device)
     }
 
     /// Prepares a run over `data` (raw values) with a given split and normalisation (a series'
@@ -226,7 +235,7 @@ impl Trainer {
     /// One optimizer step on the global batch `rows`; returns the batch's metric sums.
     pub fn train_step(&mut self, rows: &[usize]) -> Result<crate::metrics::BatchSums> {
         let batch = Batch::from_rows(&self.data, rows, &self.device)?;
-        let mut g = grad_sum(&self.model, &batch, &self.norm.targets)?;
+        let mut g = grad_sum(&self.model, &batch, &self.norm.targets, self.config.loss)?;
         let n = batch.len() as f32;
         g.grads.iter_mut().for_each(|v| *v /= n);
         self.optimizer.step(&mut self.flat, &g.grads)?;
@@ -240,7 +249,12 @@ impl Trainer {
         let mut acc = MetricsAccumulator::default();
         for chunk in rows.chunks(self.config.batch_size) {
             let batch = Batch::from_rows(&self.data, chunk, &self.device)?;
-            acc.add_batch(&evaluate(&self.model, &batch, &self.norm.targets)?);
+            acc.add_batch(&evaluate(
+                &self.model,
+                &batch,
+                &self.norm.targets,
+                self.config.loss,
+            )?);
         }
         Ok(acc.finish())
     }
@@ -327,6 +341,7 @@ impl Trainer {
                 lr: None,
                 position: Default::default(),
                 normalizer: Some(self.norm.clone()),
+                loss: self.config.loss,
             },
             params: self.flat.clone(),
             optimizer: None,

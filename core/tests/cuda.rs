@@ -149,7 +149,13 @@ fn a_training_step_on_the_gpu_matches_the_cpu() {
             let model = SeqModel::new(Params::from_flat(config, &flat, device).unwrap());
             let batch = Batch::from_rows(&data, batch_rows, device).unwrap();
             (
-                grad_sum(&model, &batch, &[recur_core::data::Affine::divide(50.0)]).unwrap(),
+                grad_sum(
+                    &model,
+                    &batch,
+                    &[recur_core::data::Affine::divide(50.0)],
+                    recur_core::step::Loss::Mse,
+                )
+                .unwrap(),
                 predict(&model, &batch).unwrap(),
             )
         };

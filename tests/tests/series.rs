@@ -7,7 +7,7 @@ use recur_core::data::{
     CsvLimits, Missing, Prepared, Scale, SeriesConfig, SeriesSpec, SplitFractions, cut_windows,
 };
 use recur_core::model::{ModelConfig, ModelKind, SeqModel};
-use recur_core::step::{Batch, predict};
+use recur_core::step::{Batch, Loss, predict};
 use recur_core::train::{TrainConfig, Trainer};
 use recur_proto::v1 as pb;
 use recur_tests::{TestCluster, state};
@@ -33,6 +33,7 @@ fn wire_series() -> pb::SeriesSpec {
         drop_missing: true,
         order_by: "date".into(),
         column_scales: [("temp".to_string(), 10.0)].into(),
+        ..Default::default()
     }
 }
 
@@ -50,6 +51,7 @@ fn core_series() -> SeriesSpec {
             column: "temp".into(),
             scale: 10.0,
         }],
+        label: None,
     }
 }
 
@@ -129,7 +131,7 @@ async fn two_workers_train_a_series_like_one_process_and_predict_from_raw_values
     )
     .unwrap();
     assert!(windows.dropped > 0, "the file should have missing cells");
-    let reference = Prepared::series(&windows, Scale::Standard).unwrap();
+    let reference = Prepared::series(&windows, Scale::Standard, Loss::Mse).unwrap();
 
     let mut tc = TestCluster::start(2).await;
     let dataset = upload_series(&mut tc, &text).await;
@@ -511,5 +513,98 @@ async fn idle_stream_sessions_expire_and_bidirectional_models_cannot_stream() {
     let err = tc.client.open_stream(&both).await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
     assert!(err.to_string().contains("bidirectional"), "{err}");
+    tc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rises_label_trains_a_classifier_that_two_workers_and_one_process_agree_on() {
+    let text = series_text();
+    let mut tc = TestCluster::start(2).await;
+    let dataset = upload_series(&mut tc, &text).await;
+    let labelled = |seed| {
+        let mut spec = job(&dataset, seed);
+        if let Some(s) = spec.series.as_mut() {
+            s.label = pb::LabelRule::Rises as i32;
+        }
+        spec
+    };
+    // The same steps on two workers and in one process (BCE, labels not normalised).
+    let id = tc
+        .submit(pb::JobSpec {
+            max_steps: 6,
+            ..labelled(3)
+        })
+        .await;
+    let (_, info) = tc.follow(&id).await;
+    assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
+    assert_eq!(info.spec.as_ref().unwrap().loss, pb::Loss::Bce as i32);
+    let (manifest, cluster) = checkpoint(&mut tc, &id, true).await;
+    assert_eq!(manifest.loss, Loss::Bce);
+    let mut series = core_series();
+    series.label = Some(recur_core::data::Label::Rises);
+    let windows = cut_windows(
+        text.as_bytes(),
+        "days.csv",
+        &series,
+        SplitFractions::default(),
+        &CsvLimits::default(),
+    )
+    .unwrap();
+    let reference = Prepared::series(&windows, Scale::Standard, Loss::Bce).unwrap();
+    assert_eq!(
+        reference.norm.targets[0],
+        recur_core::data::Affine::divide(1.0)
+    );
+    let mut trainer = Trainer::with_split(
+        TrainConfig {
+            model: model(),
+            batch_size: 32,
+            seed: 3,
+            scale: Scale::Standard,
+            loss: Loss::Bce,
+            ..TrainConfig::default()
+        },
+        &windows.data,
+        windows.split.clone(),
+        reference.norm.clone(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for rows in trainer.next_epoch_batches().iter().take(6) {
+        trainer.train_step(rows).unwrap();
+    }
+    assert_params_close(&cluster, trainer.params(), "2 workers vs recur-core (bce)");
+
+    // Trained for a while, the weekly cycle makes "higher tomorrow" predictable.
+    let id = tc
+        .submit(pb::JobSpec {
+            max_epochs: 40,
+            ..labelled(3)
+        })
+        .await;
+    let (_, info) = tc.follow(&id).await;
+    assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
+    let test = info.test.unwrap();
+    eprintln!(
+        "rises: test accuracy {:.4}, precision {:.4}, recall {:.4}, loss {:.4}",
+        test.accuracy, test.precision, test.recall, test.loss
+    );
+    assert!(test.accuracy > 0.8, "test accuracy {}", test.accuracy);
+    assert!(test.precision > 0.7 && test.recall > 0.7, "{test:?}");
+    assert_eq!(test.accuracy, test.exact);
+    // Predict returns the probability of a rise.
+    let histories: Vec<Vec<f32>> = reference
+        .split
+        .test
+        .iter()
+        .take(20)
+        .map(|&r| windows.data.input(r).to_vec())
+        .collect();
+    let probabilities = tc.client.predict(&id, histories).await.unwrap().predictions;
+    assert!(
+        probabilities.iter().all(|p| (0.0..=1.0).contains(p)),
+        "{probabilities:?}"
+    );
+    assert!(probabilities.iter().any(|&p| p > 0.5) && probabilities.iter().any(|&p| p < 0.5));
     tc.shutdown().await;
 }

@@ -9,7 +9,7 @@ use recur_core::convert::{f32s_from_wire, f32s_to_wire};
 use recur_core::data::{Affine, Dataset, Normalizer};
 use recur_core::metrics::BatchSums;
 use recur_core::model::{ModelConfig, Params, SeqModel};
-use recur_core::step::{Batch, grad_sum, predict};
+use recur_core::step::{Batch, Loss, grad_sum, predict};
 use recur_proto::v1 as pb;
 
 use crate::{Error, Result};
@@ -91,6 +91,8 @@ struct Shard {
     model: ModelConfig,
     /// Per target, the map back to the data's units.
     targets: Vec<Affine>,
+    /// The job's loss.
+    loss: Loss,
     train: Rows,
     validation: Rows,
     test: Rows,
@@ -250,6 +252,16 @@ impl Executor {
                 version: part.shard_version,
                 model,
                 targets,
+                loss: match pb::Loss::try_from(part.loss) {
+                    Ok(pb::Loss::Bce) => Loss::Bce,
+                    Ok(pb::Loss::Mse | pb::Loss::Unspecified) => Loss::Mse,
+                    Err(_) => {
+                        return Err(Error::Protocol(format!(
+                            "LoadShard: unknown loss {}",
+                            part.loss
+                        )));
+                    }
+                },
                 train,
                 validation: Rows::shaped(&model),
                 test: Rows::shaped(&model),
@@ -320,7 +332,7 @@ impl Executor {
             }
         } else {
             let batch = Batch::from_rows(&shard.train.data, &rows, &self.device)?;
-            grad_sum(model, &batch, &shard.targets)?
+            grad_sum(model, &batch, &shard.targets, shard.loss)?
         };
         if !self.throttle.is_zero() {
             std::thread::sleep(self.throttle * rows.len() as u32);
@@ -353,7 +365,7 @@ impl Executor {
             let preds = predict(model, &batch)?;
             let outs = shard.model.output_size;
             for (k, &r) in chunk.iter().enumerate() {
-                let sums = BatchSums::of(
+                let sums = shard.loss.sums(
                     rows.data.targets(r),
                     &preds[k * outs..(k + 1) * outs],
                     &shard.targets,

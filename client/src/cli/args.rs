@@ -337,6 +337,9 @@ pub struct TrainArgs {
     /// series).
     #[arg(long)]
     pub scale: Option<String>,
+    /// What to minimise: `mse` (default) or `bce` for 0/1 targets (the default with `--label`).
+    #[arg(long, value_enum)]
+    pub loss: Option<LossArg>,
     /// Seed of initialisation, split and batch order (default 0).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -384,6 +387,26 @@ pub struct SeriesArgs {
     /// A fixed divisor for a column instead of `--scale` (repeatable).
     #[arg(long, value_name = "COLUMN=DIVISOR")]
     pub column_scale: Vec<String>,
+    /// Turn the targets into 0/1 labels: `rises` is 1 when a target is higher `--horizon`
+    /// steps after the window than at its end (trains with `--loss bce`).
+    #[arg(long, value_enum)]
+    pub label: Option<LabelArg>,
+}
+
+/// Label rules.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LabelArg {
+    /// Higher after the horizon than at the window's end.
+    Rises,
+}
+
+/// Losses.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LossArg {
+    /// Mean squared error (regression).
+    Mse,
+    /// Binary cross-entropy with logits on 0/1 targets (classification).
+    Bce,
 }
 
 /// `recur predict`.

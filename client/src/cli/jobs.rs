@@ -6,7 +6,7 @@ use recur_proto::v1 as pb;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::args::{ModelArg, OptimizerArg, TrainArgs};
+use super::args::{LabelArg, LossArg, ModelArg, OptimizerArg, TrainArgs};
 use super::error::{CliError, Result, exit};
 use std::io::IsTerminal;
 
@@ -246,6 +246,12 @@ pub(super) fn train_spec(args: &TrainArgs, base: pb::JobSpec) -> Result<pb::JobS
         };
         spec.normalization = normalization as i32;
     }
+    if let Some(loss) = args.loss {
+        spec.loss = match loss {
+            LossArg::Mse => pb::Loss::Mse,
+            LossArg::Bce => pb::Loss::Bce,
+        } as i32;
+    }
     series_flags(args, &mut spec)?;
     if let Some(batch) = args.batch {
         spec.batch_size = Some(batch);
@@ -286,7 +292,8 @@ fn series_flags(args: &TrainArgs, spec: &mut pb::JobSpec) -> Result<()> {
         || s.horizon.is_some()
         || s.drop_missing
         || s.order_by.is_some()
-        || !s.column_scale.is_empty();
+        || !s.column_scale.is_empty()
+        || s.label.is_some();
     if !any {
         return Ok(());
     }
@@ -316,6 +323,9 @@ fn series_flags(args: &TrainArgs, spec: &mut pb::JobSpec) -> Result<()> {
     }
     if let Some(order) = &s.order_by {
         series.order_by.clone_from(order);
+    }
+    if let Some(LabelArg::Rises) = s.label {
+        series.label = pb::LabelRule::Rises as i32;
     }
     for pair in &s.column_scale {
         let parsed = pair

@@ -18,7 +18,8 @@ pub fn state_name(state: i32) -> &'static str {
 /// Metrics as JSON.
 pub fn metrics(m: Option<&pb::Metrics>) -> Value {
     m.map_or(Value::Null, |m| {
-        json!({"accuracy": m.accuracy, "loss": m.loss, "mae": m.mae, "exact": m.exact, "samples": m.samples})
+        json!({"accuracy": m.accuracy, "loss": m.loss, "mae": m.mae, "exact": m.exact,
+               "precision": m.precision, "recall": m.recall, "samples": m.samples})
     })
 }
 

@@ -55,18 +55,40 @@ pub(super) fn print_job(info: &pb::JobInfo, as_json: bool) {
         );
     }
     if let Some(t) = &info.test {
-        println!(
-            "test       accuracy {:.2}%, MAE {:.4}, exact {:.2}%",
-            t.accuracy * 100.0,
-            t.mae,
-            t.exact * 100.0
-        );
+        println!("test       {}", test_figures(info, t));
     }
     if !info.stop_reason.is_empty() {
         println!("stopped by {}", info.stop_reason);
     }
     for w in &info.warnings {
         println!("warning    {w}");
+    }
+}
+
+/// Whether a job's targets are 0/1 labels (a BCE job).
+fn labelled(info: &pb::JobInfo) -> bool {
+    info.spec
+        .as_ref()
+        .is_some_and(|s| s.loss == pb::Loss::Bce as i32)
+}
+
+/// A job's test metrics in a line: labels get precision and recall, values MAE and exact.
+fn test_figures(info: &pb::JobInfo, t: &pb::Metrics) -> String {
+    if labelled(info) {
+        format!(
+            "accuracy {:.2}%  precision {:.2}%  recall {:.2}%  loss {:.4}",
+            t.accuracy * 100.0,
+            t.precision * 100.0,
+            t.recall * 100.0,
+            t.loss
+        )
+    } else {
+        format!(
+            "accuracy {:.2}%  MAE {:.4}  exact {:.2}%",
+            t.accuracy * 100.0,
+            t.mae,
+            t.exact * 100.0
+        )
     }
 }
 
@@ -78,12 +100,7 @@ pub(super) fn print_summary(info: &pb::JobInfo) {
                 "{} completed ({}) after {} epochs; best epoch {}",
                 info.id, info.stop_reason, info.epochs, info.best_epoch
             );
-            println!(
-                "test accuracy {:.2}%  MAE {:.4}  exact {:.2}%",
-                t.accuracy * 100.0,
-                t.mae,
-                t.exact * 100.0
-            );
+            println!("test {}", test_figures(info, &t));
         }
         _ => println!(
             "{} {}{}",

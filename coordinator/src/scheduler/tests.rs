@@ -206,7 +206,7 @@ fn job(n: u64, max_steps: u64, seed: u64) -> NewJob {
     )
     .unwrap();
     let t = &spec.train;
-    let data = Prepared::rows(&data, t.seed, t.split, t.scale).unwrap();
+    let data = Prepared::rows(&data, t.seed, t.split, t.scale, t.loss).unwrap();
     NewJob {
         id: JobId::nth(n),
         spec,

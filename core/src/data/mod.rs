@@ -11,7 +11,7 @@ pub use csv::{CsvErrors, CsvLimits, LineError, LineProblem, parse_csv};
 pub use generate::{BallConfig, SeriesConfig};
 pub use norm::{Affine, Normalizer};
 pub use series::{
-    ColumnScale, Missing, SeriesInfo, SeriesSpec, Windows, cut_windows, read_series_header,
+    ColumnScale, Label, Missing, SeriesInfo, SeriesSpec, Windows, cut_windows, read_series_header,
 };
 pub use split::{
     Scale, Split, SplitFractions, epoch_batches, rows_digest, shard_by_steps, split_batch,
@@ -20,6 +20,7 @@ pub use split::{
 use std::fmt::Write as _;
 
 use crate::Result;
+use crate::step::Loss;
 
 /// Variable-length rows of values, stored flat. Each row is its input steps, `features` values
 /// per step, followed by its `targets` values. The tutorial's rows are one feature per step and
@@ -189,22 +190,43 @@ pub struct Prepared {
 
 impl Prepared {
     /// Rows shuffled by `seed` and cut by `fractions`.
-    pub fn rows(raw: &Dataset, seed: u64, fractions: SplitFractions, scale: Scale) -> Result<Self> {
+    pub fn rows(
+        raw: &Dataset,
+        seed: u64,
+        fractions: SplitFractions,
+        scale: Scale,
+        loss: Loss,
+    ) -> Result<Self> {
         let split = Split::new(raw.len(), seed, fractions)?;
         let norm = Normalizer::fit(scale, raw, &split.train)?;
-        Ok(Self {
-            data: raw.normalized(&norm),
-            split,
-            norm,
-        })
+        Self::finish(raw, split, norm, loss)
     }
 
     /// A series' windows, as split by time.
-    pub fn series(windows: &Windows, scale: Scale) -> Result<Self> {
+    pub fn series(windows: &Windows, scale: Scale, loss: Loss) -> Result<Self> {
         let norm = windows.normalizer(scale)?;
+        Self::finish(&windows.data, windows.split.clone(), norm, loss)
+    }
+
+    /// Labels (BCE) are 0 or 1 and are not normalised.
+    fn finish(raw: &Dataset, split: Split, mut norm: Normalizer, loss: Loss) -> Result<Self> {
+        if loss == Loss::Bce {
+            for i in 0..raw.len() {
+                if let Some(t) = raw.targets(i).iter().find(|&&t| t != 0.0 && t != 1.0) {
+                    return Err(crate::Error::setting(
+                        "loss",
+                        format!(
+                            "bce needs 0/1 labels; row {} (1-based) has target {t}",
+                            i + 1
+                        ),
+                    ));
+                }
+            }
+            norm.targets.fill(Affine::divide(1.0));
+        }
         Ok(Self {
-            data: windows.data.normalized(&norm),
-            split: windows.split.clone(),
+            data: raw.normalized(&norm),
+            split,
             norm,
         })
     }

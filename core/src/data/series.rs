@@ -27,6 +27,15 @@ pub enum Missing {
     Drop,
 }
 
+/// A label derived from a target column instead of its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Label {
+    /// 1 when the column's value `horizon` steps after the window's last step is higher than at
+    /// that last step, else 0 ("will it be higher in H days").
+    Rises,
+}
+
 /// A fixed divisor for one column, instead of the job's normalisation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ColumnScale {
@@ -56,6 +65,9 @@ pub struct SeriesSpec {
     pub order_by: Option<String>,
     /// Fixed divisors for some columns.
     pub column_scales: Vec<ColumnScale>,
+    /// Derive 0/1 labels from the target columns instead of predicting their values.
+    #[serde(default)]
+    pub label: Option<Label>,
 }
 
 impl SeriesSpec {
@@ -91,6 +103,12 @@ impl SeriesSpec {
         }
         if self.stride == 0 {
             return Err(Error::setting("stride", "must be at least 1 step"));
+        }
+        if self.label == Some(Label::Rises) && self.horizon == 0 {
+            return Err(Error::setting(
+                "label",
+                "`rises` compares a value with the one `horizon` steps later: horizon must be at least 1",
+            ));
         }
         for c in &self.column_scales {
             if !(c.scale.is_finite() && c.scale > 0.0) {
@@ -565,7 +583,19 @@ fn cut(
             for step in &steps[s..s + w] {
                 row.extend_from_slice(&step.values[..features]);
             }
-            row.extend_from_slice(&steps[s + w - 1 + h].values[features..]);
+            let target = &steps[s + w - 1 + h].values[features..];
+            match spec.label {
+                None => row.extend_from_slice(target),
+                Some(Label::Rises) => {
+                    let now = &steps[s + w - 1].values[features..];
+                    row.extend(
+                        target
+                            .iter()
+                            .zip(now)
+                            .map(|(t, n)| f32::from(u8::from(t > n))),
+                    );
+                }
+            }
             let id = data.len();
             data.push_row(&row);
             [&mut split.train, &mut split.validation, &mut split.test][part].push(id);
@@ -627,6 +657,7 @@ mod tests {
             missing: Missing::Drop,
             order_by: None,
             column_scales: Vec::new(),
+            label: None,
         }
     }
 
@@ -707,6 +738,28 @@ mod tests {
         let w = cut_text(FILE, &s).unwrap();
         let opens: Vec<f32> = (0..w.data.len()).map(|i| w.data.input(i)[0]).collect();
         assert_eq!(opens, [1.0, 2.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]);
+    }
+
+    #[test]
+    fn rises_labels_compare_the_horizon_with_the_window_end() {
+        let mut s = spec();
+        s.window = 1;
+        s.horizon = 1;
+        s.label = Some(Label::Rises);
+        let w = cut_text("t,v\n0,5\n1,7\n2,7\n3,6\n4,9\n5,9\n6,1\n7,2\n8,3\n", &{
+            s.features = vec!["v".into()];
+            s.targets = vec!["v".into()];
+            s
+        })
+        .unwrap();
+        // Windows (one per part of 3 steps, two each): 5->7 rises, 7->7 does not; 6->9, 9->9;
+        // 1->2, 2->3.
+        let labels: Vec<f32> = (0..w.data.len()).map(|i| w.data.targets(i)[0]).collect();
+        assert_eq!(labels, [1.0, 0.0, 1.0, 0.0, 1.0, 1.0]);
+        let mut s = spec();
+        s.horizon = 0;
+        s.label = Some(Label::Rises);
+        assert!(message(cut_text(FILE, &s)).contains("horizon must be at least 1"));
     }
 
     #[test]

@@ -82,6 +82,7 @@ impl RunningJob {
             lr: None,
             position: BTreeMap::new(),
             normalizer: Some(self.norm.clone()),
+            loss: self.spec.train.loss,
         }
     }
 

@@ -180,6 +180,10 @@ impl RunningJob {
                     scale: a.scale,
                 })
                 .collect(),
+            loss: match self.spec.train.loss {
+                recur_core::step::Loss::Mse => pb::Loss::Mse,
+                recur_core::step::Loss::Bce => pb::Loss::Bce,
+            } as i32,
             eval_batch_size: self.spec.train.batch_size as u32,
             ..Default::default()
         }
