@@ -391,10 +391,15 @@ impl Client {
         .await
     }
 
-    /// Continues a `PredictStream` session on a new stream.
-    pub async fn resume_stream(&mut self, session: &str) -> Result<PredictSession> {
+    /// Continues a `PredictStream` session on a new stream; with `job`, the coordinator checks
+    /// the session is on that job.
+    pub async fn resume_stream(
+        &mut self,
+        session: &str,
+        job: Option<&str>,
+    ) -> Result<PredictSession> {
         self.stream_session(pb::StreamOpen {
-            job_id: String::new(),
+            job_id: job.unwrap_or_default().to_string(),
             session_id: session.to_string(),
         })
         .await

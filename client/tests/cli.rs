@@ -725,7 +725,7 @@ async fn specs_fine_tuning_and_deleting_jobs_and_datasets() {
         jobs.as_array().unwrap().iter().all(|j| j["id"] != "job-1"),
         "{jobs}"
     );
-    ok(run(recur(&url, &["predict", "job-1", "1,3,5,7"])).await);
+    ok(run(recur(&url, &["predict", "job-2", "1,3,5,7"])).await);
     assert!(client.steps("job-1").await.is_err());
 
     // With every job ended, the dataset goes, file and all.

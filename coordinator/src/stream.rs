@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
@@ -72,6 +72,8 @@ pub struct Sessions {
     max: usize,
     idle: Duration,
     table: Mutex<HashMap<String, Session>>,
+    /// Each job's loaded best checkpoint, shared by its sessions while any holds it.
+    models: Mutex<HashMap<JobId, Weak<StreamModel>>>,
 }
 
 impl Sessions {
@@ -83,7 +85,44 @@ impl Sessions {
             max,
             idle,
             table: Mutex::new(HashMap::new()),
+            models: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A job has a new best checkpoint: new sessions load it (open ones keep theirs).
+    pub fn invalidate(&self, job: &JobId) {
+        if let Ok(mut models) = self.models.lock() {
+            models.remove(job);
+        }
+    }
+
+    /// The job's best checkpoint, shared with its other sessions when one still holds it.
+    fn model(&self, job: &JobId) -> Result<Arc<StreamModel>> {
+        let models = || {
+            self.models
+                .lock()
+                .map_err(|_| Error::Poisoned("stream models"))
+        };
+        if let Some(model) = models()?.get(job).and_then(Weak::upgrade) {
+            return Ok(model);
+        }
+        let sets = CheckpointSets::new(self.jobs_dir.join(&job.0));
+        let Some((_, ckpt)) = sets.load_current(Role::Best)? else {
+            return Err(Error::FailedPrecondition(format!(
+                "{job} has no checkpoint yet"
+            )));
+        };
+        let params = ckpt.params(&Device::Cpu)?;
+        let streamer =
+            Streamer::new(&params).map_err(|e| Error::FailedPrecondition(format!("{job}: {e}")))?;
+        let model = Arc::new(StreamModel {
+            streamer,
+            norm: ckpt.manifest.normalizer(),
+            loss: ckpt.manifest.loss,
+            epoch: ckpt.manifest.epoch,
+        });
+        models()?.insert(job.clone(), Arc::downgrade(&model));
+        Ok(model)
     }
 
     fn table(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Session>>> {
@@ -112,22 +151,8 @@ impl Sessions {
                 )));
             }
         }
-        let sets = CheckpointSets::new(self.jobs_dir.join(&job.0));
-        let Some((_, ckpt)) = sets.load_current(Role::Best)? else {
-            return Err(Error::FailedPrecondition(format!(
-                "{job} has no checkpoint yet"
-            )));
-        };
-        let params = ckpt.params(&Device::Cpu)?;
-        let streamer =
-            Streamer::new(&params).map_err(|e| Error::FailedPrecondition(format!("{job}: {e}")))?;
-        let state = streamer.start()?;
-        let model = Arc::new(StreamModel {
-            streamer,
-            norm: ckpt.manifest.normalizer(),
-            loss: ckpt.manifest.loss,
-            epoch: ckpt.manifest.epoch,
-        });
+        let model = self.model(job)?;
+        let state = model.streamer.start()?;
         let mut bytes = [0u8; 16];
         rand::rng().fill_bytes(&mut bytes);
         let id = hex::encode(bytes);
@@ -218,6 +243,7 @@ impl Sessions {
         if let Ok(mut table) = self.table() {
             table.retain(|_, s| &s.job != job);
         }
+        self.invalidate(job);
     }
 
     /// Closes a held session whose state was lost.

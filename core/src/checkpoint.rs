@@ -23,8 +23,13 @@ use crate::model::{ModelConfig, Params};
 use crate::optim::{LrScheduler, OptimizerConfig, OptimizerState};
 use crate::{Error, Result};
 
-/// The manifest format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The manifest format this build writes. Version 2 added per-column normalisation
+/// (`normalizer`) and the loss: a build that reads only version 1 refuses such a manifest
+/// instead of misreading `scale`.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The oldest manifest format this build reads (version 1: one divisor, MSE).
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
 /// What a checkpoint holds besides tensors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -145,11 +150,11 @@ impl Checkpoint {
         let json = fs::read(&paths.manifest).map_err(|e| Error::io(&paths.manifest, e))?;
         let manifest: Manifest = serde_json::from_slice(&json)
             .map_err(|e| Error::checkpoint(&paths.manifest, format!("bad manifest: {e}")))?;
-        if manifest.format_version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&manifest.format_version) {
             return Err(Error::checkpoint(
                 &paths.manifest,
                 format!(
-                    "format version {} is not {FORMAT_VERSION}, the one this build reads",
+                    "format version {} is not one this build reads ({OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})",
                     manifest.format_version
                 ),
             ));

@@ -360,3 +360,34 @@ pub fn labelled_metric(body: &str, name: &str, labels: &[(&str, &str)]) -> Optio
         (have == want).then(|| value.trim().parse().ok())?
     })
 }
+
+/// A job's best (or `latest`) checkpoint via the public download path: its manifest and its
+/// parameters, flat.
+pub async fn checkpoint(
+    client: &mut Client,
+    job: &str,
+    latest: bool,
+) -> (recur_core::checkpoint::Manifest, Vec<f32>) {
+    let (manifest, bytes) = client.checkpoint(job, latest).await.unwrap();
+    let manifest: recur_core::checkpoint::Manifest = serde_json::from_str(&manifest).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    std::fs::write(&path, bytes).unwrap();
+    let params =
+        recur_core::checkpoint::load_state_dict(&path, manifest.model, &candle_core::Device::Cpu)
+            .unwrap()
+            .to_flat()
+            .unwrap();
+    (manifest, params)
+}
+
+/// Asserts two parameter vectors agree to 1e-5 relative (1e-7 absolute near zero).
+pub fn assert_params_close(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len());
+    for (k, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-5 * y.abs().max(1e-2),
+            "{what}: parameter {k}: {x} vs {y}"
+        );
+    }
+}

@@ -4,41 +4,13 @@ use std::time::Duration;
 
 use candle_core::Device;
 use recur_coordinator::CoordinatorConfig;
-use recur_core::checkpoint::load_state_dict;
 use recur_core::data::{BallConfig, Dataset};
 use recur_core::model::{ModelConfig, SeqModel};
 use recur_core::optim::OptimizerConfig;
 use recur_core::step::{Batch, predict};
 use recur_core::train::{TrainConfig, Trainer};
 use recur_proto::v1 as pb;
-use recur_tests::{TestCluster, spec, state};
-
-/// The parameters of a job's checkpoint, via the public download path.
-async fn checkpoint_params(
-    tc: &mut TestCluster,
-    job: &str,
-    latest: bool,
-    config: ModelConfig,
-) -> Vec<f32> {
-    let (_, bytes) = tc.client.checkpoint(job, latest).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("model.safetensors");
-    std::fs::write(&path, bytes).unwrap();
-    load_state_dict(&path, config, &Device::Cpu)
-        .unwrap()
-        .to_flat()
-        .unwrap()
-}
-
-fn assert_params_close(a: &[f32], b: &[f32], what: &str) {
-    assert_eq!(a.len(), b.len());
-    for (k, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!(
-            (x - y).abs() <= 1e-5 * y.abs().max(1e-2),
-            "{what}: parameter {k}: {x} vs {y}"
-        );
-    }
-}
+use recur_tests::{TestCluster, assert_params_close, checkpoint, spec, state};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_train_the_tutorial_task_past_its_accuracy() {
@@ -72,7 +44,7 @@ async fn two_workers_train_the_tutorial_task_past_its_accuracy() {
     );
     assert!(test.accuracy >= 0.95, "test accuracy {}", test.accuracy);
     assert!(epochs.iter().all(|e| e.workers == 2));
-    let best = checkpoint_params(&mut tc, &job, false, ModelConfig::tutorial()).await;
+    let best = checkpoint(&mut tc.client, &job, false).await.1;
     assert_eq!(best.len(), 97);
     tc.shutdown().await;
 }
@@ -98,7 +70,7 @@ async fn params_after_steps_with(
     let (_, info) = tc.follow(&id).await;
     assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
     assert_eq!(info.stop_reason, "max_steps");
-    let params = checkpoint_params(&mut tc, &id, true, ModelConfig::tutorial()).await;
+    let params = checkpoint(&mut tc.client, &id, true).await.1;
     tc.shutdown().await;
     params
 }
@@ -221,7 +193,7 @@ async fn a_slow_worker_gets_a_share_of_each_step_in_proportion_to_its_speed() {
         timing.total_ms
     );
     // Who computed what does not change the result.
-    let params = checkpoint_params(&mut tc, &job, true, ModelConfig::tutorial()).await;
+    let params = checkpoint(&mut tc.client, &job, true).await.1;
     tc.shutdown().await;
     let reference = single_process(
         &data,
@@ -449,7 +421,7 @@ async fn predict_matches_the_downloaded_checkpoint_and_names_bad_rows() {
         vec![0.0, -3.0, -6.0],
     ];
     let answer = tc.client.predict(&job, histories.clone()).await.unwrap();
-    let params = checkpoint_params(&mut tc, &job, false, ModelConfig::tutorial()).await;
+    let params = checkpoint(&mut tc.client, &job, false).await.1;
     let model = SeqModel::new(
         recur_core::model::Params::from_flat(ModelConfig::tutorial(), &params, &Device::Cpu)
             .unwrap(),

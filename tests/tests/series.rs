@@ -2,7 +2,6 @@
 //! several features by the coordinator, trained by workers, served from raw values.
 
 use candle_core::Device;
-use recur_core::checkpoint::{Manifest, load_state_dict};
 use recur_core::data::{
     CsvLimits, Missing, Prepared, Scale, SeriesConfig, SeriesSpec, SplitFractions, cut_windows,
 };
@@ -10,7 +9,7 @@ use recur_core::model::{ModelConfig, ModelKind, SeqModel};
 use recur_core::step::{Batch, Loss, predict};
 use recur_core::train::{TrainConfig, Trainer};
 use recur_proto::v1 as pb;
-use recur_tests::{TestCluster, state};
+use recur_tests::{TestCluster, assert_params_close, checkpoint, state};
 
 const FEATURES: [&str; 2] = ["temp", "demand"];
 
@@ -96,29 +95,6 @@ async fn upload_series(tc: &mut TestCluster, text: &str) -> String {
         .dataset_id
 }
 
-async fn checkpoint(tc: &mut TestCluster, job: &str, latest: bool) -> (Manifest, Vec<f32>) {
-    let (manifest, bytes) = tc.client.checkpoint(job, latest).await.unwrap();
-    let manifest: Manifest = serde_json::from_str(&manifest).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("model.safetensors");
-    std::fs::write(&path, bytes).unwrap();
-    let params = load_state_dict(&path, manifest.model, &Device::Cpu)
-        .unwrap()
-        .to_flat()
-        .unwrap();
-    (manifest, params)
-}
-
-fn assert_params_close(a: &[f32], b: &[f32], what: &str) {
-    assert_eq!(a.len(), b.len());
-    for (k, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!(
-            (x - y).abs() <= 1e-5 * y.abs().max(1e-2),
-            "{what}: parameter {k}: {x} vs {y}"
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_train_a_series_like_one_process_and_predict_from_raw_values() {
     let text = series_text();
@@ -150,7 +126,7 @@ async fn two_workers_train_a_series_like_one_process_and_predict_from_raw_values
         .await;
     let (_, info) = tc.follow(&id).await;
     assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
-    let (manifest, cluster) = checkpoint(&mut tc, &id, true).await;
+    let (manifest, cluster) = checkpoint(&mut tc.client, &id, true).await;
     assert_eq!(manifest.model, model());
     let mut trainer = Trainer::with_split(
         TrainConfig {
@@ -183,7 +159,7 @@ async fn two_workers_train_a_series_like_one_process_and_predict_from_raw_values
         .await;
     let (_, info) = tc.follow(&id).await;
     assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
-    let (manifest, params) = checkpoint(&mut tc, &id, false).await;
+    let (manifest, params) = checkpoint(&mut tc.client, &id, false).await;
     assert_eq!(manifest.normalizer.as_ref(), Some(&reference.norm));
     assert_eq!(reference.norm.inputs[0].scale, 10.0);
     assert_eq!(reference.norm.inputs[0].shift, 0.0);
@@ -457,14 +433,33 @@ async fn a_stream_session_keeps_its_state_across_messages_and_streams() {
     );
     // The session was put back before the error was sent: it resumes at once.
     let id = opened.session_id.clone();
-    let mut session = tc.client.resume_stream(&id).await.unwrap();
+    let mut session = tc.client.resume_stream(&id, None).await.unwrap();
     assert_eq!(session.opened().steps, 10);
     let answer = session.feed(days[20..].to_vec()).await.unwrap();
     assert_eq!(answer.steps, 12);
     assert_close(&answer.predictions, &whole[10..], "resumed vs one-shot");
 
+    // Values beyond the upload limit are refused like Predict's (the session stays).
+    let err = session.feed(vec![1e9, 100.0]).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+    assert!(
+        err.to_string()
+            .contains("value 1 (1000000000) is not a finite number within"),
+        "{err}"
+    );
+    // A session is resumed only on its own job (and is put back when refused).
+    let err = tc
+        .client
+        .resume_stream(&id, Some("job-7"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+    assert!(err.to_string().contains("is on job-1, not job-7"), "{err}");
+    let session = tc.client.resume_stream(&id, Some(&job)).await.unwrap();
+    assert_eq!(session.opened().steps, 12);
+
     // Held by this stream: a second one is refused. One more session fits, a third does not.
-    let err = tc.client.resume_stream(&id).await.unwrap_err();
+    let err = tc.client.resume_stream(&id, None).await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
     assert!(
         err.to_string().contains("in use by another stream"),
@@ -473,7 +468,7 @@ async fn a_stream_session_keeps_its_state_across_messages_and_streams() {
     let _second = tc.client.open_stream(&job).await.unwrap();
     let err = tc.client.open_stream(&job).await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::ResourceExhausted), "{err}");
-    let err = tc.client.resume_stream("feedbeef").await.unwrap_err();
+    let err = tc.client.resume_stream("feedbeef", None).await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
     let err = tc.client.open_stream("job-99").await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
@@ -495,10 +490,14 @@ async fn idle_stream_sessions_expire_and_bidirectional_models_cannot_stream() {
     assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
     let mut session = tc.client.open_stream(&job_id).await.unwrap();
     session.feed(vec![20.0, 100.0]).await.unwrap();
+    // Another open sweeps idle sessions; one held by a live stream is not idle.
+    let other = tc.client.open_stream(&job_id).await.unwrap();
+    assert_eq!(session.feed(vec![21.0, 99.0]).await.unwrap().steps, 2);
+    other.close().await.unwrap();
     let id = session.opened().session_id.clone();
     session.close().await.unwrap();
     // Put back with no idle time allowed: gone as soon as its stream has ended.
-    let err = tc.client.resume_stream(&id).await.unwrap_err();
+    let err = tc.client.resume_stream(&id, None).await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
     assert!(err.to_string().contains("unknown or expired"), "{err}");
 
@@ -538,7 +537,7 @@ async fn a_rises_label_trains_a_classifier_that_two_workers_and_one_process_agre
     let (_, info) = tc.follow(&id).await;
     assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
     assert_eq!(info.spec.as_ref().unwrap().loss, pb::Loss::Bce as i32);
-    let (manifest, cluster) = checkpoint(&mut tc, &id, true).await;
+    let (manifest, cluster) = checkpoint(&mut tc.client, &id, true).await;
     assert_eq!(manifest.loss, Loss::Bce);
     let mut series = core_series();
     series.label = Some(recur_core::data::Label::Rises);
@@ -600,11 +599,31 @@ async fn a_rises_label_trains_a_classifier_that_two_workers_and_one_process_agre
         .take(20)
         .map(|&r| windows.data.input(r).to_vec())
         .collect();
-    let probabilities = tc.client.predict(&id, histories).await.unwrap().predictions;
-    assert!(
-        probabilities.iter().all(|p| (0.0..=1.0).contains(p)),
-        "{probabilities:?}"
+    let probabilities = tc
+        .client
+        .predict(&id, histories.clone())
+        .await
+        .unwrap()
+        .predictions;
+    let (manifest, params) = checkpoint(&mut tc.client, &id, false).await;
+    let model = SeqModel::new(
+        recur_core::model::Params::from_flat(manifest.model, &params, &Device::Cpu).unwrap(),
     );
+    let scaled: Vec<Vec<f32>> = histories.iter().map(|h| reference.norm.inputs(h)).collect();
+    let inputs: Vec<&[f32]> = scaled.iter().map(Vec::as_slice).collect();
+    let logits = predict(
+        &model,
+        &Batch::from_inputs(&inputs, 2, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(probabilities.len(), logits.len());
+    for (p, x) in probabilities.iter().zip(&logits) {
+        let sigmoid = 1.0 / (1.0 + (-x).exp());
+        assert!(
+            (p - sigmoid).abs() < 1e-5,
+            "{p} vs sigmoid({x}) = {sigmoid}"
+        );
+    }
     assert!(probabilities.iter().any(|&p| p > 0.5) && probabilities.iter().any(|&p| p < 0.5));
     tc.shutdown().await;
 }

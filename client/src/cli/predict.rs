@@ -32,7 +32,7 @@ pub(super) fn parse_history(text: &str) -> Result<Vec<f32>, String> {
 /// `recur predict JOB --stream`: stdin lines of steps in, one line per step out.
 async fn stream(client: &mut Client, args: PredictArgs, as_json: bool) -> Result<()> {
     let mut session = match &args.session {
-        Some(id) => client.resume_stream(id).await?,
+        Some(id) => client.resume_stream(id, Some(&args.job)).await?,
         None => client.open_stream(&args.job).await?,
     };
     let opened = session.opened().clone();

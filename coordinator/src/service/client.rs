@@ -2,6 +2,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use recur_core::checkpoint::Checkpoint;
 use recur_core::sets::{CheckpointSets, Role};
@@ -619,8 +620,12 @@ impl Recur for ClientService {
                 steps: opened.steps,
             })),
         };
-        let max_values =
-            self.shared.config.max_predict_len * self.shared.config.max_predict_rows.max(1);
+        // One message is held to what one Predict history may hold; a stream silent (or not
+        // reading its answers) for longer than the idle time, at least half a minute, is ended
+        // so a held session cannot be kept from expiring.
+        let max_values = self.shared.config.max_predict_len;
+        let max_abs = self.shared.config.csv.max_abs_value;
+        let patience = self.shared.config.stream_idle.max(Duration::from_secs(30));
         let mut shutdown = self.shared.shutdown.subscribe();
         let shared = self.shared.clone();
         tokio::spawn(async move {
@@ -634,7 +639,13 @@ impl Recur for ClientService {
                         _ = shutdown.recv() => {
                             break Some(Status::unavailable("the coordinator is shutting down"));
                         }
-                        m = incoming.message() => m,
+                        m = tokio::time::timeout(patience, incoming.message()) => match m {
+                            Ok(m) => m,
+                            Err(_) => break Some(Status::deadline_exceeded(format!(
+                                "no steps for {} s: the stream is ended, the session kept",
+                                patience.as_secs()
+                            ))),
+                        },
                     };
                     let steps = match message {
                         Ok(Some(pb::PredictStreamRequest {
@@ -652,6 +663,17 @@ impl Recur for ClientService {
                         break Some(Status::invalid_argument(format!(
                             "{} values in one message, above the limit of {max_values}",
                             steps.values.len()
+                        )));
+                    }
+                    if let Some(i) = steps
+                        .values
+                        .iter()
+                        .position(|v| !v.is_finite() || f64::from(v.abs()) > max_abs)
+                    {
+                        break Some(Status::invalid_argument(format!(
+                            "value {} ({}) is not a finite number within ±{max_abs}",
+                            i + 1,
+                            steps.values[i]
                         )));
                     }
                     let model = opened.model.clone();
@@ -678,8 +700,10 @@ impl Recur for ClientService {
                                     steps: state.steps(),
                                 })),
                             };
-                            if tx.send(Ok(reply)).await.is_err() {
-                                break None;
+                            match tokio::time::timeout(patience, tx.send(Ok(reply))).await {
+                                Ok(Ok(())) => {}
+                                // Gone, or not reading: the session waits for the next stream.
+                                Ok(Err(_)) | Err(_) => break None,
                             }
                         }
                         Err(e) => break Some(Status::from(e)),

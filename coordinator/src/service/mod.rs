@@ -460,6 +460,7 @@ fn perform(shared: &Shared, streams: &mut HashMap<WorkerId, WorkerStream>, actio
                     tracing::debug!(job = %id, %set, "checkpoint set written");
                     if kind == CheckpointKind::Best {
                         shared.predictor.invalidate(&id);
+                        shared.sessions.invalidate(&id);
                     }
                 }
                 Err(e) => tracing::error!(job = %id, error = %e, "could not write checkpoint"),

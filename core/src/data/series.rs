@@ -492,6 +492,21 @@ pub fn cut_windows(
                         ),
                     }
                 }
+                // A step without its place in the order is missing too.
+                if let Some(c) = order
+                    && is_missing(&record[c])
+                {
+                    missing = true;
+                    if spec.missing == Missing::Refuse {
+                        problems.push(
+                            line,
+                            LineProblem::MissingIn {
+                                column: columns[c].clone(),
+                                text: record[c].to_string(),
+                            },
+                        );
+                    }
+                }
                 let values: Vec<f32> = slots.iter().map(|&k| cells[k]).collect();
                 if missing {
                     dropped += 1;
@@ -509,23 +524,44 @@ pub fn cut_windows(
         return Err(problems.fail().into());
     }
     if order.is_some() {
-        sort_steps(&mut steps);
+        sort_steps(&mut steps, name)?;
     }
-    cut(steps, dropped, spec, fractions)
+    cut(steps, dropped, spec, fractions, limits)
 }
 
-/// Sorts by the order key: numerically when every key is a number, as text otherwise; stable, so
-/// equal keys keep the file's order.
-fn sort_steps(steps: &mut [Step]) {
+/// Sorts by the order key: numerically when every key is a number, as text when none is (ISO
+/// dates sort as text); stable, so equal keys keep the file's order. A column that mixes numbers
+/// and text is refused: either order would be a guess.
+fn sort_steps(steps: &mut [Step], name: &str) -> Result<()> {
     let number = |s: &Step| s.key.as_deref().and_then(|k| k.parse::<f64>().ok());
-    if steps.iter().all(|s| number(s).is_some_and(f64::is_finite)) {
+    let numbers = steps.iter().filter(|s| number(s).is_some()).count();
+    if numbers == steps.len() {
         steps.sort_by(|a, b| {
             let (a, b) = (number(a).unwrap_or(0.0), number(b).unwrap_or(0.0));
             a.total_cmp(&b)
         });
-    } else {
+    } else if numbers == 0 {
         steps.sort_by(|a, b| a.key.cmp(&b.key));
+    } else {
+        let (first_number, first_text) = (
+            steps.iter().find(|s| number(s).is_some()),
+            steps.iter().find(|s| number(s).is_none()),
+        );
+        let at = |s: Option<&Step>| {
+            s.map_or_else(String::new, |s| {
+                format!("line {} `{}`", s.line, s.key.as_deref().unwrap_or(""))
+            })
+        };
+        return Err(Error::setting(
+            "order_by",
+            format!(
+                "{name}: the order column mixes numbers ({}) and text ({})",
+                at(first_number),
+                at(first_text)
+            ),
+        ));
     }
+    Ok(())
 }
 
 fn cut(
@@ -533,9 +569,24 @@ fn cut(
     dropped: usize,
     spec: &SeriesSpec,
     fractions: SplitFractions,
+    limits: &CsvLimits,
 ) -> Result<Windows> {
     let n = steps.len();
     let (w, h) = (spec.window, spec.horizon);
+    let (features, targets) = (spec.features.len(), spec.targets.len());
+    // A sample is held to what a row of the rows layout may hold, and all of them to what a
+    // file of the largest size could hold, before anything is allocated.
+    let per_sample = w.saturating_mul(features).saturating_add(targets);
+    if per_sample > limits.max_row_len {
+        return Err(Error::setting(
+            "window",
+            format!(
+                "{w} steps of {features} features make samples of {per_sample} values, above the \
+                 limit of {} per sample",
+                limits.max_row_len
+            ),
+        ));
+    }
     if w > n {
         return Err(Error::setting(
             "window",
@@ -555,14 +606,31 @@ fn cut(
         ("validation", n_train, n_train + n_val),
         ("test", n_train + n_val, n),
     ];
-    let (features, targets) = (spec.features.len(), spec.targets.len());
+    let samples: usize = parts
+        .iter()
+        .map(|&(_, start, end)| {
+            (end - start)
+                .checked_sub(w + h)
+                .map_or(0, |room| room / spec.stride + 1)
+        })
+        .sum();
+    let budget = limits.max_bytes / 4;
+    if samples.saturating_mul(per_sample) > budget {
+        return Err(Error::setting(
+            "stride",
+            format!(
+                "{samples} windows of {per_sample} values are above the limit of {budget} values \
+                 in all (a larger stride or a shorter window cuts fewer)"
+            ),
+        ));
+    }
     let mut data = Dataset::with_shape(features, targets);
     let mut split = Split {
         train: Vec::new(),
         validation: Vec::new(),
         test: Vec::new(),
     };
-    let mut row = Vec::with_capacity(w * features + targets);
+    let mut row = Vec::with_capacity(per_sample);
     for (part, (label, start, end)) in parts.into_iter().enumerate() {
         if end - start < w + h {
             return Err(Error::setting(
@@ -764,14 +832,71 @@ mod tests {
 
     #[test]
     fn stride_skips_starts() {
+        let firsts = |stride| {
+            let mut s = spec();
+            s.window = 1;
+            s.horizon = 0;
+            s.stride = stride;
+            let w = cut_text(FILE, &s).unwrap();
+            (0..w.data.len())
+                .map(|i| w.data.input(i)[0])
+                .collect::<Vec<f32>>()
+        };
+        // Parts (9 steps after the drop): 10 20 40 | 50 60 70 | 80 90 100; starts every
+        // `stride` steps inside each part.
+        assert_eq!(firsts(1).len(), 9);
+        assert_eq!(firsts(2), [10.0, 40.0, 50.0, 70.0, 80.0, 100.0]);
+        assert_eq!(firsts(3), [10.0, 50.0, 80.0]);
+    }
+
+    #[test]
+    fn orders_that_mix_numbers_and_text_and_oversized_windows_are_refused() {
+        let mut s = spec();
+        s.order_by = Some("k".into());
+        s.features = vec!["v".into()];
+        s.targets = vec!["v".into()];
+        s.window = 1;
+        let text = "k,v\n3,1\n1,2\nx,3\n2,4\n5,5\n6,6\n7,7\n8,8\n9,9\n";
+        let m = message(cut_text(text, &s));
+        assert!(
+            m.contains("the order column mixes numbers (line 2 `3`) and text (line 4 `x`)"),
+            "{m}"
+        );
+        // A missing order key is a missing value.
+        s.missing = Missing::Refuse;
+        let m = message(cut_text(&text.replace("x,3", ",3"), &s));
+        assert!(m.contains("s.csv:4: column k: missing value ``"), "{m}");
+        s.missing = Missing::Drop;
+        assert_eq!(
+            cut_text(&text.replace("x,3", "null,3"), &s)
+                .unwrap()
+                .dropped,
+            1
+        );
+
+        let tight = CsvLimits {
+            max_row_len: 5,
+            ..CsvLimits::default()
+        };
+        let mut s = spec();
+        s.window = 3;
+        let m = message(cut_windows(FILE.as_bytes(), "s.csv", &s, thirds(), &tight));
+        assert!(
+            m.contains("3 steps of 2 features make samples of 7 values, above the limit of 5"),
+            "{m}"
+        );
+        let small = CsvLimits {
+            max_bytes: 40,
+            ..CsvLimits::default()
+        };
         let mut s = spec();
         s.window = 1;
-        s.stride = 2;
-        let w = cut_text(FILE, &s).unwrap();
-        let firsts: Vec<f32> = (0..w.data.len()).map(|i| w.data.input(i)[0]).collect();
-        // Parts (9 steps after the drop): 10 20 40 | 50 60 70 | 80 90 100; starts 0, 2 in each
-        // but the last start of a part needs its target inside the part.
-        assert_eq!(firsts, [10.0, 50.0, 80.0]);
+        s.horizon = 0;
+        let long = "a,b\n".to_string() + &"1,2\n".repeat(8);
+        s.features = vec!["a".into()];
+        s.targets = vec!["b".into()];
+        let m = message(cut_windows(long.as_bytes(), "s.csv", &s, thirds(), &small));
+        assert!(m.contains("above the limit of 10 values in all"), "{m}");
     }
 
     fn message(r: Result<Windows>) -> String {

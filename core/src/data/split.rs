@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::Dataset;
 use crate::{Error, Result};
 
-/// How values are normalised: divided by a fixed number or by the dataset's largest magnitude
+/// How values are normalised: divided by a fixed number or by the training rows' largest magnitude
 /// (every column alike), or standardised or min-max scaled per column with statistics of the
 /// training rows only (see [`super::Normalizer::fit`]).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -19,7 +19,7 @@ use crate::{Error, Result};
 pub enum Scale {
     /// Divide by this (the tutorial's 50).
     Fixed(f32),
-    /// Divide by the largest absolute value in the dataset.
+    /// Divide by the largest absolute value in the training rows.
     Auto,
     /// Subtract the training mean, divide by the training standard deviation, per column.
     Standard,
