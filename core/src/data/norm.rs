@@ -74,21 +74,21 @@ impl Moments {
         self.max = self.max.max(v);
     }
 
-    /// The map for `scale`; a column without spread is only shifted (its scale is 1).
-    fn affine(&self, scale: Scale) -> Affine {
+    /// The standard map (`standard`) or the min-max one; a column without spread is only
+    /// shifted (its scale is 1).
+    fn affine(&self, standard: bool) -> Affine {
         let spread = |s: f64| if s.is_finite() && s > 1e-12 { s } else { 1.0 };
-        match scale {
-            Scale::Standard => Affine {
+        if standard {
+            Affine {
                 shift: self.mean as f32,
                 // The population standard deviation, as scikit-learn's StandardScaler.
                 scale: spread((self.m2 / self.n.max(1) as f64).sqrt()) as f32,
-            },
-            Scale::MinMax => Affine {
+            }
+        } else {
+            Affine {
                 shift: if self.n == 0 { 0.0 } else { self.min as f32 },
                 scale: spread(self.max - self.min) as f32,
-            },
-            Scale::Fixed(s) => Affine::divide(s),
-            Scale::Auto => Affine::divide(spread(self.min.abs().max(self.max.abs())) as f32),
+            }
         }
     }
 }
@@ -103,13 +103,20 @@ impl Normalizer {
     }
 
     /// The maps `scale` gives `data`: a fixed divisor for every column; `auto`, the largest
-    /// magnitude of the whole dataset for every column (as before per-column maps existed);
-    /// `standard` and `min_max` fitted per column on the rows `train` only, so nothing of the
-    /// validation and test rows leaks into training.
+    /// magnitude of the training rows for every column; `standard` and `minmax` fitted per
+    /// column. Only the rows `train` are looked at, so nothing of the validation and test rows
+    /// leaks into training.
     pub fn fit(scale: Scale, data: &Dataset, train: &[usize]) -> Result<Self> {
         let (features, targets) = (data.features(), data.targets_per_row());
         let norm = match scale {
-            Scale::Fixed(_) | Scale::Auto => Self::uniform(scale.resolve(data)?, features, targets),
+            Scale::Fixed(s) => Self::uniform(s, features, targets),
+            Scale::Auto => {
+                let max = train
+                    .iter()
+                    .flat_map(|&r| data.row(r))
+                    .fold(0f32, |m, v| m.max(v.abs()));
+                Self::uniform(if max > 0.0 { max } else { 1.0 }, features, targets)
+            }
             Scale::Standard | Scale::MinMax => {
                 let mut inputs = vec![Moments::default(); features];
                 let mut outs = vec![Moments::default(); targets];
@@ -121,9 +128,10 @@ impl Normalizer {
                         outs[k].add(v);
                     }
                 }
+                let standard = scale == Scale::Standard;
                 Self {
-                    inputs: inputs.iter().map(|m| m.affine(scale)).collect(),
-                    targets: outs.iter().map(|m| m.affine(scale)).collect(),
+                    inputs: inputs.iter().map(|m| m.affine(standard)).collect(),
+                    targets: outs.iter().map(|m| m.affine(standard)).collect(),
                 }
             }
         };
