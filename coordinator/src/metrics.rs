@@ -35,6 +35,10 @@ pub struct Metrics {
     pub predicted: IntCounter,
     /// Jobs waiting in the queue.
     pub queued: IntGauge,
+    /// Open `PredictStream` sessions (held by a stream or idle).
+    pub stream_sessions: IntGauge,
+    /// Steps fed to `PredictStream` sessions.
+    pub stream_steps: IntCounter,
     /// Jobs that ended, by final state.
     pub jobs_finished: IntCounterVec,
     /// Per job: 1 for its current state (`queued`, `running`, …), 0 for the others.
@@ -82,6 +86,11 @@ impl Metrics {
         registry.register(Box::new(workers.clone()))?;
         let queued = IntGauge::new("queued_jobs", "Jobs waiting in the queue")?;
         registry.register(Box::new(queued.clone()))?;
+        let stream_sessions = IntGauge::new(
+            "stream_sessions",
+            "Open PredictStream sessions, held by a stream or idle",
+        )?;
+        registry.register(Box::new(stream_sessions.clone()))?;
         let int_gauges = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
             registry.register(Box::new(g.clone()))?;
@@ -153,6 +162,8 @@ impl Metrics {
             predict_seconds: histogram("predict_seconds", "Predict call latency")?,
             predicted: counter("predicted_sequences_total", "Sequences predicted")?,
             queued,
+            stream_sessions,
+            stream_steps: counter("stream_steps_total", "Steps fed to PredictStream sessions")?,
             jobs_finished,
             job_state: int_gauges(
                 "job_state",

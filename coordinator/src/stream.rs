@@ -246,6 +246,11 @@ impl Sessions {
         self.invalidate(job);
     }
 
+    /// Open sessions, held by a stream or idle.
+    pub fn len(&self) -> usize {
+        self.table().map_or(0, |t| t.len())
+    }
+
     /// Closes a held session whose state was lost.
     pub fn close(&self, id: &str) {
         if let Ok(mut table) = self.table() {

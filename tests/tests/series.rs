@@ -468,6 +468,15 @@ async fn a_stream_session_keeps_its_state_across_messages_and_streams() {
     let _second = tc.client.open_stream(&job).await.unwrap();
     let err = tc.client.open_stream(&job).await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::ResourceExhausted), "{err}");
+    let body = recur_tests::scrape_metrics(tc.cluster.addr()).await;
+    assert_eq!(
+        recur_tests::metric(&body, "recur_stream_sessions"),
+        Some(2.0)
+    );
+    assert_eq!(
+        recur_tests::metric(&body, "recur_stream_steps_total"),
+        Some(12.0)
+    );
     let err = tc.client.resume_stream("feedbeef", None).await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
     let err = tc.client.open_stream("job-99").await.unwrap_err();

@@ -609,6 +609,10 @@ impl Recur for ClientService {
             resumed
         };
         tracing::debug!(session = %opened.id, job = %opened.job, steps = opened.steps, "stream session held");
+        self.shared
+            .metrics
+            .stream_sessions
+            .set(self.shared.sessions.len() as i64);
         let (tx, rx) = mpsc::channel(16);
         let first = pb::PredictStreamResponse {
             kind: Some(Out::Opened(pb::StreamOpened {
@@ -624,6 +628,7 @@ impl Recur for ClientService {
         // reading its answers) for longer than the idle time, at least half a minute, is ended
         // so a held session cannot be kept from expiring.
         let max_values = self.shared.config.max_predict_len;
+        let outputs = opened.model.output_size().max(1);
         let max_abs = self.shared.config.csv.max_abs_value;
         let patience = self.shared.config.stream_idle.max(Duration::from_secs(30));
         let mut shutdown = self.shared.shutdown.subscribe();
@@ -694,6 +699,10 @@ impl Recur for ClientService {
                     state = back;
                     match out {
                         Ok(predictions) => {
+                            shared
+                                .metrics
+                                .stream_steps
+                                .inc_by((predictions.len() / outputs) as u64);
                             let reply = pb::PredictStreamResponse {
                                 kind: Some(Out::Predictions(pb::StreamPredictions {
                                     predictions,
@@ -711,6 +720,10 @@ impl Recur for ClientService {
                 }
             };
             shared.sessions.release(&opened.id, state);
+            shared
+                .metrics
+                .stream_sessions
+                .set(shared.sessions.len() as i64);
             if let Some(status) = ending {
                 let _ = tx.send(Err(status)).await;
             }
