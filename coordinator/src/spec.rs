@@ -457,10 +457,7 @@ impl JobSpec {
                 Scale::MinMax => pb::Normalization::Minmax,
             } as i32,
             series: self.series.as_ref().map(series_to_proto),
-            loss: match t.loss {
-                Loss::Mse => pb::Loss::Mse,
-                Loss::Bce => pb::Loss::Bce,
-            } as i32,
+            loss: pb::Loss::from(t.loss) as i32,
             train_percent: t.split.train,
             validation_percent: t.split.validation,
             max_steps: self.max_steps.unwrap_or(0),

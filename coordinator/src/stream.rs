@@ -208,20 +208,15 @@ impl Sessions {
         ))
     }
 
-    /// Feeds raw steps to a held session's state; returns raw predictions, `output_size` per
-    /// step. The state is unchanged when the steps are refused.
+    /// Feeds raw steps (finite, as the handler checked) to a held session's state; returns
+    /// predictions in the data's terms, `output_size` per step. The state is unchanged when the
+    /// steps are refused.
     pub fn feed(model: &StreamModel, state: &mut StreamState, raw: &[f32]) -> Result<Vec<f32>> {
         let n = model.input_size();
         if raw.is_empty() || !raw.len().is_multiple_of(n) {
             return Err(Error::InvalidArgument(format!(
                 "{} values are not whole steps: the model takes {n} features per step",
                 raw.len()
-            )));
-        }
-        if let Some((i, v)) = raw.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(Error::InvalidArgument(format!(
-                "value {} ({v}) is not a finite number",
-                i + 1
             )));
         }
         let out = model.streamer.feed(state, &model.norm.inputs(raw))?;

@@ -4,8 +4,10 @@
 use recur_proto::Bytes;
 use recur_proto::v1 as pb;
 
+use crate::data::Affine;
 use crate::metrics::{BatchSums, Metrics};
 use crate::model::{ModelConfig, ModelKind};
+use crate::step::Loss;
 use crate::{Error, Result};
 
 impl From<ModelKind> for pb::ModelKind {
@@ -82,6 +84,33 @@ impl From<&BatchSums> for pb::BatchSums {
             true_pos: s.true_pos,
             false_pos: s.false_pos,
             false_neg: s.false_neg,
+        }
+    }
+}
+
+impl From<Loss> for pb::Loss {
+    fn from(l: Loss) -> Self {
+        match l {
+            Loss::Mse => Self::Mse,
+            Loss::Bce => Self::Bce,
+        }
+    }
+}
+
+impl From<&Affine> for pb::Affine {
+    fn from(a: &Affine) -> Self {
+        Self {
+            shift: a.shift,
+            scale: a.scale,
+        }
+    }
+}
+
+impl From<&pb::Affine> for Affine {
+    fn from(a: &pb::Affine) -> Self {
+        Self {
+            shift: a.shift,
+            scale: a.scale,
         }
     }
 }

@@ -2,8 +2,10 @@
 //! several features by the coordinator, trained by workers, served from raw values.
 
 use candle_core::Device;
+use recur_core::checkpoint::Manifest;
 use recur_core::data::{
-    CsvLimits, Missing, Prepared, Scale, SeriesConfig, SeriesSpec, SplitFractions, cut_windows,
+    CsvLimits, Missing, Normalizer, Prepared, Scale, SeriesConfig, SeriesSpec, SplitFractions,
+    Windows, cut_windows,
 };
 use recur_core::model::{ModelConfig, ModelKind, SeqModel};
 use recur_core::step::{Batch, Loss, predict};
@@ -95,6 +97,57 @@ async fn upload_series(tc: &mut TestCluster, text: &str) -> String {
         .dataset_id
 }
 
+/// One process's parameters after the first `steps` batches of 32 windows (the test model).
+fn one_process(
+    windows: &Windows,
+    norm: &Normalizer,
+    seed: u64,
+    loss: Loss,
+    steps: usize,
+) -> Vec<f32> {
+    let mut trainer = Trainer::with_split(
+        TrainConfig {
+            model: model(),
+            batch_size: 32,
+            seed,
+            scale: Scale::Standard,
+            loss,
+            ..TrainConfig::default()
+        },
+        &windows.data,
+        windows.split.clone(),
+        norm.clone(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let batches = trainer.next_epoch_batches();
+    assert!(batches.len() > steps);
+    for rows in batches.iter().take(steps) {
+        trainer.train_step(rows).unwrap();
+    }
+    trainer.params().to_vec()
+}
+
+/// The model's outputs (its own units: normalised values or logits) for raw histories of two
+/// features, through a downloaded checkpoint.
+fn local_outputs(
+    manifest: &Manifest,
+    params: &[f32],
+    norm: &Normalizer,
+    histories: &[Vec<f32>],
+) -> Vec<f32> {
+    let model = SeqModel::new(
+        recur_core::model::Params::from_flat(manifest.model, params, &Device::Cpu).unwrap(),
+    );
+    let scaled: Vec<Vec<f32>> = histories.iter().map(|h| norm.inputs(h)).collect();
+    let inputs: Vec<&[f32]> = scaled.iter().map(Vec::as_slice).collect();
+    predict(
+        &model,
+        &Batch::from_inputs(&inputs, 2, &Device::Cpu).unwrap(),
+    )
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_train_a_series_like_one_process_and_predict_from_raw_values() {
     let text = series_text();
@@ -128,26 +181,8 @@ async fn two_workers_train_a_series_like_one_process_and_predict_from_raw_values
     assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
     let (manifest, cluster) = checkpoint(&mut tc.client, &id, true).await;
     assert_eq!(manifest.model, model());
-    let mut trainer = Trainer::with_split(
-        TrainConfig {
-            model: model(),
-            batch_size: 32,
-            seed: 2,
-            scale: Scale::Standard,
-            ..TrainConfig::default()
-        },
-        &windows.data,
-        windows.split.clone(),
-        reference.norm.clone(),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let batches = trainer.next_epoch_batches();
-    assert!(batches.len() > 8);
-    for rows in batches.iter().take(8) {
-        trainer.train_step(rows).unwrap();
-    }
-    assert_params_close(&cluster, trainer.params(), "2 workers vs recur-core");
+    let trainer = one_process(&windows, &reference.norm, 2, Loss::Mse, 8);
+    assert_params_close(&cluster, &trainer, "2 workers vs recur-core");
 
     // A job with epochs has a best checkpoint, whose normalisation (fitted on the training
     // windows only; temp's fixed /10) is stored and applied to raw histories by Predict.
@@ -180,18 +215,12 @@ async fn two_workers_train_a_series_like_one_process_and_predict_from_raw_values
         .await
         .unwrap()
         .predictions;
-    let model = SeqModel::new(
-        recur_core::model::Params::from_flat(manifest.model, &params, &Device::Cpu).unwrap(),
-    );
-    let scaled: Vec<Vec<f32>> = histories.iter().map(|h| reference.norm.inputs(h)).collect();
-    let inputs: Vec<&[f32]> = scaled.iter().map(Vec::as_slice).collect();
-    let local = reference.norm.outputs(
-        &predict(
-            &model,
-            &Batch::from_inputs(&inputs, 2, &Device::Cpu).unwrap(),
-        )
-        .unwrap(),
-    );
+    let local = reference.norm.outputs(&local_outputs(
+        &manifest,
+        &params,
+        &reference.norm,
+        &histories,
+    ));
     assert_eq!(answer.len(), 4);
     for (a, b) in answer.iter().zip(&local) {
         assert!((a - b).abs() < 1e-3 * b.abs().max(1.0), "{a} vs {b}");
@@ -563,25 +592,8 @@ async fn a_rises_label_trains_a_classifier_that_two_workers_and_one_process_agre
         reference.norm.targets[0],
         recur_core::data::Affine::divide(1.0)
     );
-    let mut trainer = Trainer::with_split(
-        TrainConfig {
-            model: model(),
-            batch_size: 32,
-            seed: 3,
-            scale: Scale::Standard,
-            loss: Loss::Bce,
-            ..TrainConfig::default()
-        },
-        &windows.data,
-        windows.split.clone(),
-        reference.norm.clone(),
-        &Device::Cpu,
-    )
-    .unwrap();
-    for rows in trainer.next_epoch_batches().iter().take(6) {
-        trainer.train_step(rows).unwrap();
-    }
-    assert_params_close(&cluster, trainer.params(), "2 workers vs recur-core (bce)");
+    let trainer = one_process(&windows, &reference.norm, 3, Loss::Bce, 6);
+    assert_params_close(&cluster, &trainer, "2 workers vs recur-core (bce)");
 
     // Trained for a while, the weekly cycle makes "higher tomorrow" predictable.
     let id = tc
@@ -615,16 +627,7 @@ async fn a_rises_label_trains_a_classifier_that_two_workers_and_one_process_agre
         .unwrap()
         .predictions;
     let (manifest, params) = checkpoint(&mut tc.client, &id, false).await;
-    let model = SeqModel::new(
-        recur_core::model::Params::from_flat(manifest.model, &params, &Device::Cpu).unwrap(),
-    );
-    let scaled: Vec<Vec<f32>> = histories.iter().map(|h| reference.norm.inputs(h)).collect();
-    let inputs: Vec<&[f32]> = scaled.iter().map(Vec::as_slice).collect();
-    let logits = predict(
-        &model,
-        &Batch::from_inputs(&inputs, 2, &Device::Cpu).unwrap(),
-    )
-    .unwrap();
+    let logits = local_outputs(&manifest, &params, &reference.norm, &histories);
     assert_eq!(probabilities.len(), logits.len());
     for (p, x) in probabilities.iter().zip(&logits) {
         let sigmoid = 1.0 / (1.0 + (-x).exp());

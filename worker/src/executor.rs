@@ -233,13 +233,7 @@ impl Executor {
             let targets = if part.target_maps.is_empty() {
                 vec![Affine::divide(part.scale); model.output_size]
             } else {
-                part.target_maps
-                    .iter()
-                    .map(|a| Affine {
-                        shift: a.shift,
-                        scale: a.scale,
-                    })
-                    .collect()
+                part.target_maps.iter().map(Affine::from).collect()
             };
             Normalizer {
                 inputs: vec![Affine::divide(1.0); model.input_size],

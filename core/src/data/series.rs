@@ -294,6 +294,60 @@ fn is_missing(cell: &str) -> bool {
     cell.is_empty() || cell.eq_ignore_ascii_case("null") || cell.eq_ignore_ascii_case("nan")
 }
 
+/// Reads the lines after the header: skips blank ones; reports an unreadable line (reading on
+/// past bad UTF-8 only), a line with another number of fields than the header, and the first
+/// line past the row limit (and stops there); hands every other line's record to `each` with
+/// its line number. Returns the lines counted (blank ones aside).
+fn data_lines(
+    rdr: &mut ::csv::Reader<&[u8]>,
+    fields: usize,
+    limits: &CsvLimits,
+    problems: &mut Problems<'_>,
+    mut each: impl FnMut(usize, &::csv::StringRecord, &mut Problems<'_>),
+) -> usize {
+    let mut record = ::csv::StringRecord::new();
+    let mut lines = 0usize;
+    loop {
+        match rdr.read_record(&mut record) {
+            Ok(false) => break,
+            Err(e) => {
+                problems.push(line_of(&e), unreadable(&e));
+                if !matches!(e.kind(), ::csv::ErrorKind::Utf8 { .. }) {
+                    break;
+                }
+            }
+            Ok(true) => {
+                let line = record.position().map_or(0, |p| p.line() as usize);
+                if record.iter().all(str::is_empty) {
+                    continue;
+                }
+                if lines >= limits.max_rows {
+                    problems.push(
+                        line,
+                        LineProblem::TooManyRows {
+                            limit: limits.max_rows,
+                        },
+                    );
+                    break;
+                }
+                lines += 1;
+                if record.len() != fields {
+                    problems.push(
+                        line,
+                        LineProblem::FieldCount {
+                            found: record.len(),
+                            expected: fields,
+                        },
+                    );
+                    continue;
+                }
+                each(line, &record, problems);
+            }
+        }
+    }
+    lines
+}
+
 /// Checks a series file at upload: a header of distinct names, the same number of fields on every
 /// line, the size and row limits. Cells are checked when a job names their columns.
 pub fn read_series_header(
@@ -304,52 +358,22 @@ pub fn read_series_header(
     let mut rdr = reader(bytes);
     let columns = header(&mut rdr, bytes.len(), name, limits)?;
     let mut problems = Problems::new(name, limits);
-    let mut record = ::csv::StringRecord::new();
-    let (mut steps, mut max_abs) = (0usize, 0f32);
-    loop {
-        match rdr.read_record(&mut record) {
-            Ok(false) => break,
-            Ok(true) => {
-                let line = record.position().map_or(0, |p| p.line() as usize);
-                if record.iter().all(str::is_empty) {
-                    continue;
-                }
-                if steps >= limits.max_rows {
-                    problems.push(
-                        line,
-                        LineProblem::TooManyRows {
-                            limit: limits.max_rows,
-                        },
-                    );
-                    break;
-                }
-                steps += 1;
-                if record.len() != columns.len() {
-                    problems.push(
-                        line,
-                        LineProblem::FieldCount {
-                            found: record.len(),
-                            expected: columns.len(),
-                        },
-                    );
-                    continue;
-                }
-                for cell in record.iter() {
-                    if let Ok(v) = cell.parse::<f32>()
-                        && v.is_finite()
-                    {
-                        max_abs = max_abs.max(v.abs());
-                    }
+    let mut max_abs = 0f32;
+    let steps = data_lines(
+        &mut rdr,
+        columns.len(),
+        limits,
+        &mut problems,
+        |_, record, _| {
+            for cell in record {
+                if let Ok(v) = cell.parse::<f32>()
+                    && v.is_finite()
+                {
+                    max_abs = max_abs.max(v.abs());
                 }
             }
-            Err(e) => {
-                problems.push(line_of(&e), unreadable(&e));
-                if !matches!(e.kind(), ::csv::ErrorKind::Utf8 { .. }) {
-                    break;
-                }
-            }
-        }
-    }
+        },
+    );
     if problems.errors.is_empty() && steps == 0 {
         problems.push(0, LineProblem::NoRows);
     }
@@ -418,108 +442,81 @@ pub fn cut_windows(
         })
         .collect();
     let mut problems = Problems::new(name, limits);
-    let mut record = ::csv::StringRecord::new();
     let mut steps: Vec<Step> = Vec::new();
     let mut dropped = 0usize;
-    loop {
-        match rdr.read_record(&mut record) {
-            Ok(false) => break,
-            Err(e) => {
-                problems.push(line_of(&e), unreadable(&e));
-                break;
-            }
-            Ok(true) => {
-                let line = record.position().map_or(0, |p| p.line() as usize);
-                if record.iter().all(str::is_empty) {
-                    continue;
-                }
-                if steps.len() + dropped >= limits.max_rows {
-                    problems.push(
-                        line,
-                        LineProblem::TooManyRows {
-                            limit: limits.max_rows,
-                        },
-                    );
-                    break;
-                }
-                if record.len() != columns.len() {
-                    problems.push(
-                        line,
-                        LineProblem::FieldCount {
-                            found: record.len(),
-                            expected: columns.len(),
-                        },
-                    );
-                    continue;
-                }
-                // Each column once (a target may also be a feature).
-                let mut cells = vec![f32::NAN; unique.len()];
-                let mut missing = false;
-                for (slot, &c) in unique.iter().enumerate() {
-                    let cell = &record[c];
-                    let column = || columns[c].clone();
-                    if is_missing(cell) {
-                        missing = true;
-                        if spec.missing == Missing::Refuse {
-                            problems.push(
-                                line,
-                                LineProblem::MissingIn {
-                                    column: column(),
-                                    text: cell.to_string(),
-                                },
-                            );
-                        }
-                        continue;
-                    }
-                    match cell.parse::<f64>() {
-                        Ok(v) if v.is_finite() && v.abs() <= limits.max_abs_value => {
-                            cells[slot] = v as f32;
-                        }
-                        Ok(v) if v.is_finite() => problems.push(
-                            line,
-                            LineProblem::OutOfRangeIn {
-                                column: column(),
-                                value: v,
-                                limit: limits.max_abs_value,
-                            },
-                        ),
-                        _ => problems.push(
-                            line,
-                            LineProblem::NotANumberIn {
-                                column: column(),
-                                text: cell.chars().take(32).collect(),
-                            },
-                        ),
-                    }
-                }
-                // A step without its place in the order is missing too.
-                if let Some(c) = order
-                    && is_missing(&record[c])
-                {
+    data_lines(
+        &mut rdr,
+        columns.len(),
+        limits,
+        &mut problems,
+        |line, record, problems| {
+            // Each column once (a target may also be a feature).
+            let mut cells = vec![f32::NAN; unique.len()];
+            let mut missing = false;
+            for (slot, &c) in unique.iter().enumerate() {
+                let cell = &record[c];
+                let column = || columns[c].clone();
+                if is_missing(cell) {
                     missing = true;
                     if spec.missing == Missing::Refuse {
                         problems.push(
                             line,
                             LineProblem::MissingIn {
-                                column: columns[c].clone(),
-                                text: record[c].to_string(),
+                                column: column(),
+                                text: cell.to_string(),
                             },
                         );
                     }
+                    continue;
                 }
-                let values: Vec<f32> = slots.iter().map(|&k| cells[k]).collect();
-                if missing {
-                    dropped += 1;
-                } else if values.iter().all(|v| !v.is_nan()) {
-                    steps.push(Step {
+                match cell.parse::<f64>() {
+                    Ok(v) if v.is_finite() && v.abs() <= limits.max_abs_value => {
+                        cells[slot] = v as f32;
+                    }
+                    Ok(v) if v.is_finite() => problems.push(
                         line,
-                        values,
-                        key: order.map(|c| record[c].to_string()),
-                    });
+                        LineProblem::OutOfRangeIn {
+                            column: column(),
+                            value: v,
+                            limit: limits.max_abs_value,
+                        },
+                    ),
+                    _ => problems.push(
+                        line,
+                        LineProblem::NotANumberIn {
+                            column: column(),
+                            text: cell.chars().take(32).collect(),
+                        },
+                    ),
                 }
             }
-        }
-    }
+            // A step without its place in the order is missing too.
+            if let Some(c) = order
+                && is_missing(&record[c])
+            {
+                missing = true;
+                if spec.missing == Missing::Refuse {
+                    problems.push(
+                        line,
+                        LineProblem::MissingIn {
+                            column: columns[c].clone(),
+                            text: record[c].to_string(),
+                        },
+                    );
+                }
+            }
+            let values: Vec<f32> = slots.iter().map(|&k| cells[k]).collect();
+            if missing {
+                dropped += 1;
+            } else if values.iter().all(|v| !v.is_nan()) {
+                steps.push(Step {
+                    line,
+                    values,
+                    key: order.map(|c| record[c].to_string()),
+                });
+            }
+        },
+    );
     if !problems.errors.is_empty() {
         return Err(problems.fail().into());
     }

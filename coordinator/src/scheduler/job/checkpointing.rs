@@ -72,7 +72,7 @@ impl RunningJob {
         Manifest {
             format_version: FORMAT_VERSION,
             model: self.spec.train.model,
-            scale: self.norm.targets[0].scale,
+            scale: self.data.norm.targets[0].scale,
             epoch,
             step,
             validation,
@@ -81,7 +81,7 @@ impl RunningJob {
             scheduler: None,
             lr: None,
             position: BTreeMap::new(),
-            normalizer: Some(self.norm.clone()),
+            normalizer: Some(self.data.norm.clone()),
             loss: self.spec.train.loss,
         }
     }

@@ -36,8 +36,8 @@ impl RunningJob {
             return;
         }
         let (which, rows) = match kind {
-            EvalKind::Validation => (VALIDATION, self.split.validation.clone()),
-            EvalKind::Test => (TEST, self.split.test.clone()),
+            EvalKind::Validation => (VALIDATION, self.data.split.validation.clone()),
+            EvalKind::Test => (TEST, self.data.split.test.clone()),
         };
         let version = match (kind, &self.best) {
             (EvalKind::Test, Some(b)) => b.version,

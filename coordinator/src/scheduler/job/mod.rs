@@ -31,10 +31,11 @@ mod sharding;
 mod step;
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Device;
-use recur_core::data::{Dataset, Normalizer, Split, epoch_batches};
+use recur_core::data::{Prepared, epoch_batches};
 use recur_core::metrics::{Metrics, MetricsAccumulator};
 use recur_core::model::Params;
 use recur_core::optim::{LrScheduler, Optimizer};
@@ -92,9 +93,8 @@ struct Timing {
 pub(crate) struct RunningJob {
     id: JobId,
     spec: JobSpec,
-    data: Dataset,
-    norm: Normalizer,
-    split: Split,
+    /// The job's rows (normalised), their split and normalisation, shared with the submission.
+    data: Arc<Prepared>,
     /// The evaluation batch of every validation and test row, by dataset row.
     eval_batch: Vec<u32>,
     params: Vec<f32>,
@@ -184,7 +184,7 @@ impl RunningJob {
 
     fn prepare(job: NewJob, now: Instant) -> Result<Self, String> {
         let t = &job.spec.train;
-        let split = job.data.split.clone();
+        let split = &job.data.split;
         // Evaluation batches are the split's rows in order, `batch_size` at a time.
         let mut eval_batch = vec![0u32; job.data.data.len()];
         for rows in [&split.validation, &split.test] {
@@ -217,9 +217,7 @@ impl RunningJob {
         let resume = job.resume;
         let mut running = Self {
             id: job.id,
-            data: job.data.data.clone(),
-            norm: job.data.norm.clone(),
-            split,
+            data: job.data,
             eval_batch,
             params,
             version: 0,
@@ -298,7 +296,7 @@ impl RunningJob {
         self.phase = Phase::Waiting(Next::Step);
         self.refresh_members(cx);
         let t = &self.spec.train;
-        self.batches = epoch_batches(&self.split.train, t.batch_size, t.seed, self.epoch);
+        self.batches = epoch_batches(&self.data.split.train, t.batch_size, t.seed, self.epoch);
         self.cursor = 0;
         self.train_acc = MetricsAccumulator::default();
         self.timing = Timing::default();

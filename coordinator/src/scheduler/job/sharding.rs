@@ -58,8 +58,14 @@ impl RunningJob {
         self.shard_version += 1;
         self.resharded_epoch = self.epoch;
         let n = self.members.len();
-        let data = &self.data;
-        let train_values: usize = self.split.train.iter().map(|&r| data.row(r).len()).sum();
+        let data = &self.data.data;
+        let train_values: usize = self
+            .data
+            .split
+            .train
+            .iter()
+            .map(|&r| data.row(r).len())
+            .sum();
         let replicated = train_values <= cx.config.replicate_values;
         if !replicated || !self.replicated {
             self.holds_train.clear();
@@ -71,17 +77,17 @@ impl RunningJob {
         let train_shards = if replicated {
             Vec::new()
         } else {
-            by_speed(&self.split.train)
+            by_speed(&self.data.split.train)
         };
-        let validation_shards = by_speed(&self.split.validation);
-        let test_shards = by_speed(&self.split.test);
+        let validation_shards = by_speed(&self.data.split.validation);
+        let test_shards = by_speed(&self.data.split.test);
         for (k, &w) in self.members.iter().enumerate() {
             let keep_train = replicated && self.holds_train.contains(&w);
             // A job that has finished training (resumed after its last epoch) only evaluates.
             let train: &[usize] = match (replicated, keep_train) {
                 _ if self.stop.is_some() => &[],
                 (false, _) => &train_shards[k],
-                (true, false) => &self.split.train,
+                (true, false) => &self.data.split.train,
                 (true, true) => &[],
             };
             for (which, rows) in [
@@ -96,7 +102,7 @@ impl RunningJob {
             if let Some(entry) = cx.workers.get_mut(&w) {
                 entry.job = Some(self.id.clone());
                 entry.shard_rows = if replicated {
-                    self.split.train.len()
+                    self.data.split.train.len()
                 } else {
                     train.len()
                 } as u64;
@@ -138,7 +144,7 @@ impl RunningJob {
         let mut values = 0;
         for (which, rows) in lists.into_iter().enumerate() {
             for &r in rows {
-                let row = self.data.row(r);
+                let row = self.data.data.row(r);
                 if values + row.len() > part_values && values > 0 {
                     parts.push(std::mem::replace(&mut current, empty()));
                     values = 0;
@@ -170,20 +176,9 @@ impl RunningJob {
             job_id: self.id.0.clone(),
             shard_version: self.shard_version,
             model: Some((&self.spec.train.model).into()),
-            scale: self.norm.targets[0].scale,
-            target_maps: self
-                .norm
-                .targets
-                .iter()
-                .map(|a| pb::Affine {
-                    shift: a.shift,
-                    scale: a.scale,
-                })
-                .collect(),
-            loss: match self.spec.train.loss {
-                recur_core::step::Loss::Mse => pb::Loss::Mse,
-                recur_core::step::Loss::Bce => pb::Loss::Bce,
-            } as i32,
+            scale: self.data.norm.targets[0].scale,
+            target_maps: self.data.norm.targets.iter().map(Into::into).collect(),
+            loss: pb::Loss::from(self.spec.train.loss) as i32,
             eval_batch_size: self.spec.train.batch_size as u32,
             ..Default::default()
         }
@@ -194,7 +189,7 @@ impl RunningJob {
     pub(super) fn make_parts(&mut self, which: usize, rows: &[usize], cx: &Ctx<'_>) -> Vec<Part> {
         let by_worker: Vec<(WorkerId, Vec<usize>)> = if which == TRAIN && self.replicated {
             let weights = self.speeds.weights(&self.members);
-            let data = &self.data;
+            let data = &self.data.data;
             self.members
                 .iter()
                 .copied()
@@ -214,7 +209,7 @@ impl RunningJob {
             .filter(|(_, rows)| !rows.is_empty())
             .map(|(worker, rows)| {
                 self.next_part += 1;
-                let steps = rows.iter().map(|&r| self.data.steps(r)).sum();
+                let steps = rows.iter().map(|&r| self.data.data.steps(r)).sum();
                 Part {
                     id: self.next_part,
                     worker,
