@@ -554,11 +554,37 @@ async fn specs_fine_tuning_and_deleting_jobs_and_datasets() {
             "sgd",
             "--lr",
             "0.1",
+            "--head",
+            "10,5",
+            "--dropout",
+            "0.25",
         ],
     ))
     .await);
+    let (code, err) = failed(
+        run(recur(
+            &url,
+            &[
+                "train",
+                &csv,
+                "--print-spec",
+                "--head",
+                "8",
+                "--dropout",
+                "1.5",
+            ],
+        ))
+        .await,
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("--dropout 1.5 is not at least 0 and below 1"),
+        "{err}"
+    );
     let mut spec = json(&printed);
     assert_eq!(spec["model"]["kind"], "MODEL_KIND_GRU", "{spec}");
+    assert_eq!(spec["model"]["head"], serde_json::json!([10, 5]), "{spec}");
+    assert_eq!(spec["dropout"], 0.25, "{spec}");
     assert_eq!(spec["dataset_id"].as_str().unwrap().len(), 64, "{spec}");
     spec["train_percent"] = 70.into();
     spec["validation_percent"] = 15.into();
@@ -592,7 +618,10 @@ async fn specs_fine_tuning_and_deleting_jobs_and_datasets() {
         (first_spec.train_percent, first_spec.validation_percent),
         (70, 15)
     );
-    assert_eq!(first_spec.model.unwrap().hidden_size, 6);
+    let first_model = first_spec.model.clone().unwrap();
+    assert_eq!(first_model.hidden_size, 6);
+    assert_eq!(first_model.head, [10, 5]);
+    assert_eq!(first_spec.dropout, 0.25);
     assert_eq!(first_spec.seed, 5);
 
     // datasets: listed with their jobs; a prefix names one.
@@ -629,9 +658,11 @@ async fn specs_fine_tuning_and_deleting_jobs_and_datasets() {
     .await);
     assert_eq!(json(&out)["job_id"], "job-2");
     ok(run(recur(&url, &["watch", "job-2"])).await);
+    // Its checkpoint holds the MLP head under PyTorch's `nn.Sequential` names.
     let gru = ModelConfig {
         kind: recur_core::model::ModelKind::Gru,
         hidden_size: 6,
+        head: recur_core::model::HeadLayers::new(&[10, 5]).unwrap(),
         ..ModelConfig::tutorial()
     };
     for job in ["job-1", "job-2"] {

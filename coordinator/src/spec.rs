@@ -275,7 +275,10 @@ impl JobSpec {
             )
         })?;
         let series = s.series.as_ref().map(series_from_proto).transpose()?;
-        let mut wire_model = s.model.unwrap_or_else(|| (&ModelConfig::tutorial()).into());
+        let mut wire_model = s
+            .model
+            .clone()
+            .unwrap_or_else(|| (&ModelConfig::tutorial()).into());
         if let Some(series) = &series {
             // Unset sizes are the numbers of columns.
             for (size, columns, field) in [
@@ -411,6 +414,7 @@ impl JobSpec {
             seed: s.seed,
             scale,
             split,
+            dropout: s.dropout,
         };
         train
             .validate()
@@ -458,6 +462,7 @@ impl JobSpec {
             } as i32,
             series: self.series.as_ref().map(series_to_proto),
             loss: pb::Loss::from(t.loss) as i32,
+            dropout: t.dropout,
             train_percent: t.split.train,
             validation_percent: t.split.validation,
             max_steps: self.max_steps.unwrap_or(0),
@@ -515,6 +520,7 @@ mod tests {
                         num_layers: 1,
                         bidirectional: false,
                         output_size: 1,
+                        head: Default::default(),
                     }),
                     ..base()
                 },
@@ -529,6 +535,7 @@ mod tests {
                         num_layers: 1,
                         bidirectional: false,
                         output_size: 1,
+                        head: Default::default(),
                     }),
                     ..base()
                 },
@@ -543,6 +550,7 @@ mod tests {
                         num_layers: 4,
                         bidirectional: false,
                         output_size: 1,
+                        head: Default::default(),
                     }),
                     ..base()
                 },

@@ -128,6 +128,7 @@ impl Trainee for Recur<SeqModel> {
             batch,
             &[recur_core::data::Affine::divide(1.0)],
             recur_core::step::Loss::Mse,
+            None,
         )
         .unwrap()
         .grads;

@@ -238,7 +238,7 @@ impl Checkpoint {
 }
 
 /// Loads a PyTorch `state_dict` saved with `safetensors.torch.save_file` for a model of shape
-/// `config` (names `rnn.*` and `linear.*`). Float32 and float64 tensors are accepted.
+/// `config` (names `rnn.*`, and `linear.*` or the head's `head.{3i}.*`). Float32 and float64 tensors are accepted.
 pub fn load_state_dict(path: &Path, config: ModelConfig, device: &Device) -> Result<Params> {
     let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
     let (tensors, _) = decode(&bytes, path)?;
@@ -382,6 +382,7 @@ mod tests {
             num_layers: 2,
             bidirectional: true,
             output_size: 1,
+            head: Default::default(),
         };
         let params = Params::init(model, 3, &Device::Cpu)
             .unwrap()

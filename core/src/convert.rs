@@ -6,7 +6,7 @@ use recur_proto::v1 as pb;
 
 use crate::data::Affine;
 use crate::metrics::{BatchSums, Metrics};
-use crate::model::{ModelConfig, ModelKind};
+use crate::model::{HeadLayers, ModelConfig, ModelKind};
 use crate::step::Loss;
 use crate::{Error, Result};
 
@@ -47,6 +47,7 @@ impl From<&ModelConfig> for pb::ModelConfig {
             num_layers: c.num_layers as u32,
             bidirectional: c.bidirectional,
             output_size: c.output_size as u32,
+            head: c.head.widths().map(|w| w as u32).collect(),
         }
     }
 }
@@ -66,6 +67,7 @@ impl TryFrom<&pb::ModelConfig> for ModelConfig {
             num_layers: c.num_layers as usize,
             bidirectional: c.bidirectional,
             output_size: c.output_size as usize,
+            head: HeadLayers::new(&c.head.iter().map(|&w| w as usize).collect::<Vec<_>>())?,
         };
         config.validate()?;
         Ok(config)
@@ -235,6 +237,7 @@ mod tests {
                 num_layers: 3,
                 bidirectional: true,
                 output_size: 1,
+                head: HeadLayers::new(&[kind.gates() * 3, 2]).unwrap(),
             };
             let wire = pb::ModelConfig::from(&c);
             assert_eq!(ModelConfig::try_from(&wire).unwrap(), c);

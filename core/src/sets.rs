@@ -399,6 +399,7 @@ mod tests {
             num_layers: 1,
             bidirectional: false,
             output_size: 1,
+            head: Default::default(),
         };
         let params = Params::init(model, epoch, &Device::Cpu)
             .unwrap()

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{Affine, Dataset, Normalizer};
 use crate::metrics::BatchSums;
-use crate::model::{PackedBatch, SeqModel};
+use crate::model::{Dropout, PackedBatch, SeqModel};
 
 /// What a model is trained to minimise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -110,16 +110,51 @@ pub struct GradSum {
     pub sums: BatchSums,
 }
 
+/// Dropout in one training step: the settings, the optimizer step (1-based) and each batch
+/// sample's dataset row, in the batch's input order (the masks' keys).
+#[derive(Debug, Clone, Copy)]
+pub struct StepDropout<'a> {
+    /// Probability and seed.
+    pub dropout: Dropout,
+    /// The optimizer step being computed.
+    pub step: u64,
+    /// Each sample's dataset row, as the batch's rows were given.
+    pub rows: &'a [u64],
+}
+
 /// Forward and backward over `batch`: the gradient of the loss summed over the batch, each
 /// sample's loss the mean over its outputs (`sum_i mean_j l(y_ij, t_ij)`). `targets` maps each
-/// target back to the data's units for the metrics.
+/// target back to the data's units for the metrics. With `dropout` (and a head with hidden
+/// layers), units of the head are dropped as [`Dropout::masks`] draws them.
 pub fn grad_sum(
     model: &SeqModel,
     batch: &Batch,
     targets: &[Affine],
     loss: Loss,
+    dropout: Option<StepDropout<'_>>,
 ) -> Result<GradSum> {
-    let out = model.forward(&batch.packed, false)?;
+    let widths = model.head_widths();
+    let out = match dropout {
+        Some(d) if d.dropout.p > 0.0 && !widths.is_empty() => {
+            if d.rows.len() != batch.len() {
+                return Err(crate::Error::setting(
+                    "dropout",
+                    format!("{} row keys for a batch of {}", d.rows.len(), batch.len()),
+                ));
+            }
+            let keys: Vec<u64> = batch.packed.order().iter().map(|&k| d.rows[k]).collect();
+            let device = batch.packed.data().device();
+            let masks = d
+                .dropout
+                .masks(d.step, &keys, &widths)
+                .into_iter()
+                .zip(&widths)
+                .map(|(m, &w)| Tensor::from_vec(m, (keys.len(), w), device))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            model.forward_dropout(&batch.packed, &masks)?
+        }
+        _ => model.forward(&batch.packed, false)?,
+    };
     let wanted = Tensor::from_slice(&batch.targets, out.ys.shape(), out.ys.device())?;
     let total = match loss {
         Loss::Mse => crate::fused::squared_error(&out.ys, &wanted)?,
@@ -170,6 +205,59 @@ mod tests {
     use super::*;
     use crate::model::{ModelConfig, ModelKind, Params};
 
+    /// With dropout, a batch's gradient is the sum of its halves' (each sample keeps its mask
+    /// wherever it is computed), differs from the gradient without dropout, and a repeated step
+    /// gives the same values.
+    #[test]
+    fn dropout_masks_follow_the_sample_not_the_batch() {
+        let config = ModelConfig {
+            kind: ModelKind::Lstm,
+            input_size: 1,
+            hidden_size: 4,
+            num_layers: 1,
+            bidirectional: false,
+            output_size: 1,
+            head: crate::model::HeadLayers::new(&[6, 5]).unwrap(),
+        };
+        let mut data = Dataset::with_shape(1, 1);
+        for r in 0..9 {
+            let row: Vec<f32> = (0..(3 + r % 4))
+                .map(|k| (r * 7 + k) as f32 / 20.0)
+                .collect();
+            data.push_row(&row);
+        }
+        let model = SeqModel::new(Params::init(config, 5, &Device::Cpu).unwrap());
+        let maps = [Affine::divide(1.0)];
+        let dropout = Dropout { p: 0.4, seed: 11 };
+        let run = |rows: &[usize], p: Option<Dropout>| {
+            let keys: Vec<u64> = rows.iter().map(|&r| r as u64 + 100).collect();
+            let batch = Batch::from_rows(&data, rows, &Device::Cpu).unwrap();
+            let d = p.map(|dropout| StepDropout {
+                dropout,
+                step: 3,
+                rows: &keys,
+            });
+            grad_sum(&model, &batch, &maps, Loss::Mse, d).unwrap()
+        };
+        let whole = run(&[0, 1, 2, 3, 4, 5, 6, 7, 8], Some(dropout));
+        let (a, b) = (
+            run(&[5, 0, 8, 2], Some(dropout)),
+            run(&[7, 1, 3, 6, 4], Some(dropout)),
+        );
+        for (k, w) in whole.grads.iter().enumerate() {
+            let parts = a.grads[k] + b.grads[k];
+            assert!(
+                (w - parts).abs() <= 1e-5 * w.abs().max(1e-3),
+                "{k}: {w} vs {parts}"
+            );
+        }
+        assert_eq!(whole, run(&[0, 1, 2, 3, 4, 5, 6, 7, 8], Some(dropout)));
+        let plain = run(&[0, 1, 2, 3, 4, 5, 6, 7, 8], None);
+        assert_ne!(whole.grads, plain.grads);
+        let off = Dropout { p: 0.0, seed: 11 };
+        assert_eq!(plain, run(&[0, 1, 2, 3, 4, 5, 6, 7, 8], Some(off)));
+    }
+
     /// The BCE gradient equals a central finite difference of the summed loss.
     #[test]
     fn the_bce_gradient_matches_finite_differences() {
@@ -180,6 +268,7 @@ mod tests {
             num_layers: 1,
             bidirectional: false,
             output_size: 2,
+            head: Default::default(),
         };
         let mut data = Dataset::with_shape(2, 2);
         data.push_row(&[0.5, -1.0, 0.25, 0.75, 1.0, 0.0]);
@@ -189,7 +278,7 @@ mod tests {
         let maps = [Affine::divide(1.0); 2];
         let params = Params::init(config, 3, &Device::Cpu).unwrap();
         let flat = params.to_flat().unwrap();
-        let g = grad_sum(&SeqModel::new(params), &batch, &maps, Loss::Bce).unwrap();
+        let g = grad_sum(&SeqModel::new(params), &batch, &maps, Loss::Bce, None).unwrap();
         assert!(g.sums.labelled && g.sums.samples == 6);
         let loss_at = |flat: &[f32]| {
             let model = SeqModel::new(Params::from_flat(config, flat, &Device::Cpu).unwrap());

@@ -14,9 +14,9 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{Checkpoint, FORMAT_VERSION, Manifest};
 use crate::data::{Dataset, Normalizer, Scale, Split, SplitFractions, epoch_batches};
 use crate::metrics::{Metrics, MetricsAccumulator};
-use crate::model::{ModelConfig, Params, SeqModel};
+use crate::model::{Dropout, ModelConfig, Params, SeqModel};
 use crate::optim::{LrSchedule, LrScheduler, Optimizer, OptimizerConfig};
-use crate::step::{Batch, Loss, evaluate, grad_sum};
+use crate::step::{Batch, Loss, StepDropout, evaluate, grad_sum};
 use crate::{Error, Result};
 
 /// Everything that defines a training run; with the same data and seed, the same run.
@@ -45,6 +45,9 @@ pub struct TrainConfig {
     /// What is minimised: MSE (regression), or BCE on 0/1 labels (classification).
     #[serde(default)]
     pub loss: Loss,
+    /// Dropout after each hidden layer of the head, in training (0: none).
+    #[serde(default)]
+    pub dropout: f32,
 }
 
 impl Default for TrainConfig {
@@ -65,6 +68,7 @@ impl Default for TrainConfig {
             scale: Scale::default(),
             split: SplitFractions::default(),
             loss: Loss::Mse,
+            dropout: 0.0,
         }
     }
 }
@@ -90,6 +94,13 @@ impl TrainConfig {
         }
         if self.max_epochs == 0 {
             return Err(Error::setting("max_epochs", "must be at least 1"));
+        }
+        Dropout::validate(self.dropout)?;
+        if self.dropout > 0.0 && self.model.head.is_empty() {
+            return Err(Error::setting(
+                "dropout",
+                "acts between the head's hidden layers; give the head at least one (`--head`)",
+            ));
         }
         if let Some(t) = self.target_accuracy
             && !(t.is_finite() && t <= 1.0)
@@ -235,7 +246,22 @@ impl Trainer {
     /// One optimizer step on the global batch `rows`; returns the batch's metric sums.
     pub fn train_step(&mut self, rows: &[usize]) -> Result<crate::metrics::BatchSums> {
         let batch = Batch::from_rows(&self.data, rows, &self.device)?;
-        let mut g = grad_sum(&self.model, &batch, &self.norm.targets, self.config.loss)?;
+        let keys: Vec<u64> = rows.iter().map(|&r| r as u64).collect();
+        let dropout = StepDropout {
+            dropout: Dropout {
+                p: self.config.dropout,
+                seed: self.config.seed,
+            },
+            step: self.step + 1,
+            rows: &keys,
+        };
+        let mut g = grad_sum(
+            &self.model,
+            &batch,
+            &self.norm.targets,
+            self.config.loss,
+            Some(dropout),
+        )?;
         let n = batch.len() as f32;
         g.grads.iter_mut().for_each(|v| *v /= n);
         self.optimizer.step(&mut self.flat, &g.grads)?;

@@ -66,6 +66,7 @@ fn fused_layers_on_the_gpu_match_the_cpu() {
                 num_layers,
                 bidirectional,
                 output_size: 1,
+                head: Default::default(),
             };
             let name = format!("{kind} l{num_layers} bi={bidirectional} h{hidden_size}");
             let seqs: Vec<Vec<f32>> = lengths
@@ -154,6 +155,7 @@ fn a_training_step_on_the_gpu_matches_the_cpu() {
                     &batch,
                     &[recur_core::data::Affine::divide(50.0)],
                     recur_core::step::Loss::Mse,
+                    None,
                 )
                 .unwrap(),
                 predict(&model, &batch).unwrap(),

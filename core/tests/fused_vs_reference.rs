@@ -1,6 +1,7 @@
 //! The fused layers against the per-step reference implementation on random packed batches:
 //! every kind × 1-3 layers × uni/bidirectional, hidden 1-160, inputs of 1-3 features, lengths
-//! 1-60 with long and short rows mixed, batches of 1-300 rows. Outputs at every step, h_n, c_n,
+//! 1-60 with long and short rows mixed, batches of 1-300 rows, a third of them under a head of
+//! one or two hidden layers (widths 1-8, ReLU). Outputs at every step, h_n, c_n,
 //! the head's output and the gradient of every parameter must agree.
 //!
 //! Tolerance: `|fused - reference| <= 1e-5 * |reference| + floor`. The relative part is the
@@ -34,7 +35,9 @@ use proptest::test_runner::RngSeed;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use recur_core::fused::squared_error;
-use recur_core::model::{ModelConfig, ModelKind, PackedBatch, Params, ReferenceModel, SeqModel};
+use recur_core::model::{
+    HeadLayers, ModelConfig, ModelKind, PackedBatch, Params, ReferenceModel, SeqModel,
+};
 
 #[derive(Debug, Clone)]
 struct Case {
@@ -69,6 +72,7 @@ fn case() -> impl Strategy<Value = Case> {
         1usize..=2,
         lengths(),
         any::<u64>(),
+        prop_oneof![2 => Just(Vec::new()), 1 => prop::collection::vec(1usize..=8, 1..=2)],
     )
         .prop_map(
             |(
@@ -80,6 +84,7 @@ fn case() -> impl Strategy<Value = Case> {
                 output_size,
                 lengths,
                 seed,
+                head,
             )| {
                 Case {
                     config: ModelConfig {
@@ -89,6 +94,7 @@ fn case() -> impl Strategy<Value = Case> {
                         num_layers,
                         bidirectional,
                         output_size,
+                        head: HeadLayers::new(&head).unwrap(),
                     },
                     lengths,
                     seed,
@@ -234,6 +240,7 @@ fn corners() {
                     num_layers,
                     bidirectional,
                     output_size: 1,
+                    head: Default::default(),
                 },
                 lengths,
                 seed: 7,

@@ -46,6 +46,7 @@ fn cases() -> Vec<Case> {
                     num_layers: layers,
                     bidirectional: bi,
                     output_size: 2,
+                    head: Default::default(),
                 };
                 cases.push(Case {
                     name,

@@ -172,6 +172,7 @@ async fn every_bad_input_is_refused_by_name_and_the_server_keeps_serving() {
             num_layers: layers,
             bidirectional: false,
             output_size: 1,
+            head: Default::default(),
         })
     };
     let lr = |v: f64| {

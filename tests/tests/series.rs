@@ -7,7 +7,7 @@ use recur_core::data::{
     CsvLimits, Missing, Normalizer, Prepared, Scale, SeriesConfig, SeriesSpec, SplitFractions,
     Windows, cut_windows,
 };
-use recur_core::model::{ModelConfig, ModelKind, SeqModel};
+use recur_core::model::{HeadLayers, ModelConfig, ModelKind, SeqModel};
 use recur_core::step::{Batch, Loss, predict};
 use recur_core::train::{TrainConfig, Trainer};
 use recur_proto::v1 as pb;
@@ -64,6 +64,7 @@ fn model() -> ModelConfig {
         num_layers: 1,
         bidirectional: false,
         output_size: 1,
+        head: Default::default(),
     }
 }
 
@@ -77,6 +78,7 @@ fn job(dataset: &str, seed: u64) -> pb::JobSpec {
         model: Some(pb::ModelConfig {
             input_size: 0,
             output_size: 0,
+            head: Default::default(),
             ..(&model()).into()
         }),
         series: Some(wire_series()),
@@ -105,13 +107,27 @@ fn one_process(
     loss: Loss,
     steps: usize,
 ) -> Vec<f32> {
+    one_process_with(windows, norm, seed, loss, steps, model(), 0.0)
+}
+
+/// [`one_process`] with a given model and head dropout.
+fn one_process_with(
+    windows: &Windows,
+    norm: &Normalizer,
+    seed: u64,
+    loss: Loss,
+    steps: usize,
+    model: ModelConfig,
+    dropout: f32,
+) -> Vec<f32> {
     let mut trainer = Trainer::with_split(
         TrainConfig {
-            model: model(),
+            model,
             batch_size: 32,
             seed,
             scale: Scale::Standard,
             loss,
+            dropout,
             ..TrainConfig::default()
         },
         &windows.data,
@@ -637,5 +653,119 @@ async fn a_rises_label_trains_a_classifier_that_two_workers_and_one_process_agre
         );
     }
     assert!(probabilities.iter().any(|&p| p > 0.5) && probabilities.iter().any(|&p| p < 0.5));
+    tc.shutdown().await;
+}
+
+/// The test model under a head of two hidden layers.
+fn mlp_model() -> ModelConfig {
+    ModelConfig {
+        head: HeadLayers::new(&[12, 6]).unwrap(),
+        ..model()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mlp_head_with_dropout_trains_alike_on_two_workers_and_one_process() {
+    let text = series_text();
+    let windows = cut_windows(
+        text.as_bytes(),
+        "days.csv",
+        &core_series(),
+        SplitFractions::default(),
+        &CsvLimits::default(),
+    )
+    .unwrap();
+    let reference = Prepared::series(&windows, Scale::Standard, Loss::Mse).unwrap();
+    let mut tc = TestCluster::start(2).await;
+    let dataset = upload_series(&mut tc, &text).await;
+    let mlp = |seed| {
+        let mut spec = job(&dataset, seed);
+        if let Some(m) = spec.model.as_mut() {
+            m.head = vec![12, 6];
+        }
+        spec.dropout = 0.3;
+        spec
+    };
+
+    // Eight steps with dropout: the workers drop the units one process drops.
+    let id = tc
+        .submit(pb::JobSpec {
+            max_steps: 8,
+            ..mlp(5)
+        })
+        .await;
+    let (_, info) = tc.follow(&id).await;
+    assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
+    assert_eq!(info.spec.as_ref().unwrap().dropout, 0.3);
+    let (manifest, cluster) = checkpoint(&mut tc.client, &id, true).await;
+    assert_eq!(manifest.model, mlp_model());
+    let one = one_process_with(&windows, &reference.norm, 5, Loss::Mse, 8, mlp_model(), 0.3);
+    assert_params_close(
+        &cluster,
+        &one,
+        "2 workers vs recur-core (mlp head, dropout 0.3)",
+    );
+    // Dropout is on: without it the same steps end elsewhere.
+    let plain = one_process_with(&windows, &reference.norm, 5, Loss::Mse, 8, mlp_model(), 0.0);
+    let moved = cluster
+        .iter()
+        .zip(&plain)
+        .filter(|(a, b)| (*a - *b).abs() > 1e-4)
+        .count();
+    assert!(moved > cluster.len() / 4, "only {moved} parameters moved");
+
+    // Predictions run without dropout: they equal a plain forward pass of the checkpoint.
+    let histories: Vec<Vec<f32>> = reference
+        .split
+        .test
+        .iter()
+        .take(6)
+        .map(|&r| windows.data.input(r).to_vec())
+        .collect();
+    let answer = tc
+        .client
+        .predict(&id, histories.clone())
+        .await
+        .unwrap()
+        .predictions;
+    let (manifest, params) = checkpoint(&mut tc.client, &id, true).await;
+    let local = reference.norm.outputs(&local_outputs(
+        &manifest,
+        &params,
+        &reference.norm,
+        &histories,
+    ));
+    assert_close(&answer, &local, "predictions of the mlp head");
+
+    // Settings that cannot work are refused before anything is queued.
+    for (change, wanted) in [
+        (
+            (|s: &mut pb::JobSpec| s.model.as_mut().unwrap().head.clear()) as fn(&mut pb::JobSpec),
+            "dropout acts between the head's hidden layers",
+        ),
+        (
+            |s| s.dropout = 1.0,
+            "dropout must be at least 0 and below 1, got 1",
+        ),
+        (
+            |s| s.dropout = f32::NAN,
+            "dropout must be at least 0 and below 1",
+        ),
+        (
+            |s| s.model.as_mut().unwrap().head = vec![4, 4, 4, 4, 4],
+            "has 5 hidden layers, above the limit 4",
+        ),
+        (
+            |s| s.model.as_mut().unwrap().head = vec![4, 0],
+            "hidden layer 2 has width 0",
+        ),
+    ] {
+        let mut spec = mlp(1);
+        change(&mut spec);
+        let err = tc.client.submit(spec).await.unwrap_err();
+        assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+        assert!(err.to_string().contains(wanted), "`{err}` lacks `{wanted}`");
+    }
+    assert_eq!(tc.client.jobs().await.unwrap().len(), 1);
     tc.shutdown().await;
 }

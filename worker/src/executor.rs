@@ -8,8 +8,8 @@ use candle_core::Device;
 use recur_core::convert::{f32s_from_wire, f32s_to_wire};
 use recur_core::data::{Affine, Dataset, Normalizer};
 use recur_core::metrics::BatchSums;
-use recur_core::model::{ModelConfig, Params, SeqModel};
-use recur_core::step::{Batch, Loss, grad_sum, predict};
+use recur_core::model::{Dropout, ModelConfig, Params, SeqModel};
+use recur_core::step::{Batch, Loss, StepDropout, grad_sum, predict};
 use recur_proto::v1 as pb;
 
 use crate::{Error, Result};
@@ -93,6 +93,8 @@ struct Shard {
     targets: Vec<Affine>,
     /// The job's loss.
     loss: Loss,
+    /// The job's head dropout.
+    dropout: Dropout,
     train: Rows,
     validation: Rows,
     test: Rows,
@@ -256,6 +258,14 @@ impl Executor {
                         )));
                     }
                 },
+                dropout: {
+                    Dropout::validate(part.dropout)
+                        .map_err(|e| Error::Protocol(format!("LoadShard: {e}")))?;
+                    Dropout {
+                        p: part.dropout,
+                        seed: part.dropout_seed,
+                    }
+                },
                 train,
                 validation: Rows::shaped(&model),
                 test: Rows::shaped(&model),
@@ -326,7 +336,12 @@ impl Executor {
             }
         } else {
             let batch = Batch::from_rows(&shard.train.data, &rows, &self.device)?;
-            grad_sum(model, &batch, &shard.targets, shard.loss)?
+            let dropout = StepDropout {
+                dropout: shard.dropout,
+                step: step.step,
+                rows: &step.rows,
+            };
+            grad_sum(model, &batch, &shard.targets, shard.loss, Some(dropout))?
         };
         if !self.throttle.is_zero() {
             std::thread::sleep(self.throttle * rows.len() as u32);

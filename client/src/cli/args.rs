@@ -314,6 +314,14 @@ pub struct TrainArgs {
     /// Run each layer in both directions (`--bidirectional=false` turns off a spec file's).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub bidirectional: Option<bool>,
+    /// Hidden widths of the head, comma-separated (`--head 32,16`: Linear → ReLU → Linear →
+    /// ReLU → Linear; at most 4); default one linear layer.
+    #[arg(long, value_delimiter = ',', value_name = "WIDTHS",
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub head: Option<Vec<u32>>,
+    /// Dropout after each hidden layer of the head, in training (0 to below 1; default 0).
+    #[arg(long, value_name = "P")]
+    pub dropout: Option<f32>,
     /// Optimizer (default adam).
     #[arg(long, value_enum)]
     pub optimizer: Option<OptimizerArg>,

@@ -63,6 +63,7 @@ impl Workload {
                 num_layers: 1,
                 bidirectional: false,
                 output_size: 1,
+                head: Default::default(),
             }),
             optimizer: Some(pb::OptimizerSpec {
                 kind: pb::optimizer_spec::Kind::Sgd as i32,

@@ -174,7 +174,8 @@ pub(super) fn train_spec(args: &TrainArgs, base: pb::JobSpec) -> Result<pb::JobS
     let model_flags = args.model.is_some()
         || args.hidden.is_some()
         || args.layers.is_some()
-        || args.bidirectional.is_some();
+        || args.bidirectional.is_some()
+        || args.head.is_some();
     if model_flags {
         // Over the spec's model, or the tutorial's.
         let model = spec.model.get_or_insert(pb::ModelConfig {
@@ -184,6 +185,7 @@ pub(super) fn train_spec(args: &TrainArgs, base: pb::JobSpec) -> Result<pb::JobS
             num_layers: 1,
             bidirectional: false,
             output_size: 1,
+            head: Default::default(),
         });
         if let Some(kind) = args.model {
             model.kind = match kind {
@@ -202,6 +204,18 @@ pub(super) fn train_spec(args: &TrainArgs, base: pb::JobSpec) -> Result<pb::JobS
         if let Some(both) = args.bidirectional {
             model.bidirectional = both;
         }
+        if let Some(head) = &args.head {
+            model.head.clone_from(head);
+        }
+    }
+    if let Some(p) = args.dropout {
+        if !(p.is_finite() && (0.0..1.0).contains(&p)) {
+            return Err(CliError::new(
+                format!("--dropout {p} is not at least 0 and below 1"),
+                "for example --dropout 0.2 with --head 32",
+            ));
+        }
+        spec.dropout = p;
     }
     if let Some(lr) = args.lr
         && !(lr.is_finite() && lr > 0.0)

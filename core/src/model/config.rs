@@ -81,6 +81,93 @@ pub struct ModelConfig {
     pub bidirectional: bool,
     /// Values predicted per sequence.
     pub output_size: usize,
+    /// Widths of the head's hidden layers, each followed by a ReLU (and dropout in training);
+    /// empty for a single linear layer.
+    #[serde(default, skip_serializing_if = "HeadLayers::is_empty")]
+    pub head: HeadLayers,
+}
+
+/// The hidden widths of a model's head, at most [`HeadLayers::MAX`] of them. A fixed-size list
+/// so that [`ModelConfig`] stays `Copy`; it reads and writes as a plain list of widths.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "Vec<usize>", try_from = "Vec<usize>")]
+pub struct HeadLayers {
+    widths: [u32; HeadLayers::MAX],
+    len: u8,
+}
+
+impl HeadLayers {
+    /// Most hidden layers a head may have.
+    pub const MAX: usize = 4;
+
+    /// The head `Linear → ReLU → Linear …` with these hidden widths.
+    pub fn new(widths: &[usize]) -> Result<Self> {
+        if widths.len() > Self::MAX {
+            return Err(Error::InvalidConfig {
+                field: "head",
+                problem: format!(
+                    "has {} hidden layers, above the limit {}",
+                    widths.len(),
+                    Self::MAX
+                ),
+            });
+        }
+        let mut head = Self::default();
+        for (i, &w) in widths.iter().enumerate() {
+            if w == 0 || w > ModelConfig::MAX_DIM {
+                return Err(Error::InvalidConfig {
+                    field: "head",
+                    problem: format!(
+                        "hidden layer {} has width {w}; widths run from 1 to {}",
+                        i + 1,
+                        ModelConfig::MAX_DIM
+                    ),
+                });
+            }
+            head.widths[i] = w as u32;
+        }
+        head.len = widths.len() as u8;
+        Ok(head)
+    }
+
+    /// The hidden widths, input side first.
+    pub fn widths(&self) -> impl ExactSizeIterator<Item = usize> + '_ {
+        self.widths[..usize::from(self.len)]
+            .iter()
+            .map(|&w| w as usize)
+    }
+
+    /// No hidden layer: the head is one linear layer.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl From<HeadLayers> for Vec<usize> {
+    fn from(h: HeadLayers) -> Self {
+        h.widths().collect()
+    }
+}
+
+impl TryFrom<Vec<usize>> for HeadLayers {
+    type Error = Error;
+
+    fn try_from(widths: Vec<usize>) -> Result<Self> {
+        Self::new(&widths)
+    }
+}
+
+/// One linear layer of a model's head and the names of its parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadLayer {
+    /// State-dict name of the weight, `(output, input)`.
+    pub weight: String,
+    /// State-dict name of the bias, `(output,)`.
+    pub bias: String,
+    /// Features in.
+    pub input: usize,
+    /// Values out.
+    pub output: usize,
 }
 
 /// `gru hidden 16 x 2 layers, bidirectional, 3 in / 1 out`.
@@ -92,6 +179,10 @@ impl fmt::Display for ModelConfig {
         }
         if self.bidirectional {
             f.write_str(", bidirectional")?;
+        }
+        if !self.head.is_empty() {
+            let widths: Vec<String> = self.head.widths().map(|w| w.to_string()).collect();
+            write!(f, ", head {}", widths.join("-"))?;
         }
         write!(f, ", {} in / {} out", self.input_size, self.output_size)
     }
@@ -107,6 +198,7 @@ impl ModelConfig {
             num_layers: 1,
             bidirectional: false,
             output_size: 1,
+            head: HeadLayers::default(),
         }
     }
 
@@ -171,12 +263,37 @@ impl ModelConfig {
                 shapes.insert(format!("rnn.bias_hh_l{layer}{suffix}"), vec![g]);
             }
         }
-        shapes.insert(
-            "linear.weight".into(),
-            vec![self.output_size, self.head_input()],
-        );
-        shapes.insert("linear.bias".into(), vec![self.output_size]);
+        for layer in self.head_layers() {
+            shapes.insert(layer.weight, vec![layer.output, layer.input]);
+            shapes.insert(layer.bias, vec![layer.output]);
+        }
         ParamLayout::new(shapes)
+    }
+
+    /// The head's linear layers, input side first, named as PyTorch names them: `linear.*` for a
+    /// single layer (`nn.Linear`), else `head.{3i}.*`, the linear layers of
+    /// `nn.Sequential(Linear, ReLU, Dropout, Linear, ReLU, Dropout, …, Linear)`.
+    pub fn head_layers(&self) -> Vec<HeadLayer> {
+        let mut sizes = vec![self.head_input()];
+        sizes.extend(self.head.widths());
+        sizes.push(self.output_size);
+        sizes
+            .windows(2)
+            .enumerate()
+            .map(|(i, io)| {
+                let prefix = if self.head.is_empty() {
+                    "linear".to_string()
+                } else {
+                    format!("head.{}", 3 * i)
+                };
+                HeadLayer {
+                    weight: format!("{prefix}.weight"),
+                    bias: format!("{prefix}.bias"),
+                    input: io[0],
+                    output: io[1],
+                }
+            })
+            .collect()
     }
 }
 
@@ -275,6 +392,7 @@ mod tests {
             num_layers: 2,
             bidirectional: true,
             output_size: 2,
+            head: Default::default(),
         };
         let layout = config.layout();
         assert_eq!(
@@ -285,6 +403,44 @@ mod tests {
         assert_eq!(layout.get("linear.weight").unwrap().shape, [2, 10]);
         // sum(p.numel() for p in nn.LSTM(3, 5, 2, bidirectional=True).parameters()) == 1080
         assert_eq!(layout.total(), 1080 + 2 * 10 + 2);
+    }
+
+    /// An MLP head is named as the linear layers of `nn.Sequential(Linear, ReLU, Dropout, …)`,
+    /// and the manifest form lists its widths (and leaves them out for a single linear layer).
+    #[test]
+    fn mlp_head_layout_matches_pytorch_sequential() {
+        let mut config = ModelConfig::tutorial();
+        config.output_size = 2;
+        config.head = HeadLayers::new(&[5, 4]).unwrap();
+        let layout = config.layout();
+        assert_eq!(layout.get("head.0.weight").unwrap().shape, [5, 8]);
+        assert_eq!(layout.get("head.3.weight").unwrap().shape, [4, 5]);
+        assert_eq!(layout.get("head.6.weight").unwrap().shape, [2, 4]);
+        assert_eq!(layout.get("head.6.bias").unwrap().shape, [2]);
+        assert!(layout.get("linear.weight").is_none());
+        // RNN(1, 8): 88; Linear(8,5) 45 + Linear(5,4) 24 + Linear(4,2) 10.
+        assert_eq!(layout.total(), 88 + 45 + 24 + 10);
+        assert_eq!(
+            config.to_string(),
+            "rnn_tanh hidden 8, head 5-4, 1 in / 2 out"
+        );
+        let json = serde_json::to_string(&config).unwrap();
+        assert!(json.contains("\"head\":[5,4]"), "{json}");
+        assert_eq!(serde_json::from_str::<ModelConfig>(&json).unwrap(), config);
+        let plain = serde_json::to_string(&ModelConfig::tutorial()).unwrap();
+        assert!(!plain.contains("head"), "{plain}");
+        assert_eq!(
+            serde_json::from_str::<ModelConfig>(&plain).unwrap(),
+            ModelConfig::tutorial()
+        );
+        assert!(HeadLayers::new(&[1, 2, 3, 4, 5]).is_err());
+        assert!(
+            HeadLayers::new(&[3, 0])
+                .unwrap_err()
+                .to_string()
+                .contains("layer 2")
+        );
+        assert!(serde_json::from_str::<ModelConfig>(&json.replace("[5,4]", "[5,0]")).is_err());
     }
 
     #[test]

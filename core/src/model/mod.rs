@@ -1,12 +1,14 @@
 //! Recurrent models with PyTorch's math, names and initialisation.
 
 mod config;
+mod dropout;
 mod packed;
 mod params;
 pub mod reference;
 mod rnn;
 
-pub use config::{ModelConfig, ModelKind, ParamEntry, ParamLayout};
+pub use config::{HeadLayer, HeadLayers, ModelConfig, ModelKind, ParamEntry, ParamLayout};
+pub use dropout::Dropout;
 pub use packed::PackedBatch;
 pub use params::Params;
 pub(crate) use params::check_len;

@@ -29,14 +29,13 @@ impl Params {
         let layout = config.layout();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let rnn_bound = 1.0 / (config.hidden_size as f32).sqrt();
-        let head_bound = 1.0 / (config.head_input() as f32).sqrt();
+        let head = config.head_layers();
         let mut flat = Vec::with_capacity(layout.total());
         for entry in layout.entries() {
-            let bound = if entry.name.starts_with("linear.") {
-                head_bound
-            } else {
-                rnn_bound
-            };
+            let bound = head
+                .iter()
+                .find(|l| l.weight == entry.name || l.bias == entry.name)
+                .map_or(rnn_bound, |l| 1.0 / (l.input as f32).sqrt());
             flat.extend((0..entry.len).map(|_| rng.random_range(-bound..bound)));
         }
         Self::from_flat(config, &flat, device)

@@ -99,9 +99,7 @@ impl ReferenceModel {
         } else {
             Tensor::cat(&last, 1)?
         };
-        let w = self.params.get("linear.weight")?;
-        let b = self.params.get("linear.bias")?;
-        let ys = top.matmul(&w.t()?)?.broadcast_add(&b)?;
+        let ys = apply_head(&top, &head_weights(&self.params)?)?;
         Ok(Forward {
             ys,
             h_n,
@@ -306,6 +304,33 @@ fn run_backward(
     Ok((outputs, state))
 }
 
+/// The head's layers as `(Wᵀ, b)`, input side first.
+fn head_weights(params: &Params) -> Result<Vec<(Tensor, Tensor)>> {
+    params
+        .config()
+        .head_layers()
+        .iter()
+        .map(|l| {
+            Ok((
+                params.get(&l.weight)?.t()?.contiguous()?,
+                params.get(&l.bias)?,
+            ))
+        })
+        .collect()
+}
+
+/// `x` through the head: linear layers with a ReLU between each two (no dropout: evaluation).
+fn apply_head(x: &Tensor, head: &[(Tensor, Tensor)]) -> Result<Tensor> {
+    let mut y = x.clone();
+    for (i, (w, b)) in head.iter().enumerate() {
+        y = y.matmul(w)?.broadcast_add(b)?;
+        if i + 1 < head.len() {
+            y = y.relu()?;
+        }
+    }
+    Ok(y)
+}
+
 fn cat_rows(mut parts: Vec<Tensor>) -> Result<Tensor> {
     Ok(if parts.len() == 1 {
         parts.swap_remove(0)
@@ -319,8 +344,7 @@ fn cat_rows(mut parts: Vec<Tensor>) -> Result<Tensor> {
 pub struct Streamer {
     config: ModelConfig,
     layers: Vec<CellWeights>,
-    linear_w: Tensor,
-    linear_b: Tensor,
+    head: Vec<(Tensor, Tensor)>,
 }
 
 /// Where one sequence stands: every layer's state after the steps fed so far.
@@ -355,8 +379,7 @@ impl Streamer {
         Ok(Self {
             config,
             layers,
-            linear_w: params.get("linear.weight")?.t()?.contiguous()?,
-            linear_b: params.get("linear.bias")?,
+            head: head_weights(params)?,
         })
     }
 
@@ -386,7 +409,7 @@ impl Streamer {
                 format!("{} values are not whole steps of {n}", steps.len()),
             ));
         }
-        let device = self.linear_w.device();
+        let device = self.head[0].0.device();
         let mut layers = state.layers.clone();
         let mut out = Vec::with_capacity(steps.len() / n * self.config.output_size);
         for step in steps.chunks(n) {
@@ -396,7 +419,7 @@ impl Streamer {
                 *s = cell(self.config.kind, vec![x, ones], s, w)?;
                 x = s.h.clone();
             }
-            let y = x.matmul(&self.linear_w)?.broadcast_add(&self.linear_b)?;
+            let y = apply_head(&x, &self.head)?;
             out.extend(y.flatten_all()?.to_vec1::<f32>()?);
         }
         state.layers = layers;
@@ -415,7 +438,9 @@ mod tests {
 
     #[test]
     fn streaming_a_sequence_in_pieces_matches_whole_prefixes_through_the_fused_model() {
+        // The GRU runs under an MLP head: streaming applies it as the fused model does.
         for kind in [ModelKind::RnnTanh, ModelKind::Lstm, ModelKind::Gru] {
+            let head: &[usize] = if kind == ModelKind::Gru { &[6, 3] } else { &[] };
             let config = ModelConfig {
                 kind,
                 input_size: 2,
@@ -423,6 +448,7 @@ mod tests {
                 num_layers: 2,
                 bidirectional: false,
                 output_size: 2,
+                head: crate::model::HeadLayers::new(head).unwrap(),
             };
             let params = Params::init(config, 7, &Device::Cpu).unwrap();
             let xs: Vec<f32> = (0..18)

@@ -30,7 +30,8 @@ pub struct SeqModel {
     params: Params,
     /// Every layer-direction, in `h_n` order.
     layers: Vec<LayerSpec>,
-    head: HeadSpec,
+    /// The head's linear layers, input side first (a ReLU between each two).
+    head: Vec<HeadSpec>,
 }
 
 impl SeqModel {
@@ -68,13 +69,17 @@ impl SeqModel {
             }
         }
         Self {
-            head: HeadSpec {
-                input: config.head_input(),
-                output: config.output_size,
-                weight: offset("linear.weight".into()),
-                bias: offset("linear.bias".into()),
-                param_len: layout.total(),
-            },
+            head: config
+                .head_layers()
+                .into_iter()
+                .map(|l| HeadSpec {
+                    input: l.input,
+                    output: l.output,
+                    weight: offset(l.weight),
+                    bias: offset(l.bias),
+                    param_len: layout.total(),
+                })
+                .collect(),
             params,
             layers,
         }
@@ -93,16 +98,44 @@ impl SeqModel {
     /// Runs the batch and the head as part of candle's graph, keeping what a backward pass
     /// needs. With `keep_outputs`, also returns the top layer's per-step output.
     pub fn forward(&self, batch: &PackedBatch, keep_outputs: bool) -> Result<Forward> {
-        self.run(batch, true, keep_outputs)
+        self.run(batch, true, keep_outputs, &[])
+    }
+
+    /// [`SeqModel::forward`] with dropout after the head's hidden layers: `masks[i]` multiplies
+    /// hidden layer `i`'s output, `(b_sz, width)` in sorted order (see
+    /// [`crate::model::Dropout::masks`]).
+    pub fn forward_dropout(&self, batch: &PackedBatch, masks: &[Tensor]) -> Result<Forward> {
+        if masks.len() != self.head.len() - 1 {
+            return Err(Error::setting(
+                "dropout",
+                format!(
+                    "{} masks for a head of {} hidden layers",
+                    masks.len(),
+                    self.head.len() - 1
+                ),
+            ));
+        }
+        self.run(batch, true, false, masks)
+    }
+
+    /// Widths of the head's hidden layers.
+    pub fn head_widths(&self) -> Vec<usize> {
+        self.head[1..].iter().map(|h| h.input).collect()
     }
 
     /// The forward-only path for prediction and evaluation: no graph, no saved activations.
     /// Returns the head's output `(b_sz, output_size)` in sorted order.
     pub fn infer(&self, batch: &PackedBatch) -> Result<Tensor> {
-        Ok(self.run(batch, false, false)?.ys)
+        Ok(self.run(batch, false, false, &[])?.ys)
     }
 
-    fn run(&self, batch: &PackedBatch, train: bool, keep_outputs: bool) -> Result<Forward> {
+    fn run(
+        &self,
+        batch: &PackedBatch,
+        train: bool,
+        keep_outputs: bool,
+        masks: &[Tensor],
+    ) -> Result<Forward> {
         let config = *self.config();
         if batch.input_size() != config.input_size {
             return Err(Error::BadRow {
@@ -161,7 +194,16 @@ impl SeqModel {
         } else {
             Tensor::cat(top_states, 1)?
         };
-        let ys = fused::head(&top, &flat, &self.head, train)?;
+        let mut ys = top;
+        for (i, spec) in self.head.iter().enumerate() {
+            ys = fused::head(&ys, &flat, spec, train)?;
+            if i + 1 < self.head.len() {
+                ys = ys.relu()?;
+                if let Some(mask) = masks.get(i) {
+                    ys = (ys * mask)?;
+                }
+            }
+        }
         let outputs = if keep_outputs {
             steps
                 .offsets()

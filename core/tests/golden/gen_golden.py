@@ -12,7 +12,11 @@ It writes, next to this file:
 - optim.json: torch.optim trajectories over 3 steps with fixed gradients;
 - plateau.json: ReduceLROnPlateau's learning rates for a fixed loss sequence;
 - pytorch_tutorial.safetensors: a tutorial model's state_dict saved by safetensors.torch, with
-  pytorch_tutorial.json holding inputs and the predictions PyTorch makes with it.
+  pytorch_tutorial.json holding inputs and the predictions PyTorch makes with it;
+- heads/<name>.safetensors: a recurrent layer under an MLP head (`nn.Sequential` of Linear,
+  ReLU, Dropout, …, Linear), its state_dict, a batch, dropout masks, the training-mode outputs
+  with those masks, the eval-mode outputs (nn.Dropout off), the loss (MSE or BCE with logits)
+  and every parameter's gradient.
 """
 
 import json
@@ -139,8 +143,83 @@ def tutorial_state_dict():
         json.dump({"scale": 50, "histories": histories, "predictions": (y[:, 0] * 50).tolist()}, f, indent=1)
 
 
+class HeadModel(nn.Module):
+    """One recurrent layer and an MLP head: what recur's `ModelConfig.head` names."""
+
+    def __init__(self, kind, input_size, hidden, widths, out, p):
+        super().__init__()
+        self.kind = kind
+        args = dict(input_size=input_size, hidden_size=hidden, batch_first=True)
+        if kind == "lstm":
+            self.rnn = nn.LSTM(**args)
+        elif kind == "gru":
+            self.rnn = nn.GRU(**args)
+        else:
+            self.rnn = nn.RNN(nonlinearity=kind.split("_")[1], **args)
+        layers, prev = [], hidden
+        for w in widths:
+            layers += [nn.Linear(prev, w), nn.ReLU(), nn.Dropout(p)]
+            prev = w
+        layers.append(nn.Linear(prev, out))
+        self.head = nn.Sequential(*layers)
+
+    def top(self, x, lengths):
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, h = self.rnn(packed)
+        if self.kind == "lstm":
+            h = h[0]
+        return h[-1]
+
+    def forward(self, x, lengths):
+        return self.head(self.top(x, lengths))
+
+    def forward_masked(self, x, lengths, masks):
+        """Training mode with given dropout masks (0 or 1/(1-p)) in place of nn.Dropout's draws."""
+        z = self.top(x, lengths)
+        mods = list(self.head)
+        for i, m in enumerate(masks):
+            z = mods[3 * i + 1](mods[3 * i](z)) * m
+        return mods[-1](z)
+
+
+def heads():
+    os.makedirs(os.path.join(HERE, "heads"), exist_ok=True)
+    lengths = torch.tensor([3, 5, 1, 5, 2])
+    input_size, hidden, out = 2, 3, 2
+    cases = [("gru_mse", "gru", [5, 4], 0.5, "mse"), ("lstm_bce", "lstm", [6], 0.25, "bce"),
+             ("rnn_tanh_bce", "rnn_tanh", [4, 3], 0.0, "bce")]
+    for name, kind, widths, p, loss_kind in cases:
+        model = HeadModel(kind, input_size, hidden, widths, out, p)
+        x = torch.randn(len(lengths), int(lengths.max()), input_size)
+        for i, n in enumerate(lengths):
+            x[i, n:] = 100.0 + torch.randn(int(lengths.max()) - n, input_size)
+        masks = [(torch.rand(len(lengths), w) >= p).float() / (1 - p) for w in widths]
+        if loss_kind == "bce":
+            target = (torch.rand(len(lengths), out) > 0.5).float()
+        else:
+            target = torch.randn(len(lengths), out)
+        model.train()
+        y = model.forward_masked(x, lengths, masks)
+        if loss_kind == "bce":
+            loss = nn.functional.binary_cross_entropy_with_logits(y, target, reduction="sum") / out
+        else:
+            loss = ((y - target) ** 2).mean(dim=1).sum()
+        loss.backward()
+        model.eval()
+        with torch.no_grad():
+            y_eval = model(x, lengths)
+        t = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        t.update({"grad." + k: v.grad.clone() for k, v in model.named_parameters()})
+        t.update({"input": x, "lengths": lengths.float(), "target": target, "y": y.detach(),
+                  "y_eval": y_eval, "loss": loss.detach().reshape(1)})
+        t.update({f"mask.{i}": m for i, m in enumerate(masks)})
+        save_file({k: v.contiguous() for k, v in t.items()},
+                  os.path.join(HERE, "heads", f"{name}.safetensors"))
+
+
 if __name__ == "__main__":
     cells()
     optim()
     plateau()
     tutorial_state_dict()
+    heads()

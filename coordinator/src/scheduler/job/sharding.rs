@@ -179,6 +179,8 @@ impl RunningJob {
             scale: self.data.norm.targets[0].scale,
             target_maps: self.data.norm.targets.iter().map(Into::into).collect(),
             loss: pb::Loss::from(self.spec.train.loss) as i32,
+            dropout: self.spec.train.dropout,
+            dropout_seed: self.spec.train.seed,
             eval_batch_size: self.spec.train.batch_size as u32,
             ..Default::default()
         }

@@ -1,0 +1,237 @@
+//! MLP heads, dropout and BCE against PyTorch. The fixtures in `golden/heads/` come from
+//! `golden/gen_golden.py` (its `heads()` function): one recurrent layer under
+//! `nn.Sequential(Linear, ReLU, Dropout, …, Linear)`, run in training mode with given dropout
+//! masks, its loss (MSE, or `binary_cross_entropy_with_logits(reduction="sum") / outputs`)
+//! back-propagated, and run again in eval mode (nn.Dropout off).
+//!
+//! The state dict is loaded by name with [`Params::from_named`], which refuses a missing, extra
+//! or misshapen tensor: a checkpoint of these models has PyTorch's names and shapes, so it loads
+//! into the same module with `load_state_dict` (strict).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use recur_core::data::Affine;
+use recur_core::model::{
+    HeadLayers, ModelConfig, ModelKind, PackedBatch, Params, ReferenceModel, SeqModel,
+};
+use recur_core::step::{Batch, Loss, grad_sum, predict};
+
+struct Case {
+    name: &'static str,
+    config: ModelConfig,
+    loss: Loss,
+    tensors: HashMap<String, Tensor>,
+}
+
+fn cases() -> Vec<Case> {
+    [
+        ("gru_mse", ModelKind::Gru, &[5, 4][..], Loss::Mse),
+        ("lstm_bce", ModelKind::Lstm, &[6][..], Loss::Bce),
+        ("rnn_tanh_bce", ModelKind::RnnTanh, &[4, 3][..], Loss::Bce),
+    ]
+    .into_iter()
+    .map(|(name, kind, widths, loss)| {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden/heads")
+            .join(format!("{name}.safetensors"));
+        Case {
+            name,
+            config: ModelConfig {
+                kind,
+                input_size: 2,
+                hidden_size: 3,
+                num_layers: 1,
+                bidirectional: false,
+                output_size: 2,
+                head: HeadLayers::new(widths).unwrap(),
+            },
+            loss,
+            tensors: candle_core::safetensors::load(&path, &Device::Cpu).unwrap(),
+        }
+    })
+    .collect()
+}
+
+impl Case {
+    fn get(&self, name: &str) -> &Tensor {
+        self.tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("{}: no tensor {name}", self.name))
+    }
+
+    fn values(&self, name: &str) -> Vec<f32> {
+        self.get(name)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+
+    /// The state dict alone, as `torch.save(model.state_dict())` would hold it.
+    fn params(&self) -> Params {
+        let named: HashMap<String, Tensor> = self
+            .tensors
+            .iter()
+            .filter(|(k, _)| k.starts_with("rnn.") || k.starts_with("head."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Params::from_named(self.config, &named, &Device::Cpu).unwrap()
+    }
+
+    fn lengths(&self) -> Vec<usize> {
+        self.values("lengths").iter().map(|&l| l as usize).collect()
+    }
+
+    fn batch(&self) -> PackedBatch {
+        let x = self.get("input");
+        PackedBatch::from_padded(
+            &self.values("input"),
+            x.dims3().unwrap(),
+            &self.lengths(),
+            &Device::Cpu,
+        )
+        .unwrap()
+    }
+
+    /// The dropout masks in the batch's sorted order.
+    fn masks(&self, batch: &PackedBatch) -> Vec<Tensor> {
+        self.config
+            .head
+            .widths()
+            .enumerate()
+            .map(|(i, w)| {
+                let sorted = batch.sort_values(&self.values(&format!("mask.{i}")), w);
+                Tensor::from_vec(sorted, (batch.len(), w), &Device::Cpu).unwrap()
+            })
+            .collect()
+    }
+
+    /// The fixture's loss of the head's outputs `ys` (sorted order).
+    fn loss(&self, batch: &PackedBatch, ys: &Tensor) -> Tensor {
+        let outputs = self.config.output_size;
+        let t = batch.sort_values(&self.values("target"), outputs);
+        let t = Tensor::from_vec(t, ys.shape(), &Device::Cpu).unwrap();
+        let per = match self.loss {
+            Loss::Mse => (ys - &t).unwrap().sqr().unwrap(),
+            // max(x, 0) - x t + log(1 + exp(-|x|)), as PyTorch computes it.
+            Loss::Bce => {
+                let softplus = ((ys.abs().unwrap().neg().unwrap().exp().unwrap() + 1.0).unwrap())
+                    .log()
+                    .unwrap();
+                ((ys.relu().unwrap() - (ys * &t).unwrap()).unwrap() + softplus).unwrap()
+            }
+        };
+        (per.sum_all().unwrap() / outputs as f64).unwrap()
+    }
+}
+
+fn assert_close(name: &str, what: &str, got: &[f32], expected: &[f32]) {
+    assert_eq!(got.len(), expected.len(), "{name}: {what} length");
+    for (k, (g, e)) in got.iter().zip(expected).enumerate() {
+        assert!(
+            (g - e).abs() <= 1e-5 * e.abs().max(1.0),
+            "{name}: {what}[{k}] = {g}, PyTorch says {e}"
+        );
+    }
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// Training mode with the fixture's masks: outputs, loss and every gradient match PyTorch's.
+#[test]
+fn mlp_heads_with_dropout_train_as_pytorch_does() {
+    for case in cases() {
+        let model = SeqModel::new(case.params());
+        let batch = case.batch();
+        let out = model.forward_dropout(&batch, &case.masks(&batch)).unwrap();
+        assert_close(
+            case.name,
+            "y (train)",
+            &flat(&batch.unsort(&out.ys).unwrap()),
+            &case.values("y"),
+        );
+        let loss = case.loss(&batch, &out.ys);
+        assert_close(case.name, "loss", &flat(&loss), &case.values("loss"));
+        let grads = loss.backward().unwrap();
+        for (pname, grad) in model.params().grads_named(&grads).unwrap() {
+            assert_close(
+                case.name,
+                &format!("grad of {pname}"),
+                &flat(&grad),
+                &case.values(&format!("grad.{pname}")),
+            );
+        }
+    }
+}
+
+/// Evaluation runs without dropout, as `model.eval()` does: the fused model's predictions, the
+/// per-step reference's and PyTorch's eval-mode outputs agree.
+#[test]
+fn mlp_heads_predict_as_pytorch_eval_mode() {
+    for case in cases() {
+        let xs = case.values("input");
+        let (b, t, i) = case.get("input").dims3().unwrap();
+        let rows: Vec<&[f32]> = case
+            .lengths()
+            .iter()
+            .enumerate()
+            .map(|(r, &len)| &xs[r * t * i..(r * t + len) * i])
+            .collect();
+        assert_eq!(rows.len(), b);
+        let batch = Batch::from_inputs(&rows, i, &Device::Cpu).unwrap();
+        let fused = predict(&SeqModel::new(case.params()), &batch).unwrap();
+        assert_close(case.name, "y (eval)", &fused, &case.values("y_eval"));
+        let reference = ReferenceModel::new(case.params())
+            .forward(batch.packed(), false)
+            .unwrap();
+        assert_close(
+            case.name,
+            "y (eval, reference)",
+            &flat(&batch.packed().unsort(&reference.ys).unwrap()),
+            &case.values("y_eval"),
+        );
+    }
+}
+
+/// The production training step (`grad_sum`, BCE with logits, no dropout) on the case PyTorch
+/// ran without dropout: the same gradient and loss.
+#[test]
+fn the_bce_training_step_matches_pytorch() {
+    let case = cases()
+        .into_iter()
+        .find(|c| c.name == "rnn_tanh_bce")
+        .unwrap();
+    let xs = case.values("input");
+    let (_, t, i) = case.get("input").dims3().unwrap();
+    let targets = case.values("target");
+    let mut data = recur_core::data::Dataset::with_shape(i, 2);
+    for (r, &len) in case.lengths().iter().enumerate() {
+        let mut row = xs[r * t * i..(r * t + len) * i].to_vec();
+        row.extend_from_slice(&targets[r * 2..r * 2 + 2]);
+        data.push_row(&row);
+    }
+    let rows: Vec<usize> = (0..data.len()).collect();
+    let batch = Batch::from_rows(&data, &rows, &Device::Cpu).unwrap();
+    let model = SeqModel::new(case.params());
+    let g = grad_sum(&model, &batch, &[Affine::divide(1.0); 2], Loss::Bce, None).unwrap();
+    // The summed BCE over all outputs, per output: PyTorch's loss.
+    assert_close(
+        case.name,
+        "loss",
+        &[(g.sums.squared_error / 2.0) as f32],
+        &case.values("loss"),
+    );
+    let layout = case.config.layout();
+    for entry in layout.entries() {
+        assert_close(
+            case.name,
+            &format!("grad of {}", entry.name),
+            &g.grads[entry.offset..entry.offset + entry.len],
+            &case.values(&format!("grad.{}", entry.name)),
+        );
+    }
+}
