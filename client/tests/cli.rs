@@ -850,6 +850,13 @@ async fn a_series_is_trained_from_flags_and_predicted_from_raw_steps() {
         "--hidden",
         "16",
     ];
+    // --every-step asks for a target at every step of each window.
+    let mut args = vec!["train", days_arg, "--print-spec", "--every-step"];
+    args.extend(series);
+    let printed = json(&ok(run(recur(&url, &args)).await));
+    assert_eq!(printed["series"]["every_step"], true, "{printed}");
+    assert_eq!(printed["series"]["window"], 14, "{printed}");
+
     // Missing cells are refused unless dropped, naming the line and column.
     let mut args = vec!["train", days_arg];
     args.extend(series);

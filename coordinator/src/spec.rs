@@ -65,6 +65,7 @@ fn series_from_proto(s: &pb::SeriesSpec) -> Result<SeriesSpec> {
                 ));
             }
         },
+        every_step: s.every_step,
     };
     spec.validate()
         .map_err(|e| Error::InvalidArgument(format!("series: {e}")))?;
@@ -89,6 +90,7 @@ fn series_to_proto(s: &SeriesSpec) -> pb::SeriesSpec {
             None => pb::LabelRule::None,
             Some(Label::Rises) => pb::LabelRule::Rises,
         } as i32,
+        every_step: s.every_step,
     }
 }
 

@@ -60,6 +60,8 @@ impl std::fmt::Display for Loss {
 pub struct Batch {
     packed: PackedBatch,
     targets: Vec<f32>,
+    /// Targets at every step (`outputs` per step) rather than after the last.
+    every_step: bool,
 }
 
 impl Batch {
@@ -67,13 +69,33 @@ impl Batch {
     /// targets in the packed (sorted) order.
     pub fn from_rows(data: &Dataset, rows: &[usize], device: &Device) -> Result<Self> {
         let inputs: Vec<&[f32]> = rows.iter().map(|&r| data.input(r)).collect();
+        let every_step = data.is_every_step();
+        if every_step
+            && let Some(&r) = rows
+                .iter()
+                .find(|&&r| data.steps(r) * data.outputs() != data.targets_per_row())
+        {
+            return Err(crate::Error::BadRow {
+                row: r,
+                problem: format!(
+                    "has {} steps and {} targets; a target at every step needs {} per step",
+                    data.steps(r),
+                    data.targets_per_row(),
+                    data.outputs()
+                ),
+            });
+        }
         let packed = PackedBatch::new(&inputs, data.features(), device)?;
         let targets = packed
             .order()
             .iter()
             .flat_map(|&k| data.targets(rows[k]).iter().copied())
             .collect();
-        Ok(Self { packed, targets })
+        Ok(Self {
+            packed,
+            targets,
+            every_step,
+        })
     }
 
     /// Packs bare input sequences (no targets), for prediction.
@@ -81,6 +103,7 @@ impl Batch {
         Ok(Self {
             packed: PackedBatch::new(inputs, input_size, device)?,
             targets: Vec::new(),
+            every_step: false,
         })
     }
 
@@ -123,7 +146,8 @@ pub struct StepDropout<'a> {
 }
 
 /// Forward and backward over `batch`: the gradient of the loss summed over the batch, each
-/// sample's loss the mean over its outputs (`sum_i mean_j l(y_ij, t_ij)`). `targets` maps each
+/// sample's loss the mean over its outputs (`sum_i mean_j l(y_ij, t_ij)`; with targets at every
+/// step, the mean over its steps and outputs). `targets` maps each
 /// target back to the data's units for the metrics. With `dropout` (and a head with hidden
 /// layers), units of the head are dropped as [`Dropout::masks`] draws them.
 pub fn grad_sum(
@@ -142,7 +166,7 @@ pub fn grad_sum(
                     format!("{} row keys for a batch of {}", d.rows.len(), batch.len()),
                 ));
             }
-            let keys: Vec<u64> = batch.packed.order().iter().map(|&k| d.rows[k]).collect();
+            let keys = mask_keys(batch, d.rows)?;
             let device = batch.packed.data().device();
             let masks = d
                 .dropout
@@ -151,21 +175,47 @@ pub fn grad_sum(
                 .zip(&widths)
                 .map(|(m, &w)| Tensor::from_vec(m, (keys.len(), w), device))
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            model.forward_dropout(&batch.packed, &masks)?
+            model.forward_train(&batch.packed, &masks, batch.every_step)?
         }
-        _ => model.forward(&batch.packed, false)?,
+        _ => model.forward_train(&batch.packed, &[], batch.every_step)?,
     };
     let wanted = Tensor::from_slice(&batch.targets, out.ys.shape(), out.ys.device())?;
-    let total = match loss {
+    let mut total = match loss {
         Loss::Mse => crate::fused::squared_error(&out.ys, &wanted)?,
         Loss::Bce => binary_cross_entropy(&out.ys, &wanted)?,
     };
+    if batch.every_step {
+        // Each sample's loss is the mean over its steps too (every row has the same steps).
+        let steps = batch.targets.len() / batch.len() / out.ys.dim(1)?;
+        total = (total / steps as f64)?;
+    }
     let grads = total.backward()?;
     let preds = out.ys.flatten_all()?.to_vec1::<f32>()?;
     Ok(GradSum {
         grads: model.params().grads_flat(&grads)?,
         sums: loss.sums(&batch.targets, &preds, targets),
     })
+}
+
+/// The keys of the head's rows, in the order the head runs them: each sequence's dataset row
+/// (sorted order), or with targets at every step, `row << 24 | step` for each of its steps.
+fn mask_keys(batch: &Batch, rows: &[u64]) -> Result<Vec<u64>> {
+    let order = batch.packed.order();
+    if !batch.every_step {
+        return Ok(order.iter().map(|&k| rows[k]).collect());
+    }
+    let lengths = batch.packed.sorted_lengths();
+    if lengths.first().is_some_and(|&l| l >= 1 << 24) {
+        return Err(crate::Error::setting(
+            "dropout",
+            "with a target at every step, sequences are limited to 2^24 steps",
+        ));
+    }
+    Ok(order
+        .iter()
+        .zip(&lengths)
+        .flat_map(|(&k, &len)| (0..len as u64).map(move |t| (rows[k] << 24) | t))
+        .collect())
 }
 
 /// `sum_ij bce(x_ij, t_ij) / outputs` in candle's graph, in the stable form
@@ -184,8 +234,27 @@ pub fn evaluate(
     targets: &[Affine],
     loss: Loss,
 ) -> Result<BatchSums> {
-    let preds = predict_sorted(model, &batch.packed)?;
+    let preds = predict_sorted(model, batch)?;
     Ok(loss.sums(&batch.targets, &preds, targets))
+}
+
+/// Forward only: the outputs that meet each sequence's targets, in **input** order (with
+/// targets at every step, `steps × output_size` values per sequence, step by step).
+pub fn predict_targets(model: &SeqModel, batch: &Batch) -> Result<Vec<f32>> {
+    if !batch.every_step {
+        return predict(model, batch);
+    }
+    let sorted = predict_sorted(model, batch)?;
+    let outputs = model.config().output_size;
+    let order = batch.packed.order();
+    let lengths = batch.packed.sorted_lengths();
+    let mut chunks: Vec<&[f32]> = vec![&[]; order.len()];
+    let mut at = 0;
+    for (&k, &len) in order.iter().zip(&lengths) {
+        chunks[k] = &sorted[at..at + len * outputs];
+        at += len * outputs;
+    }
+    Ok(chunks.concat())
 }
 
 /// Forward only: the head's outputs in **input** order, `output_size` values per sequence.
@@ -194,8 +263,13 @@ pub fn predict(model: &SeqModel, batch: &Batch) -> Result<Vec<f32>> {
     Ok(batch.packed.unsort(&ys)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
-fn predict_sorted(model: &SeqModel, packed: &PackedBatch) -> Result<Vec<f32>> {
-    Ok(model.infer(packed)?.flatten_all()?.to_vec1::<f32>()?)
+fn predict_sorted(model: &SeqModel, batch: &Batch) -> Result<Vec<f32>> {
+    let ys = if batch.every_step {
+        model.infer_every_step(&batch.packed)?
+    } else {
+        model.infer(&batch.packed)?
+    };
+    Ok(ys.flatten_all()?.to_vec1::<f32>()?)
 }
 
 #[cfg(test)]
@@ -256,6 +330,77 @@ mod tests {
         assert_ne!(whole.grads, plain.grads);
         let off = Dropout { p: 0.0, seed: 11 };
         assert_eq!(plain, run(&[0, 1, 2, 3, 4, 5, 6, 7, 8], Some(off)));
+    }
+
+    /// With a target at every step, the gradient is that of each sample's mean over its steps
+    /// and outputs (a central finite difference of the evaluated loss), for MSE and BCE.
+    #[test]
+    fn every_step_gradients_match_finite_differences() {
+        let config = ModelConfig {
+            kind: ModelKind::Lstm,
+            input_size: 2,
+            hidden_size: 3,
+            num_layers: 1,
+            bidirectional: false,
+            output_size: 2,
+            // No ReLU head: a finite difference across its kink is no derivative.
+            head: crate::model::HeadLayers::default(),
+        };
+        for loss in [Loss::Mse, Loss::Bce] {
+            let mut data = Dataset::every_step(2, 3, 2);
+            for r in 0..4 {
+                let mut row: Vec<f32> = (0..6)
+                    .map(|k| ((r * 5 + k) % 7) as f32 / 4.0 - 0.7)
+                    .collect();
+                row.extend((0..6).map(|k| match loss {
+                    Loss::Mse => ((r + k) % 5) as f32 / 3.0 - 0.5,
+                    Loss::Bce => ((r + k) % 2) as f32,
+                }));
+                data.push_row(&row);
+            }
+            let batch = Batch::from_rows(&data, &[0, 1, 2, 3], &Device::Cpu).unwrap();
+            let maps = [Affine::divide(1.0); 2];
+            let params = Params::init(config, 9, &Device::Cpu).unwrap();
+            let flat = params.to_flat().unwrap();
+            let g = grad_sum(&SeqModel::new(params), &batch, &maps, loss, None).unwrap();
+            assert_eq!(g.sums.samples, 4 * 3 * 2);
+            let loss_at = |flat: &[f32]| {
+                let model = SeqModel::new(Params::from_flat(config, flat, &Device::Cpu).unwrap());
+                let sums = evaluate(&model, &batch, &maps, loss).unwrap();
+                // Summed per-value losses; per sample, the mean over 3 steps × 2 outputs.
+                sums.squared_error / 6.0
+            };
+            let h = 1e-2f32;
+            for k in (0..flat.len()).step_by(3) {
+                let (mut up, mut down) = (flat.clone(), flat.clone());
+                up[k] += h;
+                down[k] -= h;
+                let numeric = (loss_at(&up) - loss_at(&down)) / (2.0 * f64::from(h));
+                let analytic = f64::from(g.grads[k]);
+                assert!(
+                    (numeric - analytic).abs() < 3e-3 * analytic.abs().max(0.1),
+                    "{loss}: parameter {k}: finite difference {numeric} vs gradient {analytic}"
+                );
+            }
+            // Predictions meet the targets: steps × outputs per row, in input order.
+            let model = SeqModel::new(Params::from_flat(config, &flat, &Device::Cpu).unwrap());
+            let all = predict_targets(&model, &batch).unwrap();
+            assert_eq!(all.len(), 4 * 6);
+            let one = Batch::from_rows(&data, &[2], &Device::Cpu).unwrap();
+            let alone = predict_targets(&model, &one).unwrap();
+            for (a, b) in alone.iter().zip(&all[12..18]) {
+                assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+            }
+            // The last step's outputs are what Predict answers for the same history.
+            let last = predict(
+                &model,
+                &Batch::from_inputs(&[data.input(2)], 2, &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+            for (a, b) in last.iter().zip(&alone[4..6]) {
+                assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+            }
+        }
     }
 
     /// The BCE gradient equals a central finite difference of the summed loss.

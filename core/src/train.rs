@@ -196,7 +196,7 @@ impl Trainer {
     ) -> Result<Self> {
         config.validate()?;
         check_shape(&config.model, data)?;
-        norm.validate(data.features(), data.targets_per_row())?;
+        norm.validate(data.features(), data.outputs())?;
         let params = Params::init(config.model, config.seed, device)?;
         let flat = params.to_flat()?;
         let optimizer = Optimizer::new(config.optimizer, flat.len())?;
@@ -385,7 +385,7 @@ impl Trainer {
 
 /// Checks that the model takes the data's features per step and predicts its targets.
 pub fn check_shape(model: &ModelConfig, data: &Dataset) -> Result<()> {
-    if model.input_size != data.features() || model.output_size != data.targets_per_row() {
+    if model.input_size != data.features() || model.output_size != data.outputs() {
         return Err(Error::setting(
             "model",
             format!(
@@ -393,7 +393,7 @@ pub fn check_shape(model: &ModelConfig, data: &Dataset) -> Result<()> {
                 model.input_size,
                 model.output_size,
                 data.features(),
-                data.targets_per_row()
+                data.outputs()
             ),
         ));
     }

@@ -1,4 +1,4 @@
-//! MLP heads, dropout and BCE against PyTorch. The fixtures in `golden/heads/` come from
+//! MLP heads, dropout, BCE and outputs at every step against PyTorch. The fixtures in `golden/heads/` come from
 //! `golden/gen_golden.py` (its `heads()` function): one recurrent layer under
 //! `nn.Sequential(Linear, ReLU, Dropout, …, Linear)`, run in training mode with given dropout
 //! masks, its loss (MSE, or `binary_cross_entropy_with_logits(reduction="sum") / outputs`)
@@ -147,7 +147,9 @@ fn mlp_heads_with_dropout_train_as_pytorch_does() {
     for case in cases() {
         let model = SeqModel::new(case.params());
         let batch = case.batch();
-        let out = model.forward_dropout(&batch, &case.masks(&batch)).unwrap();
+        let out = model
+            .forward_train(&batch, &case.masks(&batch), false)
+            .unwrap();
         assert_close(
             case.name,
             "y (train)",
@@ -233,5 +235,83 @@ fn the_bce_training_step_matches_pytorch() {
             &g.grads[entry.offset..entry.offset + entry.len],
             &case.values(&format!("grad.{}", entry.name)),
         );
+    }
+}
+
+/// A target at every step (`golden/every_step/`, from `gen_golden.py`'s `every_step()`): a
+/// two-layer model whose linear head runs on every real step's output; each sample's loss is the
+/// mean over its real steps and outputs. The head's outputs and every gradient match PyTorch's.
+#[test]
+fn outputs_at_every_step_train_as_pytorch_does() {
+    for (name, kind, bidirectional, loss) in [
+        ("gru_l2_uni_mse", ModelKind::Gru, false, Loss::Mse),
+        ("lstm_l2_bi_bce", ModelKind::Lstm, true, Loss::Bce),
+    ] {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden/every_step")
+            .join(format!("{name}.safetensors"));
+        let case = Case {
+            name,
+            config: ModelConfig {
+                kind,
+                input_size: 2,
+                hidden_size: 3,
+                num_layers: 2,
+                bidirectional,
+                output_size: 2,
+                head: HeadLayers::default(),
+            },
+            loss,
+            tensors: candle_core::safetensors::load(&path, &Device::Cpu).unwrap(),
+        };
+        let named: HashMap<String, Tensor> = case
+            .tensors
+            .iter()
+            .filter(|(k, _)| k.starts_with("rnn.") || k.starts_with("linear."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let model = SeqModel::new(Params::from_named(case.config, &named, &Device::Cpu).unwrap());
+        let batch = case.batch();
+        let out = model.forward_train(&batch, &[], true).unwrap();
+        // PyTorch's padded (b, t, 2) outputs and targets, read at each sorted sequence's steps.
+        let (_, t_max, _) = case.get("y").dims3().unwrap();
+        let (y, target) = (case.values("y"), case.values("target"));
+        let lengths = batch.sorted_lengths();
+        let mut want = Vec::new();
+        let mut targets = Vec::new();
+        let mut weights = Vec::new();
+        for (&k, &len) in batch.order().iter().zip(&lengths) {
+            for t in 0..len {
+                let at = (k * t_max + t) * 2;
+                want.extend_from_slice(&y[at..at + 2]);
+                targets.extend_from_slice(&target[at..at + 2]);
+                weights.extend([1.0 / (len as f32 * 2.0); 2]);
+            }
+        }
+        assert_close(name, "y (every step)", &flat(&out.ys), &want);
+        let shape = out.ys.shape().clone();
+        let t = Tensor::from_vec(targets, &shape, &Device::Cpu).unwrap();
+        let w = Tensor::from_vec(weights, &shape, &Device::Cpu).unwrap();
+        let ys = &out.ys;
+        let per = match loss {
+            Loss::Mse => (ys - &t).unwrap().sqr().unwrap(),
+            Loss::Bce => {
+                let softplus = ((ys.abs().unwrap().neg().unwrap().exp().unwrap() + 1.0).unwrap())
+                    .log()
+                    .unwrap();
+                ((ys.relu().unwrap() - (ys * &t).unwrap()).unwrap() + softplus).unwrap()
+            }
+        };
+        let total = (per * w).unwrap().sum_all().unwrap();
+        assert_close(name, "loss", &flat(&total), &case.values("loss"));
+        let grads = total.backward().unwrap();
+        for (pname, grad) in model.params().grads_named(&grads).unwrap() {
+            assert_close(
+                name,
+                &format!("grad of {pname}"),
+                &flat(&grad),
+                &case.values(&format!("grad.{pname}")),
+            );
+        }
     }
 }

@@ -53,6 +53,7 @@ fn core_series() -> SeriesSpec {
             scale: 10.0,
         }],
         label: None,
+        every_step: false,
     }
 }
 
@@ -767,5 +768,113 @@ async fn an_mlp_head_with_dropout_trains_alike_on_two_workers_and_one_process() 
         assert!(err.to_string().contains(wanted), "`{err}` lacks `{wanted}`");
     }
     assert_eq!(tc.client.jobs().await.unwrap().len(), 1);
+    tc.shutdown().await;
+}
+
+/// Two targets at every step of each window: two workers train as one process does, and the
+/// test metrics the workers compute (every step of every test window) are one process's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_at_every_step_train_and_evaluate_alike_on_two_workers_and_one_process() {
+    let text = series_text();
+    let targets = ["demand", "temp"].map(String::from).to_vec();
+    let series = SeriesSpec {
+        targets: targets.clone(),
+        every_step: true,
+        ..core_series()
+    };
+    let windows = cut_windows(
+        text.as_bytes(),
+        "days.csv",
+        &series,
+        SplitFractions::default(),
+        &CsvLimits::default(),
+    )
+    .unwrap();
+    assert_eq!(windows.data.targets_per_row(), 7 * 2);
+    assert_eq!(windows.data.outputs(), 2);
+    let reference = Prepared::series(&windows, Scale::Standard, Loss::Mse).unwrap();
+    let two_out = ModelConfig {
+        output_size: 2,
+        ..model()
+    };
+    let mut tc = TestCluster::start(2).await;
+    let dataset = upload_series(&mut tc, &text).await;
+    let every_step = |seed| {
+        let mut spec = job(&dataset, seed);
+        if let Some(s) = spec.series.as_mut() {
+            s.targets.clone_from(&targets);
+            s.every_step = true;
+        }
+        spec
+    };
+    let id = tc
+        .submit(pb::JobSpec {
+            max_steps: 6,
+            ..every_step(7)
+        })
+        .await;
+    let (_, info) = tc.follow(&id).await;
+    assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
+    assert!(
+        info.spec
+            .as_ref()
+            .unwrap()
+            .series
+            .as_ref()
+            .unwrap()
+            .every_step
+    );
+    let (manifest, cluster) = checkpoint(&mut tc.client, &id, true).await;
+    assert_eq!(manifest.model, two_out);
+    let one = one_process_with(&windows, &reference.norm, 7, Loss::Mse, 6, two_out, 0.0);
+    assert_params_close(
+        &cluster,
+        &one,
+        "2 workers vs recur-core (every step, 2 targets)",
+    );
+
+    let id = tc
+        .submit(pb::JobSpec {
+            max_epochs: 2,
+            ..every_step(8)
+        })
+        .await;
+    let (_, info) = tc.follow(&id).await;
+    assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
+    let test = info.test.unwrap();
+    let (manifest, params) = checkpoint(&mut tc.client, &id, false).await;
+    let model = SeqModel::new(
+        recur_core::model::Params::from_flat(manifest.model, &params, &Device::Cpu).unwrap(),
+    );
+    let mut acc = recur_core::metrics::MetricsAccumulator::default();
+    for rows in reference.split.test.chunks(32) {
+        let batch = Batch::from_rows(&reference.data, rows, &Device::Cpu).unwrap();
+        acc.add_batch(
+            &recur_core::step::evaluate(&model, &batch, &reference.norm.targets, Loss::Mse)
+                .unwrap(),
+        );
+    }
+    let local = acc.finish();
+    assert_eq!(local.samples, reference.split.test.len() * 7 * 2);
+    for (what, cluster, local) in [
+        ("accuracy", test.accuracy, local.accuracy),
+        ("mae", test.mae, local.mae),
+        ("exact", test.exact, local.exact),
+    ] {
+        assert!(
+            (cluster - local).abs() <= 1e-5 * local.abs().max(1.0),
+            "test {what}: cluster {cluster} vs one process {local}"
+        );
+    }
+    // Predict answers the last step's two targets, raw.
+    let history = windows.data.input(reference.split.test[0]).to_vec();
+    let answer = tc.client.predict(&id, vec![history.clone()]).await.unwrap();
+    let local = reference.norm.outputs(&local_outputs(
+        &manifest,
+        &params,
+        &reference.norm,
+        &[history],
+    ));
+    assert_close(&answer.predictions, &local, "every-step model, last step");
     tc.shutdown().await;
 }

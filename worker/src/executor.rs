@@ -9,7 +9,7 @@ use recur_core::convert::{f32s_from_wire, f32s_to_wire};
 use recur_core::data::{Affine, Dataset, Normalizer};
 use recur_core::metrics::BatchSums;
 use recur_core::model::{Dropout, ModelConfig, Params, SeqModel};
-use recur_core::step::{Batch, Loss, StepDropout, grad_sum, predict};
+use recur_core::step::{Batch, Loss, StepDropout, grad_sum, predict_targets};
 use recur_proto::v1 as pb;
 
 use crate::{Error, Result};
@@ -24,10 +24,15 @@ struct Rows {
 }
 
 impl Rows {
-    /// No rows yet, of the model's shape.
-    fn shaped(model: &ModelConfig) -> Self {
+    /// No rows yet, of the model's shape, with `steps` targets of the model's outputs per row
+    /// (a target at every step of `steps`-step rows) or, for 0, one after the last step.
+    fn shaped(model: &ModelConfig, steps: usize) -> Self {
         Self {
-            data: Dataset::with_shape(model.input_size, model.output_size),
+            data: if steps == 0 {
+                Dataset::with_shape(model.input_size, model.output_size)
+            } else {
+                Dataset::every_step(model.input_size, steps, model.output_size)
+            },
             index: HashMap::new(),
             batch: Vec::new(),
         }
@@ -115,6 +120,9 @@ pub struct Executor {
 
 /// Rows per forward pass when evaluating.
 const EVAL_CHUNK: usize = 2048;
+
+/// Most steps of a row with a target at every step (dropout keys hold the step in 24 bits).
+const MAX_EVERY_STEP_WINDOW: usize = 1 << 24;
 
 impl Executor {
     /// An executor computing on `device`.
@@ -212,6 +220,12 @@ impl Executor {
                 .as_ref()
                 .ok_or_else(|| Error::Protocol("LoadShard without a model".into()))?;
             let model = ModelConfig::try_from(wire)?;
+            let steps = part.every_step_window as usize;
+            if steps > MAX_EVERY_STEP_WINDOW {
+                return Err(Error::Protocol(format!(
+                    "LoadShard: a target at every step of {steps} steps is above the limit {MAX_EVERY_STEP_WINDOW}"
+                )));
+            }
             if self
                 .model
                 .as_ref()
@@ -230,7 +244,7 @@ impl Executor {
                     }
                 }
             } else {
-                Rows::shaped(&model)
+                Rows::shaped(&model, steps)
             };
             let targets = if part.target_maps.is_empty() {
                 vec![Affine::divide(part.scale); model.output_size]
@@ -267,8 +281,8 @@ impl Executor {
                     }
                 },
                 train,
-                validation: Rows::shaped(&model),
-                test: Rows::shaped(&model),
+                validation: Rows::shaped(&model, steps),
+                test: Rows::shaped(&model, steps),
             });
         }
         let shard = self
@@ -371,8 +385,8 @@ impl Executor {
         let mut by_batch: BTreeMap<u32, BatchSums> = BTreeMap::new();
         for chunk in local.chunks(EVAL_CHUNK) {
             let batch = Batch::from_rows(&rows.data, chunk, &self.device)?;
-            let preds = predict(model, &batch)?;
-            let outs = shard.model.output_size;
+            let preds = predict_targets(model, &batch)?;
+            let outs = rows.data.targets_per_row();
             for (k, &r) in chunk.iter().enumerate() {
                 let sums = shard.loss.sums(
                     rows.data.targets(r),

@@ -399,6 +399,10 @@ pub struct SeriesArgs {
     /// steps after the window than at its end (trains with `--loss bce`).
     #[arg(long, value_enum)]
     pub label: Option<LabelArg>,
+    /// A target (or label) at every step of a window, each `--horizon` steps after its step,
+    /// instead of one after the window's last step.
+    #[arg(long)]
+    pub every_step: bool,
 }
 
 /// Label rules.

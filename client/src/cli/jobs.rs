@@ -307,7 +307,8 @@ fn series_flags(args: &TrainArgs, spec: &mut pb::JobSpec) -> Result<()> {
         || s.drop_missing
         || s.order_by.is_some()
         || !s.column_scale.is_empty()
-        || s.label.is_some();
+        || s.label.is_some()
+        || s.every_step;
     if !any {
         return Ok(());
     }
@@ -340,6 +341,9 @@ fn series_flags(args: &TrainArgs, spec: &mut pb::JobSpec) -> Result<()> {
     }
     if let Some(LabelArg::Rises) = s.label {
         series.label = pb::LabelRule::Rises as i32;
+    }
+    if s.every_step {
+        series.every_step = true;
     }
     for pair in &s.column_scale {
         let parsed = pair

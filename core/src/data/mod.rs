@@ -24,7 +24,8 @@ use crate::step::Loss;
 
 /// Variable-length rows of values, stored flat. Each row is its input steps, `features` values
 /// per step, followed by its `targets` values. The tutorial's rows are one feature per step and
-/// one target: the last value.
+/// one target: the last value. A dataset with a target at every step (see
+/// [`Dataset::every_step`]) holds `steps × outputs` targets per row, step by step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dataset {
     values: Vec<f32>,
@@ -32,6 +33,9 @@ pub struct Dataset {
     offsets: Vec<usize>,
     features: usize,
     targets: usize,
+    /// Target columns: `targets` for targets after the last step, `targets / steps` for targets
+    /// at every step.
+    outputs: usize,
 }
 
 impl Default for Dataset {
@@ -65,7 +69,29 @@ impl Dataset {
             offsets: vec![0],
             features: features.max(1),
             targets: targets.max(1),
+            outputs: targets.max(1),
         }
+    }
+
+    /// An empty dataset of rows of `steps` steps of `features` values, each step with its own
+    /// `outputs` targets (a label per time step): `steps × outputs` targets per row, in step
+    /// order.
+    pub fn every_step(features: usize, steps: usize, outputs: usize) -> Self {
+        let outputs = outputs.max(1);
+        Self {
+            outputs,
+            ..Self::with_shape(features, steps.max(1).saturating_mul(outputs))
+        }
+    }
+
+    /// Target columns: the values the model predicts at a step.
+    pub fn outputs(&self) -> usize {
+        self.outputs
+    }
+
+    /// Whether each row's targets are one per step (`targets_per_row` > `outputs`).
+    pub fn is_every_step(&self) -> bool {
+        self.targets != self.outputs
     }
 
     /// Values per input step.
@@ -78,9 +104,13 @@ impl Dataset {
         self.targets
     }
 
-    /// Whether `len` values make a row of this shape: at least one step, whole steps.
+    /// Whether `len` values make a row of this shape: at least one step, whole steps (and, with
+    /// a target at every step, as many steps as targets).
     pub fn fits(&self, len: usize) -> bool {
-        len > self.targets && (len - self.targets).is_multiple_of(self.features)
+        len > self.targets
+            && (len - self.targets).is_multiple_of(self.features)
+            && (!self.is_every_step()
+                || (len - self.targets) / self.features * self.outputs == self.targets)
     }
 
     /// Appends a row (input steps then targets); its length must pass [`Dataset::fits`].
@@ -153,7 +183,7 @@ impl Dataset {
                 *v = norm.inputs[k % self.features].apply(*v);
             }
             for (k, v) in out.values[split..end].iter_mut().enumerate() {
-                *v = norm.targets[k].apply(*v);
+                *v = norm.targets[k % self.outputs].apply(*v);
             }
         }
         out

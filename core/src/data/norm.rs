@@ -107,7 +107,7 @@ impl Normalizer {
     /// column. Only the rows `train` are looked at, so nothing of the validation and test rows
     /// leaks into training.
     pub fn fit(scale: Scale, data: &Dataset, train: &[usize]) -> Result<Self> {
-        let (features, targets) = (data.features(), data.targets_per_row());
+        let (features, targets) = (data.features(), data.outputs());
         let norm = match scale {
             Scale::Fixed(s) => Self::uniform(s, features, targets),
             Scale::Auto => {
@@ -125,7 +125,7 @@ impl Normalizer {
                         inputs[k % features].add(v);
                     }
                     for (k, &v) in data.targets(r).iter().enumerate() {
-                        outs[k].add(v);
+                        outs[k % targets].add(v);
                     }
                 }
                 let standard = scale == Scale::Standard;

@@ -68,6 +68,10 @@ pub struct SeriesSpec {
     /// Derive 0/1 labels from the target columns instead of predicting their values.
     #[serde(default)]
     pub label: Option<Label>,
+    /// A target at every step of a window (each step's value `horizon` steps later, or its
+    /// label), not only after its last step.
+    #[serde(default)]
+    pub every_step: bool,
 }
 
 impl SeriesSpec {
@@ -573,7 +577,14 @@ fn cut(
     let (features, targets) = (spec.features.len(), spec.targets.len());
     // A sample is held to what a row of the rows layout may hold, and all of them to what a
     // file of the largest size could hold, before anything is allocated.
-    let per_sample = w.saturating_mul(features).saturating_add(targets);
+    let targets_per_sample = if spec.every_step {
+        w.saturating_mul(targets)
+    } else {
+        targets
+    };
+    let per_sample = w
+        .saturating_mul(features)
+        .saturating_add(targets_per_sample);
     if per_sample > limits.max_row_len {
         return Err(Error::setting(
             "window",
@@ -621,7 +632,11 @@ fn cut(
             ),
         ));
     }
-    let mut data = Dataset::with_shape(features, targets);
+    let mut data = if spec.every_step {
+        Dataset::every_step(features, w, targets)
+    } else {
+        Dataset::with_shape(features, targets)
+    };
     let mut split = Split {
         train: Vec::new(),
         validation: Vec::new(),
@@ -648,17 +663,21 @@ fn cut(
             for step in &steps[s..s + w] {
                 row.extend_from_slice(&step.values[..features]);
             }
-            let target = &steps[s + w - 1 + h].values[features..];
-            match spec.label {
-                None => row.extend_from_slice(target),
-                Some(Label::Rises) => {
-                    let now = &steps[s + w - 1].values[features..];
-                    row.extend(
-                        target
-                            .iter()
-                            .zip(now)
-                            .map(|(t, n)| f32::from(u8::from(t > n))),
-                    );
+            // The target of step `at` of the window: the target columns `h` steps after it.
+            let first = if spec.every_step { 0 } else { w - 1 };
+            for at in s + first..s + w {
+                let target = &steps[at + h].values[features..];
+                match spec.label {
+                    None => row.extend_from_slice(target),
+                    Some(Label::Rises) => {
+                        let now = &steps[at].values[features..];
+                        row.extend(
+                            target
+                                .iter()
+                                .zip(now)
+                                .map(|(t, n)| f32::from(u8::from(t > n))),
+                        );
+                    }
                 }
             }
             let id = data.len();
@@ -723,6 +742,7 @@ mod tests {
             order_by: None,
             column_scales: Vec::new(),
             label: None,
+            every_step: false,
         }
     }
 
@@ -825,6 +845,45 @@ mod tests {
         s.horizon = 0;
         s.label = Some(Label::Rises);
         assert!(message(cut_text(FILE, &s)).contains("horizon must be at least 1"));
+    }
+
+    #[test]
+    fn every_step_targets_follow_each_step_of_the_window() {
+        let file = "t,v\n0,5\n1,7\n2,7\n3,6\n4,9\n5,9\n6,1\n7,2\n8,3\n";
+        let mut s = spec();
+        s.features = vec!["v".into()];
+        s.targets = vec!["v".into()];
+        s.window = 2;
+        s.horizon = 1;
+        s.every_step = true;
+        let w = cut_text(file, &s).unwrap();
+        assert!(w.data.is_every_step());
+        assert_eq!((w.data.targets_per_row(), w.data.outputs()), (2, 1));
+        // One window per part of 3 steps: inputs of 2 steps, each step's value one step later.
+        let rows: Vec<(Vec<f32>, Vec<f32>)> = (0..w.data.len())
+            .map(|i| (w.data.input(i).to_vec(), w.data.targets(i).to_vec()))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (vec![5.0, 7.0], vec![7.0, 7.0]),
+                (vec![6.0, 9.0], vec![9.0, 9.0]),
+                (vec![1.0, 2.0], vec![2.0, 3.0]),
+            ]
+        );
+        s.label = Some(Label::Rises);
+        let w = cut_text(file, &s).unwrap();
+        let labels: Vec<f32> = (0..w.data.len())
+            .flat_map(|i| w.data.targets(i).to_vec())
+            .collect();
+        assert_eq!(labels, [1.0, 0.0, 1.0, 0.0, 1.0, 1.0]);
+        // Two target columns: each step's pair, step by step; the limit counts them all.
+        s.label = None;
+        s.targets = vec!["v".into(), "t".into()];
+        let w = cut_text(file, &s).unwrap();
+        assert_eq!(w.data.targets(0), [7.0, 1.0, 7.0, 2.0]);
+        assert_eq!(w.data.outputs(), 2);
+        assert!(!w.data.fits(5) && w.data.fits(6));
     }
 
     #[test]

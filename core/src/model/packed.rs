@@ -141,6 +141,28 @@ impl PackedBatch {
         &self.last_rows
     }
 
+    /// Steps of each sequence, in sorted order.
+    pub fn sorted_lengths(&self) -> Vec<usize> {
+        let sizes = self.batch_sizes();
+        (0..self.len())
+            .map(|k| sizes.iter().take_while(|&&b| b > k).count())
+            .collect()
+    }
+
+    /// The packed row of every step of every sequence, sequence by sequence in sorted order
+    /// (`(sum(lengths),)`, u32): gathers per-step values into per-sequence order.
+    pub fn step_rows(&self) -> Result<Tensor> {
+        let offsets = self.steps.offsets();
+        let rows: Vec<u32> = self
+            .sorted_lengths()
+            .iter()
+            .enumerate()
+            .flat_map(|(k, &len)| (0..len).map(move |t| (offsets[t] + k) as u32))
+            .collect();
+        let n = rows.len();
+        Ok(Tensor::from_vec(rows, n, self.data.device())?)
+    }
+
     /// `order[k]` is the input index of the `k`-th sequence in sorted order.
     pub fn order(&self) -> &[usize] {
         &self.order

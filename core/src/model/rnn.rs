@@ -98,14 +98,21 @@ impl SeqModel {
     /// Runs the batch and the head as part of candle's graph, keeping what a backward pass
     /// needs. With `keep_outputs`, also returns the top layer's per-step output.
     pub fn forward(&self, batch: &PackedBatch, keep_outputs: bool) -> Result<Forward> {
-        self.run(batch, true, keep_outputs, &[])
+        self.run(batch, true, keep_outputs, &[], false)
     }
 
-    /// [`SeqModel::forward`] with dropout after the head's hidden layers: `masks[i]` multiplies
-    /// hidden layer `i`'s output, `(b_sz, width)` in sorted order (see
-    /// [`crate::model::Dropout::masks`]).
-    pub fn forward_dropout(&self, batch: &PackedBatch, masks: &[Tensor]) -> Result<Forward> {
-        if masks.len() != self.head.len() - 1 {
+    /// The training pass: [`SeqModel::forward`] with dropout after the head's hidden layers
+    /// (`masks[i]` multiplies hidden layer `i`'s output, one row per head row; empty for none),
+    /// and with `every_step` the head run on the top layer's output at every step of every
+    /// sequence: `ys` is then `(sum(lengths), output_size)`, sequence by sequence in sorted order
+    /// (see [`PackedBatch::step_rows`]).
+    pub fn forward_train(
+        &self,
+        batch: &PackedBatch,
+        masks: &[Tensor],
+        every_step: bool,
+    ) -> Result<Forward> {
+        if !masks.is_empty() && masks.len() != self.head.len() - 1 {
             return Err(Error::setting(
                 "dropout",
                 format!(
@@ -115,7 +122,13 @@ impl SeqModel {
                 ),
             ));
         }
-        self.run(batch, true, false, masks)
+        self.run(batch, true, false, masks, every_step)
+    }
+
+    /// The forward-only path with the head at every step: `(sum(lengths), output_size)`,
+    /// sequence by sequence in sorted order.
+    pub fn infer_every_step(&self, batch: &PackedBatch) -> Result<Tensor> {
+        Ok(self.run(batch, false, false, &[], true)?.ys)
     }
 
     /// Widths of the head's hidden layers.
@@ -126,7 +139,7 @@ impl SeqModel {
     /// The forward-only path for prediction and evaluation: no graph, no saved activations.
     /// Returns the head's output `(b_sz, output_size)` in sorted order.
     pub fn infer(&self, batch: &PackedBatch) -> Result<Tensor> {
-        Ok(self.run(batch, false, false, &[])?.ys)
+        Ok(self.run(batch, false, false, &[], false)?.ys)
     }
 
     fn run(
@@ -135,6 +148,7 @@ impl SeqModel {
         train: bool,
         keep_outputs: bool,
         masks: &[Tensor],
+        every_step: bool,
     ) -> Result<Forward> {
         let config = *self.config();
         if batch.input_size() != config.input_size {
@@ -194,7 +208,11 @@ impl SeqModel {
         } else {
             Tensor::cat(top_states, 1)?
         };
-        let mut ys = top;
+        let mut ys = if every_step {
+            x.index_select(&batch.step_rows()?, 0)?
+        } else {
+            top
+        };
         for (i, spec) in self.head.iter().enumerate() {
             ys = fused::head(&ys, &flat, spec, train)?;
             if i + 1 < self.head.len() {

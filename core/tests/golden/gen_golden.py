@@ -16,7 +16,11 @@ It writes, next to this file:
 - heads/<name>.safetensors: a recurrent layer under an MLP head (`nn.Sequential` of Linear,
   ReLU, Dropout, …, Linear), its state_dict, a batch, dropout masks, the training-mode outputs
   with those masks, the eval-mode outputs (nn.Dropout off), the loss (MSE or BCE with logits)
-  and every parameter's gradient.
+  and every parameter's gradient;
+- every_step/<name>.safetensors: a two-layer model whose head runs on every real step's output,
+  the targets of every step (padded), the padded outputs (zero past each length), the loss (MSE
+  or BCE with logits, each sample's the mean over its real steps and outputs, summed) and every
+  parameter's gradient.
 """
 
 import json
@@ -217,9 +221,43 @@ def heads():
                   os.path.join(HERE, "heads", f"{name}.safetensors"))
 
 
+def every_step():
+    """A target at every step: the head on the padded output of every real step, each sample's
+    loss the mean over its real steps and outputs, summed over the batch."""
+    os.makedirs(os.path.join(HERE, "every_step"), exist_ok=True)
+    lengths = torch.tensor([3, 5, 1, 5, 2])
+    input_size, hidden, out = 2, 3, 2
+    for kind, bi, loss_kind in [("gru", False, "mse"), ("lstm", True, "bce")]:
+        model = Model(kind, input_size, hidden, 2, bi, out)
+        b, t_max = len(lengths), int(lengths.max())
+        x = torch.randn(b, t_max, input_size)
+        for i, n in enumerate(lengths):
+            x[i, n:] = 100.0 + torch.randn(t_max - n, input_size)
+        if loss_kind == "bce":
+            target = (torch.rand(b, t_max, out) > 0.5).float()
+        else:
+            target = torch.randn(b, t_max, out)
+        _, outputs, _, _ = model(x, lengths)
+        y = model.linear(outputs)  # (b, t_max, out); padded steps are masked out below
+        mask = (torch.arange(t_max)[None, :] < lengths[:, None]).float()[:, :, None]
+        if loss_kind == "bce":
+            per = nn.functional.binary_cross_entropy_with_logits(y, target, reduction="none")
+        else:
+            per = (y - target) ** 2
+        loss = ((per * mask).sum(dim=(1, 2)) / (lengths.float() * out)).sum()
+        loss.backward()
+        t = {name: p.detach().clone() for name, p in model.state_dict().items()}
+        t.update({"grad." + name: p.grad.clone() for name, p in model.named_parameters()})
+        t.update({"input": x, "lengths": lengths.float(), "target": target,
+                  "y": (y * mask).detach(), "loss": loss.detach().reshape(1)})
+        name = f"{kind}_l2_{'bi' if bi else 'uni'}_{loss_kind}.safetensors"
+        save_file({k: v.contiguous() for k, v in t.items()}, os.path.join(HERE, "every_step", name))
+
+
 if __name__ == "__main__":
     cells()
     optim()
     plateau()
     tutorial_state_dict()
     heads()
+    every_step()

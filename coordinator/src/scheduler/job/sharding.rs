@@ -181,6 +181,11 @@ impl RunningJob {
             loss: pb::Loss::from(self.spec.train.loss) as i32,
             dropout: self.spec.train.dropout,
             dropout_seed: self.spec.train.seed,
+            every_step_window: if self.data.data.is_every_step() {
+                (self.data.data.targets_per_row() / self.data.data.outputs()) as u32
+            } else {
+                0
+            },
             eval_batch_size: self.spec.train.batch_size as u32,
             ..Default::default()
         }

@@ -181,14 +181,16 @@ impl RunningJob {
         let Some(part) = pending.round.awaited(r.part, worker) else {
             return;
         };
-        // The coordinator knows how many samples it asked for; a worker must agree.
+        // The coordinator knows how many samples it asked for (each row's targets count, as the
+        // metrics do); a worker must agree.
+        let per_row = self.data.data.targets_per_row() as u64;
         let sums = match r.sums.as_ref().map(BatchSums::from) {
-            Some(sums) if sums.samples == part.rows.len() as u64 => sums,
+            Some(sums) if sums.samples == part.rows.len() as u64 * per_row => sums,
             other => {
                 cx.drops.push((
                     worker,
                     format!(
-                        "reported {} samples for a step part of {} rows",
+                        "reported {} samples for a step part of {} rows of {per_row} targets",
                         other.map_or("no".to_string(), |s| s.samples.to_string()),
                         part.rows.len()
                     ),
