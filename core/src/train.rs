@@ -290,8 +290,10 @@ impl Trainer {
         let start = Instant::now();
         let lr = self.optimizer.lr();
         let mut train = MetricsAccumulator::default();
+        let mut rows_done = 0;
         for rows in self.next_epoch_batches() {
             train.add_batch(&self.train_step(&rows)?);
+            rows_done += rows.len();
         }
         let train = train.finish();
         let validation = self.evaluate(&self.split.validation)?;
@@ -312,7 +314,8 @@ impl Trainer {
             validation,
             lr,
             seconds,
-            samples_per_sec: train.samples as f64 / seconds.max(1e-9),
+            // Rows, as the cluster counts them (not target values).
+            samples_per_sec: rows_done as f64 / seconds.max(1e-9),
         };
         tracing::debug!(
             epoch = record.epoch,

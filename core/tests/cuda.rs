@@ -175,3 +175,65 @@ fn a_training_step_on_the_gpu_matches_the_cpu() {
         );
     }
 }
+
+/// An MLP head with dropout, trained on a target at every step (the every-step gather, the
+/// ReLU and mask products and the head's backward over every row) on the GPU: the same
+/// gradient, metric sums and per-step predictions as on the CPU.
+#[test]
+fn an_mlp_head_at_every_step_with_dropout_on_the_gpu_matches_the_cpu() {
+    let dev = gpu();
+    let (steps, rows) = (12, 300);
+    let mut data = recur_core::data::Dataset::every_step(2, steps, 2);
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    for _ in 0..rows {
+        let row: Vec<f32> = (0..steps * 4)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        data.push_row(&row);
+    }
+    let config = ModelConfig {
+        kind: ModelKind::Gru,
+        input_size: 2,
+        hidden_size: 64,
+        num_layers: 2,
+        bidirectional: false,
+        output_size: 2,
+        head: recur_core::model::HeadLayers::new(&[32, 16]).unwrap(),
+    };
+    let flat = Params::init(config, 3, &Device::Cpu)
+        .unwrap()
+        .to_flat()
+        .unwrap();
+    let batch_rows: Vec<usize> = (0..rows).collect();
+    let keys: Vec<u64> = batch_rows.iter().map(|&r| r as u64).collect();
+    let step = |device: &Device| {
+        let model = SeqModel::new(Params::from_flat(config, &flat, device).unwrap());
+        let batch = Batch::from_rows(&data, &batch_rows, device).unwrap();
+        let dropout = recur_core::step::StepDropout {
+            dropout: recur_core::model::Dropout { p: 0.3, seed: 5 },
+            step: 2,
+            rows: &keys,
+        };
+        (
+            grad_sum(
+                &model,
+                &batch,
+                &[recur_core::data::Affine::divide(1.0); 2],
+                recur_core::step::Loss::Mse,
+                Some(dropout),
+            )
+            .unwrap(),
+            recur_core::step::predict_targets(&model, &batch).unwrap(),
+        )
+    };
+    let (g, p) = step(&dev);
+    let (g_c, p_c) = step(&Device::Cpu);
+    let t = |v: Vec<f32>| {
+        let n = v.len();
+        Tensor::from_vec(v, n, &Device::Cpu).unwrap()
+    };
+    close("every-step gradient", &t(g.grads), &t(g_c.grads));
+    close("every-step predictions", &t(p), &t(p_c));
+    assert_eq!(g.sums.samples, (rows * steps * 2) as u64);
+    assert_eq!(g.sums.samples, g_c.sums.samples);
+}

@@ -315,3 +315,59 @@ fn outputs_at_every_step_train_as_pytorch_does() {
         }
     }
 }
+
+/// recur's own training step (`grad_sum` over a dataset with a target at every step, rows of
+/// equal length as a series' windows) on the equal-length fixture: PyTorch's loss (each sample's
+/// mean over its steps and outputs, summed) and every gradient.
+#[test]
+fn the_every_step_training_step_matches_pytorch() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/every_step/rnn_tanh_l2_uni_bce_equal.safetensors");
+    let case = Case {
+        name: "rnn_tanh_l2_uni_bce_equal",
+        config: ModelConfig {
+            kind: ModelKind::RnnTanh,
+            input_size: 2,
+            hidden_size: 3,
+            num_layers: 2,
+            bidirectional: false,
+            output_size: 2,
+            head: HeadLayers::default(),
+        },
+        loss: Loss::Bce,
+        tensors: candle_core::safetensors::load(&path, &Device::Cpu).unwrap(),
+    };
+    let (b, steps, features) = case.get("input").dims3().unwrap();
+    let (xs, targets) = (case.values("input"), case.values("target"));
+    let mut data = recur_core::data::Dataset::every_step(features, steps, 2);
+    for r in 0..b {
+        let mut row = xs[r * steps * features..(r + 1) * steps * features].to_vec();
+        row.extend_from_slice(&targets[r * steps * 2..(r + 1) * steps * 2]);
+        data.push_row(&row);
+    }
+    let named: HashMap<String, Tensor> = case
+        .tensors
+        .iter()
+        .filter(|(k, _)| k.starts_with("rnn.") || k.starts_with("linear."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let model = SeqModel::new(Params::from_named(case.config, &named, &Device::Cpu).unwrap());
+    let rows: Vec<usize> = (0..b).collect();
+    let batch = Batch::from_rows(&data, &rows, &Device::Cpu).unwrap();
+    let g = grad_sum(&model, &batch, &[Affine::divide(1.0); 2], Loss::Bce, None).unwrap();
+    assert_eq!(g.sums.samples as usize, b * steps * 2);
+    assert_close(
+        case.name,
+        "loss",
+        &[(g.sums.squared_error / (steps * 2) as f64) as f32],
+        &case.values("loss"),
+    );
+    for entry in case.config.layout().entries() {
+        assert_close(
+            case.name,
+            &format!("grad of {}", entry.name),
+            &g.grads[entry.offset..entry.offset + entry.len],
+            &case.values(&format!("grad.{}", entry.name)),
+        );
+    }
+}

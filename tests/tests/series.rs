@@ -771,8 +771,9 @@ async fn an_mlp_head_with_dropout_trains_alike_on_two_workers_and_one_process() 
     tc.shutdown().await;
 }
 
-/// Two targets at every step of each window: two workers train as one process does, and the
-/// test metrics the workers compute (every step of every test window) are one process's.
+/// Two targets at every step of each window, under an MLP head with dropout (a mask per step):
+/// two workers train as one process does, and the test metrics the workers compute (every step
+/// of every test window) are one process's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn targets_at_every_step_train_and_evaluate_alike_on_two_workers_and_one_process() {
     let text = series_text();
@@ -795,6 +796,7 @@ async fn targets_at_every_step_train_and_evaluate_alike_on_two_workers_and_one_p
     let reference = Prepared::series(&windows, Scale::Standard, Loss::Mse).unwrap();
     let two_out = ModelConfig {
         output_size: 2,
+        head: HeadLayers::new(&[8]).unwrap(),
         ..model()
     };
     let mut tc = TestCluster::start(2).await;
@@ -805,6 +807,10 @@ async fn targets_at_every_step_train_and_evaluate_alike_on_two_workers_and_one_p
             s.targets.clone_from(&targets);
             s.every_step = true;
         }
+        if let Some(m) = spec.model.as_mut() {
+            m.head = vec![8];
+        }
+        spec.dropout = 0.2;
         spec
     };
     let id = tc
@@ -826,7 +832,7 @@ async fn targets_at_every_step_train_and_evaluate_alike_on_two_workers_and_one_p
     );
     let (manifest, cluster) = checkpoint(&mut tc.client, &id, true).await;
     assert_eq!(manifest.model, two_out);
-    let one = one_process_with(&windows, &reference.norm, 7, Loss::Mse, 6, two_out, 0.0);
+    let one = one_process_with(&windows, &reference.norm, 7, Loss::Mse, 6, two_out, 0.2);
     assert_params_close(
         &cluster,
         &one,

@@ -121,7 +121,8 @@ pub struct Executor {
 /// Rows per forward pass when evaluating.
 const EVAL_CHUNK: usize = 2048;
 
-/// Most steps of a row with a target at every step (dropout keys hold the step in 24 bits).
+/// Rows with a target at every step have fewer steps than this (dropout keys hold the step in
+/// 24 bits).
 const MAX_EVERY_STEP_WINDOW: usize = 1 << 24;
 
 impl Executor {
@@ -221,7 +222,7 @@ impl Executor {
                 .ok_or_else(|| Error::Protocol("LoadShard without a model".into()))?;
             let model = ModelConfig::try_from(wire)?;
             let steps = part.every_step_window as usize;
-            if steps > MAX_EVERY_STEP_WINDOW {
+            if steps >= MAX_EVERY_STEP_WINDOW {
                 return Err(Error::Protocol(format!(
                     "LoadShard: a target at every step of {steps} steps is above the limit {MAX_EVERY_STEP_WINDOW}"
                 )));

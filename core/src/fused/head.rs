@@ -15,9 +15,10 @@ pub struct HeadSpec {
     pub input: usize,
     /// Values out.
     pub output: usize,
-    /// Offset of `linear.weight` in the flat parameters.
+    /// Offset of this layer's weight (`linear.weight`, `head.{3i}.weight`) in the flat
+    /// parameters.
     pub weight: usize,
-    /// Offset of `linear.bias` in the flat parameters.
+    /// Offset of this layer's bias in the flat parameters.
     pub bias: usize,
     /// Length of the whole flat parameter vector.
     pub param_len: usize,

@@ -66,7 +66,8 @@ impl FromStr for ModelKind {
     }
 }
 
-/// The shape of a model: recurrent layers plus a linear head on the last state of the top layer.
+/// The shape of a model: recurrent layers plus a head (one linear layer, or an MLP) on the top
+/// layer's last state (or on its output at every step, when trained so).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ModelConfig {
     /// The recurrent cell.

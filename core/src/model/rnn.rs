@@ -11,7 +11,8 @@ use crate::{Error, Result};
 /// [`PackedBatch::order`]); use [`PackedBatch::unsort`] to get input order.
 #[derive(Debug)]
 pub struct Forward {
-    /// The head's output: `(b_sz, output_size)`.
+    /// The head's output: `(b_sz, output_size)`, or `(sum(lengths), output_size)` with outputs
+    /// at every step (see [`SeqModel::forward_train`]).
     pub ys: Tensor,
     /// Last hidden state of every layer and direction, in PyTorch's `h_n` order (`l0`,
     /// `l0_reverse`, `l1`, ...): each `(b_sz, hidden)`.

@@ -225,9 +225,13 @@ def every_step():
     """A target at every step: the head on the padded output of every real step, each sample's
     loss the mean over its real steps and outputs, summed over the batch."""
     os.makedirs(os.path.join(HERE, "every_step"), exist_ok=True)
-    lengths = torch.tensor([3, 5, 1, 5, 2])
     input_size, hidden, out = 2, 3, 2
-    for kind, bi, loss_kind in [("gru", False, "mse"), ("lstm", True, "bce")]:
+    # The last case has rows of equal length, as a series' windows: recur's training step runs
+    # on it whole.
+    for kind, bi, loss_kind, lengths in [
+            ("gru", False, "mse", [3, 5, 1, 5, 2]), ("lstm", True, "bce", [3, 5, 1, 5, 2]),
+            ("rnn_tanh", False, "bce", [4, 4, 4])]:
+        lengths = torch.tensor(lengths)
         model = Model(kind, input_size, hidden, 2, bi, out)
         b, t_max = len(lengths), int(lengths.max())
         x = torch.randn(b, t_max, input_size)
@@ -250,7 +254,8 @@ def every_step():
         t.update({"grad." + name: p.grad.clone() for name, p in model.named_parameters()})
         t.update({"input": x, "lengths": lengths.float(), "target": target,
                   "y": (y * mask).detach(), "loss": loss.detach().reshape(1)})
-        name = f"{kind}_l2_{'bi' if bi else 'uni'}_{loss_kind}.safetensors"
+        equal = "_equal" if len(set(lengths.tolist())) == 1 else ""
+        name = f"{kind}_l2_{'bi' if bi else 'uni'}_{loss_kind}{equal}.safetensors"
         save_file({k: v.contiguous() for k, v in t.items()}, os.path.join(HERE, "every_step", name))
 
 
