@@ -279,6 +279,30 @@ mod tests {
     use super::*;
     use crate::model::{ModelConfig, ModelKind, Params};
 
+    /// Asserts that every `stride`-th entry of `grads` is the central finite difference (step
+    /// 0.01) of `loss_at` around `flat`, within `tol` of the larger of the gradient and 0.1.
+    fn assert_finite_differences(
+        flat: &[f32],
+        grads: &[f32],
+        stride: usize,
+        tol: f64,
+        loss_at: impl Fn(&[f32]) -> f64,
+        what: &str,
+    ) {
+        let h = 1e-2f32;
+        for k in (0..flat.len()).step_by(stride) {
+            let (mut up, mut down) = (flat.to_vec(), flat.to_vec());
+            up[k] += h;
+            down[k] -= h;
+            let numeric = (loss_at(&up) - loss_at(&down)) / (2.0 * f64::from(h));
+            let analytic = f64::from(grads[k]);
+            assert!(
+                (numeric - analytic).abs() < tol * analytic.abs().max(0.1),
+                "{what}: parameter {k}: finite difference {numeric} vs gradient {analytic}"
+            );
+        }
+    }
+
     /// With dropout, a batch's gradient is the sum of its halves' (each sample keeps its mask
     /// wherever it is computed), differs from the gradient without dropout, and a repeated step
     /// gives the same values.
@@ -380,18 +404,7 @@ mod tests {
                 // Summed per-value losses; per sample, the mean over 3 steps × 2 outputs.
                 sums.squared_error / 6.0
             };
-            let h = 1e-2f32;
-            for k in (0..flat.len()).step_by(3) {
-                let (mut up, mut down) = (flat.clone(), flat.clone());
-                up[k] += h;
-                down[k] -= h;
-                let numeric = (loss_at(&up) - loss_at(&down)) / (2.0 * f64::from(h));
-                let analytic = f64::from(g.grads[k]);
-                assert!(
-                    (numeric - analytic).abs() < 3e-3 * analytic.abs().max(0.1),
-                    "{loss}: parameter {k}: finite difference {numeric} vs gradient {analytic}"
-                );
-            }
+            assert_finite_differences(&flat, &g.grads, 3, 3e-3, loss_at, loss.as_str());
             // Predictions meet the targets: steps × outputs per row, in input order.
             let model = SeqModel::new(Params::from_flat(config, &flat, &Device::Cpu).unwrap());
             let all = predict_targets(&model, &batch).unwrap();
@@ -441,17 +454,6 @@ mod tests {
             // The summed BCE over all outputs, divided by 2 outputs per sample.
             sums.squared_error / 2.0
         };
-        let h = 1e-2f32;
-        for k in (0..flat.len()).step_by(5) {
-            let (mut up, mut down) = (flat.clone(), flat.clone());
-            up[k] += h;
-            down[k] -= h;
-            let numeric = (loss_at(&up) - loss_at(&down)) / (2.0 * f64::from(h));
-            let analytic = f64::from(g.grads[k]);
-            assert!(
-                (numeric - analytic).abs() < 2e-3 * analytic.abs().max(0.1),
-                "parameter {k}: finite difference {numeric} vs gradient {analytic}"
-            );
-        }
+        assert_finite_differences(&flat, &g.grads, 5, 2e-3, loss_at, "bce");
     }
 }

@@ -74,7 +74,9 @@ impl Case {
         let named: HashMap<String, Tensor> = self
             .tensors
             .iter()
-            .filter(|(k, _)| k.starts_with("rnn.") || k.starts_with("head."))
+            .filter(|(k, _)| {
+                k.starts_with("rnn.") || k.starts_with("head.") || k.starts_with("linear.")
+            })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         Params::from_named(self.config, &named, &Device::Cpu).unwrap()
@@ -113,17 +115,44 @@ impl Case {
         let outputs = self.config.output_size;
         let t = batch.sort_values(&self.values("target"), outputs);
         let t = Tensor::from_vec(t, ys.shape(), &Device::Cpu).unwrap();
-        let per = match self.loss {
-            Loss::Mse => (ys - &t).unwrap().sqr().unwrap(),
-            // max(x, 0) - x t + log(1 + exp(-|x|)), as PyTorch computes it.
-            Loss::Bce => {
-                let softplus = ((ys.abs().unwrap().neg().unwrap().exp().unwrap() + 1.0).unwrap())
-                    .log()
-                    .unwrap();
-                ((ys.relu().unwrap() - (ys * &t).unwrap()).unwrap() + softplus).unwrap()
-            }
-        };
+        let per = per_value_loss(self.loss, ys, &t);
         (per.sum_all().unwrap() / outputs as f64).unwrap()
+    }
+}
+
+/// Each value's loss: `(y - t)^2`, or BCE with logits in the stable form PyTorch uses,
+/// `max(x, 0) - x t + log(1 + exp(-|x|))`.
+fn per_value_loss(loss: Loss, ys: &Tensor, t: &Tensor) -> Tensor {
+    match loss {
+        Loss::Mse => (ys - t).unwrap().sqr().unwrap(),
+        Loss::Bce => {
+            let softplus = ((ys.abs().unwrap().neg().unwrap().exp().unwrap() + 1.0).unwrap())
+                .log()
+                .unwrap();
+            ((ys.relu().unwrap() - (ys * t).unwrap()).unwrap() + softplus).unwrap()
+        }
+    }
+}
+
+/// A fixture of `golden/every_step/`: a two-layer model of 2 features, 3 units and 2 outputs
+/// under one linear layer.
+fn every_step_case(name: &'static str, kind: ModelKind, bidirectional: bool, loss: Loss) -> Case {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/every_step")
+        .join(format!("{name}.safetensors"));
+    Case {
+        name,
+        config: ModelConfig {
+            kind,
+            input_size: 2,
+            hidden_size: 3,
+            num_layers: 2,
+            bidirectional,
+            output_size: 2,
+            head: HeadLayers::default(),
+        },
+        loss,
+        tensors: candle_core::safetensors::load(&path, &Device::Cpu).unwrap(),
     }
 }
 
@@ -247,30 +276,8 @@ fn outputs_at_every_step_train_as_pytorch_does() {
         ("gru_l2_uni_mse", ModelKind::Gru, false, Loss::Mse),
         ("lstm_l2_bi_bce", ModelKind::Lstm, true, Loss::Bce),
     ] {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/golden/every_step")
-            .join(format!("{name}.safetensors"));
-        let case = Case {
-            name,
-            config: ModelConfig {
-                kind,
-                input_size: 2,
-                hidden_size: 3,
-                num_layers: 2,
-                bidirectional,
-                output_size: 2,
-                head: HeadLayers::default(),
-            },
-            loss,
-            tensors: candle_core::safetensors::load(&path, &Device::Cpu).unwrap(),
-        };
-        let named: HashMap<String, Tensor> = case
-            .tensors
-            .iter()
-            .filter(|(k, _)| k.starts_with("rnn.") || k.starts_with("linear."))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let model = SeqModel::new(Params::from_named(case.config, &named, &Device::Cpu).unwrap());
+        let case = every_step_case(name, kind, bidirectional, loss);
+        let model = SeqModel::new(case.params());
         let batch = case.batch();
         let out = model.forward_train(&batch, &[], true).unwrap();
         // PyTorch's padded (b, t, 2) outputs and targets, read at each sorted sequence's steps.
@@ -292,16 +299,7 @@ fn outputs_at_every_step_train_as_pytorch_does() {
         let shape = out.ys.shape().clone();
         let t = Tensor::from_vec(targets, &shape, &Device::Cpu).unwrap();
         let w = Tensor::from_vec(weights, &shape, &Device::Cpu).unwrap();
-        let ys = &out.ys;
-        let per = match loss {
-            Loss::Mse => (ys - &t).unwrap().sqr().unwrap(),
-            Loss::Bce => {
-                let softplus = ((ys.abs().unwrap().neg().unwrap().exp().unwrap() + 1.0).unwrap())
-                    .log()
-                    .unwrap();
-                ((ys.relu().unwrap() - (ys * &t).unwrap()).unwrap() + softplus).unwrap()
-            }
-        };
+        let per = per_value_loss(loss, &out.ys, &t);
         let total = (per * w).unwrap().sum_all().unwrap();
         assert_close(name, "loss", &flat(&total), &case.values("loss"));
         let grads = total.backward().unwrap();
@@ -321,22 +319,12 @@ fn outputs_at_every_step_train_as_pytorch_does() {
 /// mean over its steps and outputs, summed) and every gradient.
 #[test]
 fn the_every_step_training_step_matches_pytorch() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden/every_step/rnn_tanh_l2_uni_bce_equal.safetensors");
-    let case = Case {
-        name: "rnn_tanh_l2_uni_bce_equal",
-        config: ModelConfig {
-            kind: ModelKind::RnnTanh,
-            input_size: 2,
-            hidden_size: 3,
-            num_layers: 2,
-            bidirectional: false,
-            output_size: 2,
-            head: HeadLayers::default(),
-        },
-        loss: Loss::Bce,
-        tensors: candle_core::safetensors::load(&path, &Device::Cpu).unwrap(),
-    };
+    let case = every_step_case(
+        "rnn_tanh_l2_uni_bce_equal",
+        ModelKind::RnnTanh,
+        false,
+        Loss::Bce,
+    );
     let (b, steps, features) = case.get("input").dims3().unwrap();
     let (xs, targets) = (case.values("input"), case.values("target"));
     let mut data = recur_core::data::Dataset::every_step(features, steps, 2);
@@ -345,13 +333,7 @@ fn the_every_step_training_step_matches_pytorch() {
         row.extend_from_slice(&targets[r * steps * 2..(r + 1) * steps * 2]);
         data.push_row(&row);
     }
-    let named: HashMap<String, Tensor> = case
-        .tensors
-        .iter()
-        .filter(|(k, _)| k.starts_with("rnn.") || k.starts_with("linear."))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let model = SeqModel::new(Params::from_named(case.config, &named, &Device::Cpu).unwrap());
+    let model = SeqModel::new(case.params());
     let rows: Vec<usize> = (0..b).collect();
     let batch = Batch::from_rows(&data, &rows, &Device::Cpu).unwrap();
     let g = grad_sum(&model, &batch, &[Affine::divide(1.0); 2], Loss::Bce, None).unwrap();

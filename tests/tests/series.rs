@@ -219,13 +219,7 @@ async fn two_workers_train_a_series_like_one_process_and_predict_from_raw_values
         reference.norm.inputs[1].shift > 50.0,
         "demand is standardised"
     );
-    let histories: Vec<Vec<f32>> = reference
-        .split
-        .test
-        .iter()
-        .take(4)
-        .map(|&r| windows.data.input(r).to_vec())
-        .collect();
+    let histories = test_histories(&reference, &windows, 4);
     let answer = tc
         .client
         .predict(&id, histories.clone())
@@ -630,13 +624,7 @@ async fn a_rises_label_trains_a_classifier_that_two_workers_and_one_process_agre
     assert!(test.precision > 0.7 && test.recall > 0.7, "{test:?}");
     assert_eq!(test.accuracy, test.exact);
     // Predict returns the probability of a rise.
-    let histories: Vec<Vec<f32>> = reference
-        .split
-        .test
-        .iter()
-        .take(20)
-        .map(|&r| windows.data.input(r).to_vec())
-        .collect();
+    let histories = test_histories(&reference, &windows, 20);
     let probabilities = tc
         .client
         .predict(&id, histories.clone())
@@ -655,6 +643,17 @@ async fn a_rises_label_trains_a_classifier_that_two_workers_and_one_process_agre
     }
     assert!(probabilities.iter().any(|&p| p > 0.5) && probabilities.iter().any(|&p| p < 0.5));
     tc.shutdown().await;
+}
+
+/// The raw input steps of the first `n` test windows.
+fn test_histories(reference: &Prepared, windows: &Windows, n: usize) -> Vec<Vec<f32>> {
+    reference
+        .split
+        .test
+        .iter()
+        .take(n)
+        .map(|&r| windows.data.input(r).to_vec())
+        .collect()
 }
 
 /// The test model under a head of two hidden layers.
@@ -716,13 +715,7 @@ async fn an_mlp_head_with_dropout_trains_alike_on_two_workers_and_one_process() 
     assert!(moved > cluster.len() / 4, "only {moved} parameters moved");
 
     // Predictions run without dropout: they equal a plain forward pass of the checkpoint.
-    let histories: Vec<Vec<f32>> = reference
-        .split
-        .test
-        .iter()
-        .take(6)
-        .map(|&r| windows.data.input(r).to_vec())
-        .collect();
+    let histories = test_histories(&reference, &windows, 6);
     let answer = tc
         .client
         .predict(&id, histories.clone())
