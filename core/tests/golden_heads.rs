@@ -33,23 +33,16 @@ fn cases() -> Vec<Case> {
     ]
     .into_iter()
     .map(|(name, kind, widths, loss)| {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/golden/heads")
-            .join(format!("{name}.safetensors"));
-        Case {
-            name,
-            config: ModelConfig {
-                kind,
-                input_size: 2,
-                hidden_size: 3,
-                num_layers: 1,
-                bidirectional: false,
-                output_size: 2,
-                head: HeadLayers::new(widths).unwrap(),
-            },
-            loss,
-            tensors: candle_core::safetensors::load(&path, &Device::Cpu).unwrap(),
-        }
+        let config = ModelConfig {
+            kind,
+            input_size: 2,
+            hidden_size: 3,
+            num_layers: 1,
+            bidirectional: false,
+            output_size: 2,
+            head: HeadLayers::new(widths).unwrap(),
+        };
+        fixture("heads", name, config, loss)
     })
     .collect()
 }
@@ -137,20 +130,27 @@ fn per_value_loss(loss: Loss, ys: &Tensor, t: &Tensor) -> Tensor {
 /// A fixture of `golden/every_step/`: a two-layer model of 2 features, 3 units and 2 outputs
 /// under one linear layer.
 fn every_step_case(name: &'static str, kind: ModelKind, bidirectional: bool, loss: Loss) -> Case {
+    let config = ModelConfig {
+        kind,
+        input_size: 2,
+        hidden_size: 3,
+        num_layers: 2,
+        bidirectional,
+        output_size: 2,
+        head: HeadLayers::default(),
+    };
+    fixture("every_step", name, config, loss)
+}
+
+/// The fixture `golden/{dir}/{name}.safetensors` of a model shaped `config`.
+fn fixture(dir: &str, name: &'static str, config: ModelConfig, loss: Loss) -> Case {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden/every_step")
+        .join("tests/golden")
+        .join(dir)
         .join(format!("{name}.safetensors"));
     Case {
         name,
-        config: ModelConfig {
-            kind,
-            input_size: 2,
-            hidden_size: 3,
-            num_layers: 2,
-            bidirectional,
-            output_size: 2,
-            head: HeadLayers::default(),
-        },
+        config,
         loss,
         tensors: candle_core::safetensors::load(&path, &Device::Cpu).unwrap(),
     }
