@@ -3,6 +3,8 @@
 
     python3 bench/pytorch_w2.py            # builds and runs the recur benchmark, then PyTorch
     python3 bench/pytorch_w2.py --cells lstm gru
+    python3 bench/pytorch_w2.py --device cuda     # both on the GPU (a `--features cuda` build)
+    python3 bench/pytorch_w2.py --recur-bin PATH  # a prebuilt `cells` bench binary, no cargo
 
 The recur figures come from `cargo bench -p recur-core --bench cells -- W2 <cell> fused --json
 --dump-batches FILE`, which also writes the exact batches it measured (normalised values, one
@@ -23,11 +25,18 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_recur(cells, dump):
+def run_recur(cells, dump, device, recur_bin):
     rows = []
     for cell in cells:
-        cmd = ["cargo", "bench", "-q", "-p", "recur-core", "--bench", "cells", "--",
-               "W2", cell, "fused", "--json", "--dump-batches", dump]
+        if recur_bin:
+            cmd = [recur_bin, "--bench"]
+        else:
+            cmd = ["cargo", "bench", "-q", "-p", "recur-core", "--bench", "cells"]
+            if device == "cuda":
+                cmd[3:3] = ["--features", "cuda"]
+            cmd.append("--")
+        cmd += ["W2", cell, "fused", "--json", "--dump-batches", dump,
+                "--device", "cuda:0" if device == "cuda" else "cpu"]
         env = dict(os.environ, CANDLE_NUM_THREADS="1", RAYON_NUM_THREADS="1")
         out = subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
         for line in out.stdout.splitlines():
@@ -38,7 +47,7 @@ def run_recur(cells, dump):
     return rows
 
 
-def run_torch(cell, batches, warmup, hidden):
+def run_torch(cell, batches, warmup, hidden, device):
     import torch
     from torch import nn
     from torch.nn.utils.rnn import pack_sequence
@@ -46,17 +55,20 @@ def run_torch(cell, batches, warmup, hidden):
     torch.manual_seed(0)
     rnn = {"rnn_tanh": lambda: nn.RNN(1, hidden, batch_first=True),
            "lstm": lambda: nn.LSTM(1, hidden, batch_first=True),
-           "gru": lambda: nn.GRU(1, hidden, batch_first=True)}[cell]()
-    head = nn.Linear(hidden, 1)
+           "gru": lambda: nn.GRU(1, hidden, batch_first=True)}[cell]().to(device)
+    head = nn.Linear(hidden, 1).to(device)
     opt = torch.optim.Adam(list(rnn.parameters()) + list(head.parameters()), lr=1e-3)
     prepared = []
     for batch in batches:
-        seqs = [torch.tensor(r[:-1], dtype=torch.float32).unsqueeze(-1) for r in batch]
-        target = torch.tensor([[r[-1]] for r in batch], dtype=torch.float32)
+        seqs = [torch.tensor(r[:-1], dtype=torch.float32, device=device).unsqueeze(-1)
+                for r in batch]
+        target = torch.tensor([[r[-1]] for r in batch], dtype=torch.float32, device=device)
         prepared.append((pack_sequence(seqs, enforce_sorted=False), target))
     start = None
     for i, (packed, target) in enumerate(prepared):
         if i == warmup:
+            if device == "cuda":
+                torch.cuda.synchronize()
             start = time.perf_counter()
         _, h = rnn(packed)
         h = h[0] if cell == "lstm" else h
@@ -65,6 +77,8 @@ def run_torch(cell, batches, warmup, hidden):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return sum(len(b) for b in batches[warmup:]) / seconds
 
@@ -72,10 +86,12 @@ def run_torch(cell, batches, warmup, hidden):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cells", nargs="+", default=["rnn_tanh", "lstm", "gru"])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--recur-bin", help="the built `cells` bench binary (instead of cargo bench)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         dump = os.path.join(tmp, "batches.json")
-        recur = run_recur(args.cells, dump)
+        recur = run_recur(args.cells, dump, args.device, args.recur_bin)
         with open(dump) as f:
             data = json.load(f)
     try:
@@ -87,12 +103,14 @@ def main():
         return 0
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
-    print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} thread; "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"PyTorch {torch.__version__} on {where}, {torch.get_num_threads()} thread; "
           f"W2: hidden {data['hidden']}, batch {len(data['batches'][0])}, "
           f"{len(data['batches']) - data['warmup']} measured steps after {data['warmup']} warm-up")
     print(f"{'cell':<9} {'recur/s':>10} {'PyTorch/s':>10} {'recur ÷ PyTorch':>16}")
     for r in recur:
-        theirs = run_torch(r["cell"], data["batches"], data["warmup"], data["hidden"])
+        theirs = run_torch(r["cell"], data["batches"], data["warmup"], data["hidden"],
+                           args.device)
         ours = r["fused_samples_per_s"]
         print(f"{r['cell']:<9} {ours:>10.0f} {theirs:>10.0f} {ours / theirs:>15.2f}x")
     return 0

@@ -7,6 +7,7 @@
 //! cargo bench -p recur-core --bench cells -- W2 lstm      # filters: workload, then cell
 //! cargo bench -p recur-core --bench cells -- W2 lstm fused  # and only one implementation
 //! cargo bench -p recur-core --bench cells -- --json       # one JSON object per line as well
+//! cargo bench -p recur-core --features cuda --bench cells -- W2 lstm fused --device cuda:0
 //! ```
 //! (`.cargo/config.toml` sets `CANDLE_NUM_THREADS` and `RAYON_NUM_THREADS` to 1 unless the
 //! environment says otherwise.)
@@ -112,6 +113,7 @@ trait Trainee {
 }
 
 struct Recur<M> {
+    dev: Device,
     model: M,
     flat: Vec<f32>,
     grads: Vec<f32>,
@@ -134,6 +136,8 @@ impl Trainee for Recur<SeqModel> {
         .grads;
         let t1 = Instant::now();
         drop(self.model.forward(batch.packed(), false).unwrap());
+        // A GPU queues the work: the forward pass ends when the device has run it.
+        self.dev.synchronize().unwrap();
         let forward = t1.elapsed().min(t1 - t0);
         t.forward += forward;
         t.backward += (t1 - t0) - forward;
@@ -177,14 +181,15 @@ impl Trainee for Recur<ReferenceModel> {
     }
 }
 
-fn recur<M>(w: &Workload, kind: ModelKind, wrap: fn(Params) -> M) -> Recur<M> {
-    let params = Params::init(config(w, kind), 0, &Device::Cpu).unwrap();
+fn recur<M>(w: &Workload, kind: ModelKind, wrap: fn(Params) -> M, dev: &Device) -> Recur<M> {
+    let params = Params::init(config(w, kind), 0, dev).unwrap();
     let flat = params.to_flat().unwrap();
     Recur {
         opt: Optimizer::new(OptimizerConfig::adam(1e-3), flat.len()).unwrap(),
         grads: vec![0.0; flat.len()],
         model: wrap(params),
         flat,
+        dev: dev.clone(),
     }
 }
 
@@ -209,8 +214,8 @@ fn run(w: &Workload, trainee: &mut dyn Trainee, packed: &[Batch]) -> Timing {
 
 /// candle-nn's LSTM or GRU over the padded batch, with a linear head and candle-nn's AdamW
 /// (weight decay 0, i.e. Adam). Returns seconds of the measured steps.
-fn bench_candle_nn(w: &Workload, kind: ModelKind, batches: &[Vec<usize>]) -> f64 {
-    let dev = Device::Cpu;
+fn bench_candle_nn(w: &Workload, kind: ModelKind, batches: &[Vec<usize>], dev: &Device) -> f64 {
+    let dev = dev.clone();
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     let head = candle_nn::linear(w.hidden, 1, vb.pp("linear")).unwrap();
@@ -264,6 +269,7 @@ fn bench_candle_nn(w: &Workload, kind: ModelKind, batches: &[Vec<usize>]) -> f64
         let loss = (pred - ys).unwrap().sqr().unwrap().mean_all().unwrap();
         opt.backward_step(&loss).unwrap();
     }
+    dev.synchronize().unwrap();
     start.elapsed().as_secs_f64()
 }
 
@@ -288,43 +294,60 @@ fn dump_batches(path: &str, w: &Workload, batches: &[Vec<usize>]) {
     std::fs::write(path, body.to_string()).unwrap();
 }
 
-/// GFLOP/s of one 1024² f32 matrix product on this thread, best of a few.
-fn matmul_peak() -> f64 {
+/// GFLOP/s of one 1024² f32 matrix product on this thread (or GPU), best of a few.
+fn matmul_peak(dev: &Device) -> f64 {
     let n = 1024;
-    let a = Tensor::rand(-1f32, 1f32, (n, n), &Device::Cpu).unwrap();
-    let b = Tensor::rand(-1f32, 1f32, (n, n), &Device::Cpu).unwrap();
+    let a = Tensor::rand(-1f32, 1f32, (n, n), dev).unwrap();
+    let b = Tensor::rand(-1f32, 1f32, (n, n), dev).unwrap();
     let mut best = f64::MAX;
     for _ in 0..8 {
         let t = Instant::now();
         let c = a.matmul(&b).unwrap();
+        dev.synchronize().unwrap();
         best = best.min(t.elapsed().as_secs_f64());
         drop(c);
     }
     2.0 * (n * n * n) as f64 / best / 1e9
 }
 
+/// `cpu` or `cuda:N` (the latter in a build with `--features cuda`).
+fn device(name: &str) -> Device {
+    match name.strip_prefix("cuda:").map(str::parse::<usize>) {
+        Some(Ok(n)) => Device::new_cuda(n).unwrap_or_else(|e| panic!("--device {name}: {e}")),
+        _ if name == "cpu" => Device::Cpu,
+        _ => panic!("--device {name:?}: expected cpu or cuda:N"),
+    }
+}
+
 fn main() {
-    // Positional filters (workload, cell, implementation), `--json`, `--dump-batches FILE`;
-    // cargo's own `--bench` is ignored.
+    // Positional filters (workload, cell, implementation), `--json`, `--dump-batches FILE`,
+    // `--device cpu|cuda:N`; cargo's own `--bench` is ignored.
     let mut json = false;
     let mut dump = None;
+    let mut dev = Device::Cpu;
     let mut filters: Vec<String> = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--json" => json = true,
             "--dump-batches" => dump = args.next(),
+            "--device" => dev = device(&args.next().unwrap_or_default()),
             _ if a.starts_with("--") => {}
             _ => filters.push(a),
         }
     }
     let filters: Vec<&str> = filters.iter().map(String::as_str).collect();
     let threads = std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "unset".into());
-    let peak = matmul_peak();
+    let peak = matmul_peak(&dev);
+    let on = if dev.is_cuda() {
+        "the GPU"
+    } else {
+        "this thread"
+    };
     println!(
-        "recur-core cell benchmark (CANDLE_NUM_THREADS={threads}); forward+backward+Adam per step"
+        "recur-core cell benchmark (CANDLE_NUM_THREADS={threads}, device {dev:?}); forward+backward+Adam per step"
     );
-    println!("matmul peak of this thread (1024² f32): {peak:.1} GFLOP/s");
+    println!("matmul peak of {on} (1024² f32): {peak:.1} GFLOP/s");
     let workloads = [
         Workload {
             name: "tutorial h8 b50",
@@ -368,7 +391,7 @@ fn main() {
         }
         let packed: Vec<Batch> = batches
             .iter()
-            .map(|rows| Batch::from_rows(&w.data, rows, &Device::Cpu).unwrap())
+            .map(|rows| Batch::from_rows(&w.data, rows, &dev).unwrap())
             .collect();
         for kind in [ModelKind::RnnTanh, ModelKind::Lstm, ModelKind::Gru] {
             if filters
@@ -378,9 +401,9 @@ fn main() {
                 continue;
             }
             let only = |name: &str| filters.get(2).is_none_or(|f| *f == name);
-            let fused = run(w, &mut recur(w, kind, SeqModel::new), &packed);
+            let fused = run(w, &mut recur(w, kind, SeqModel::new, &dev), &packed);
             let reference = if only("reference") {
-                run(w, &mut recur(w, kind, ReferenceModel::new), &packed)
+                run(w, &mut recur(w, kind, ReferenceModel::new, &dev), &packed)
             } else {
                 Timing {
                     update: Duration::MAX / 4,
@@ -388,7 +411,7 @@ fn main() {
                 }
             };
             let nn = (kind != ModelKind::RnnTanh && only("candle-nn"))
-                .then(|| bench_candle_nn(w, kind, &batches));
+                .then(|| bench_candle_nn(w, kind, &batches, &dev));
             let samples = (w.measured * w.batch) as f64;
             let rate = |secs: f64| samples / secs;
             let fused_rate = rate(fused.total().as_secs_f64());
