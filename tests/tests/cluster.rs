@@ -791,6 +791,39 @@ fn a_worker_whose_compute_hangs_while_its_heartbeats_go_on_is_dropped_by_its_dea
     rt.shutdown_background();
 }
 
+/// A job whose progress shows a best validation has its best checkpoint on disk: a client that
+/// predicts as soon as it sees one is answered, even when each write takes 300 ms (the record
+/// used to be written before the checkpoint it announces).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_best_validation_in_the_progress_means_predict_answers() {
+    let mut tc = TestCluster::start_with(1, |c| c.write_delay = Duration::from_millis(300)).await;
+    let dataset = recur_tests::upload_ball(&mut tc.client, 300, 3).await;
+    let job = tc
+        .submit(pb::JobSpec {
+            max_epochs: 3,
+            ..spec(&dataset, 3)
+        })
+        .await;
+    let mut watcher = recur_client::Client::connect(&tc.cluster.url(), None)
+        .await
+        .unwrap();
+    recur_tests::wait_for(60, "a first best validation", async || {
+        watcher
+            .job(&job)
+            .await
+            .is_ok_and(|j| j.best_validation.is_some())
+    })
+    .await;
+    let answer = tc
+        .client
+        .predict(&job, vec![vec![1.0, 3.0, 5.0]])
+        .await
+        .expect("the progress announced a best checkpoint that Predict cannot find");
+    assert_eq!(answer.predictions.len(), 1);
+    tc.follow(&job).await;
+    tc.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_disk_delays_epochs_but_never_drops_a_healthy_worker() {
     // Every store and checkpoint write takes 1 s, and a worker is silent after 2 s: an epoch's

@@ -399,6 +399,11 @@ impl RunningJob {
             step_ms = self.timing.total / steps,
             "epoch done"
         );
+        // The best checkpoint is written before the record that announces it: a client that sees
+        // a best validation in the job's progress can predict from it at once.
+        if improved {
+            self.push_best(None, cx);
+        }
         cx.actions.push(Action::Epoch(
             self.id.clone(),
             record,
@@ -406,9 +411,6 @@ impl RunningJob {
         ));
         cx.actions
             .push(Action::Job(self.id.clone(), self.progress()));
-        if improved {
-            self.push_best(None, cx);
-        }
         let best_epoch = self.best.as_ref().map_or(0, |b| b.epoch);
         if self.stop.is_none() {
             self.stop = self
