@@ -417,6 +417,8 @@ impl JobSpec {
             scale,
             split,
             dropout: s.dropout,
+            // The cluster's stateful jobs are not built yet (the one-process trainer's are).
+            stateful: 0,
         };
         train
             .validate()

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{Affine, Dataset, Normalizer};
 use crate::metrics::BatchSums;
-use crate::model::{Dropout, PackedBatch, SeqModel};
+use crate::model::{Dropout, PackedBatch, ReferenceModel, SeqModel};
 
 /// What a model is trained to minimise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -179,22 +179,65 @@ pub fn grad_sum(
         }
         _ => model.forward_train(&batch.packed, &[], batch.every_step)?,
     };
-    let wanted = Tensor::from_slice(&batch.targets, out.ys.shape(), out.ys.device())?;
-    let mut total = match loss {
-        Loss::Mse => crate::fused::squared_error(&out.ys, &wanted)?,
-        Loss::Bce => binary_cross_entropy(&out.ys, &wanted)?,
-    };
-    if batch.every_step {
-        // Each sample's loss is the mean over its steps too (every row has the same steps).
-        let steps = batch.targets.len() / batch.len() / out.ys.dim(1)?;
-        total = (total / steps as f64)?;
-    }
-    let grads = total.backward()?;
+    let grads = summed_loss(&out.ys, batch, loss)?.backward()?;
     let preds = out.ys.flatten_all()?.to_vec1::<f32>()?;
     Ok(GradSum {
         grads: model.params().grads_flat(&grads)?,
         sums: loss.sums(&batch.targets, &preds, targets),
     })
+}
+
+/// `sum_i mean_j l(y_ij, t_ij)` over the batch's outputs `ys` (sorted order) in candle's graph;
+/// with targets at every step, each sample's mean runs over its steps too.
+fn summed_loss(ys: &Tensor, batch: &Batch, loss: Loss) -> Result<Tensor> {
+    let wanted = Tensor::from_slice(&batch.targets, ys.shape(), ys.device())?;
+    let mut total = match loss {
+        Loss::Mse => crate::fused::squared_error(ys, &wanted)?,
+        Loss::Bce => binary_cross_entropy(ys, &wanted)?,
+    };
+    if batch.every_step {
+        // Each sample's loss is the mean over its steps too (every row has the same steps).
+        let steps = batch.targets.len() / batch.len() / ys.dim(1)?;
+        total = (total / steps as f64)?;
+    }
+    Ok(total)
+}
+
+/// [`grad_sum`] from a carried recurrent state: truncated backpropagation through time. Each
+/// sequence of `batch` starts from its state in `init` (input order,
+/// [`crate::model::ModelConfig::state_len`] values each; zeros without), a constant for the
+/// gradient, as PyTorch's `h = h.detach()` between chunks. Returns the gradient and metric sums,
+/// and each sequence's state after its last step (input order), which starts its next chunk.
+/// Runs the per-step model ([`ReferenceModel::forward_from`]); no dropout.
+pub fn stateful_grad_sum(
+    model: &ReferenceModel,
+    batch: &Batch,
+    targets: &[Affine],
+    loss: Loss,
+    init: Option<&[f32]>,
+) -> Result<(GradSum, Vec<f32>)> {
+    let out = model.forward_from(&batch.packed, init, batch.every_step)?;
+    let grads = summed_loss(&out.ys, batch, loss)?.backward()?;
+    let preds = out.ys.flatten_all()?.to_vec1::<f32>()?;
+    let sums = GradSum {
+        grads: model.params().grads_flat(&grads)?,
+        sums: loss.sums(&batch.targets, &preds, targets),
+    };
+    Ok((sums, out.state))
+}
+
+/// Forward only from a carried state ([`stateful_grad_sum`]'s forward): the metric sums of
+/// `batch` and each sequence's state after its last step.
+pub fn stateful_evaluate(
+    model: &ReferenceModel,
+    batch: &Batch,
+    targets: &[Affine],
+    loss: Loss,
+    init: Option<&[f32]>,
+) -> Result<(BatchSums, Vec<f32>)> {
+    let out = model.forward_from(&batch.packed, init, batch.every_step)?;
+    let preds = out.ys.flatten_all()?.to_vec1::<f32>()?;
+    Ok((loss.sums(&batch.targets, &preds, targets), out.state))
 }
 
 /// The keys of the head's rows, in the order the head runs them: each sequence's dataset row
@@ -424,6 +467,132 @@ mod tests {
                 assert!((a - b).abs() < 1e-6, "{a} vs {b}");
             }
         }
+    }
+
+    /// Chunks run one after another with the state carried give the outputs of one pass over
+    /// the whole sequence (fused model, every step), for every cell kind and two layers, with
+    /// streams of different chunks side by side in a batch. The state is what starts the next
+    /// chunk: starting from zeros instead gives other outputs.
+    #[test]
+    fn carried_states_continue_the_sequence_exactly() {
+        for kind in [ModelKind::RnnTanh, ModelKind::Lstm, ModelKind::Gru] {
+            let config = ModelConfig {
+                kind,
+                input_size: 2,
+                hidden_size: 4,
+                num_layers: 2,
+                bidirectional: false,
+                output_size: 1,
+                // A linear head: a ReLU unit that never fires would hide the state.
+                head: crate::model::HeadLayers::default(),
+            };
+            let params = Params::init(config, 5, &Device::Cpu).unwrap();
+            let (window, chunks, streams) = (3, 4, 2);
+            let series =
+                |k: usize, t: usize, f: usize| ((k * 31 + t * 7 + f * 3) % 11) as f32 / 5.0 - 1.0;
+            // Stream k, chunk j is row k * chunks + j; one target per step (unused here).
+            let mut data = Dataset::every_step(2, window, 1);
+            for k in 0..streams {
+                for j in 0..chunks {
+                    let mut row: Vec<f32> = (j * window..(j + 1) * window)
+                        .flat_map(|t| [series(k, t, 0), series(k, t, 1)])
+                        .collect();
+                    row.extend(std::iter::repeat_n(0.5, window));
+                    data.push_row(&row);
+                }
+            }
+            let reference = ReferenceModel::new(params.clone());
+            let maps = [Affine::divide(1.0)];
+            let rows: Vec<usize> = (0..data.len()).collect();
+            let mut state: Option<Vec<f32>> = None;
+            let mut carried = vec![Vec::new(); streams];
+            let mut cold = Vec::new();
+            for (j, rows) in crate::data::stream_batches(&rows, streams)
+                .iter()
+                .enumerate()
+            {
+                let batch = Batch::from_rows(&data, rows, &Device::Cpu).unwrap();
+                let out = reference
+                    .forward_from(batch.packed(), state.as_deref(), true)
+                    .unwrap();
+                let ys = out.ys.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                for (k, part) in ys.chunks(window).enumerate() {
+                    carried[k].extend_from_slice(part);
+                }
+                if j == 1 {
+                    let (sums, _) =
+                        stateful_evaluate(&reference, &batch, &maps, Loss::Mse, None).unwrap();
+                    cold.push(sums.squared_error);
+                    let (sums, _) =
+                        stateful_evaluate(&reference, &batch, &maps, Loss::Mse, state.as_deref())
+                            .unwrap();
+                    cold.push(sums.squared_error);
+                }
+                state = Some(out.state);
+            }
+            assert_ne!(
+                cold[0], cold[1],
+                "{kind:?}: the carried state changed nothing"
+            );
+            let model = SeqModel::new(params.clone());
+            for (k, got) in carried.iter().enumerate() {
+                let whole: Vec<f32> = (0..window * chunks)
+                    .flat_map(|t| [series(k, t, 0), series(k, t, 1)])
+                    .collect();
+                let batch = Batch::from_inputs(&[&whole], 2, &Device::Cpu).unwrap();
+                let expected = model
+                    .infer_every_step(batch.packed())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                assert_eq!(got.len(), expected.len());
+                for (t, (a, b)) in got.iter().zip(&expected).enumerate() {
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "{kind:?} stream {k} step {t}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A state of the wrong size and a bidirectional model are refused with the reason.
+    #[test]
+    fn carried_states_are_checked() {
+        let config = ModelConfig {
+            kind: ModelKind::Lstm,
+            hidden_size: 4,
+            num_layers: 2,
+            ..ModelConfig::tutorial()
+        };
+        assert_eq!(config.state_len(), 16);
+        let model = ReferenceModel::new(Params::init(config, 1, &Device::Cpu).unwrap());
+        let batch = Batch::from_inputs(&[&[0.1, 0.2], &[0.3, 0.4]], 1, &Device::Cpu).unwrap();
+        let err = model
+            .forward_from(batch.packed(), Some(&[0.0; 31]), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("31 state values for 2 sequences of 16"),
+            "{err}"
+        );
+        assert!(
+            model
+                .forward_from(batch.packed(), Some(&[0.0; 32]), false)
+                .is_ok()
+        );
+        let bi = ModelConfig {
+            bidirectional: true,
+            ..config
+        };
+        let model = ReferenceModel::new(Params::init(bi, 1, &Device::Cpu).unwrap());
+        let err = model
+            .forward_from(batch.packed(), None, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unidirectional"), "{err}");
     }
 
     /// The BCE gradient equals a central finite difference of the summed loss.

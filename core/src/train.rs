@@ -4,6 +4,12 @@
 //! measures validation accuracy; the parameters with the best validation accuracy are kept, and
 //! training stops after `patience` epochs without a better one (or at `max_epochs`, or once
 //! `target_accuracy` is reached). The test metrics of the best parameters end the run.
+//!
+//! A stateful run ([`TrainConfig::stateful`]) trains over one long series instead: its chunks
+//! in time order, cut into that many contiguous spans, batch `j` holding chunk `j` of every span,
+//! each chunk starting from the state its span's previous chunk ended with (truncated
+//! backpropagation through time; see [`stream_batches`]). States start from zeros each epoch.
+//! Validation and test run their part's chunks in order as one stream, the state carried.
 
 use std::ops::ControlFlow;
 use std::time::Instant;
@@ -12,11 +18,15 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{Checkpoint, FORMAT_VERSION, Manifest};
-use crate::data::{Dataset, Normalizer, Scale, Split, SplitFractions, epoch_batches};
+use crate::data::{
+    Dataset, Normalizer, Scale, Split, SplitFractions, epoch_batches, stream_batches,
+};
 use crate::metrics::{Metrics, MetricsAccumulator};
-use crate::model::{Dropout, ModelConfig, Params, SeqModel};
+use crate::model::{Dropout, ModelConfig, Params, ReferenceModel, SeqModel};
 use crate::optim::{LrSchedule, LrScheduler, Optimizer, OptimizerConfig};
-use crate::step::{Batch, Loss, StepDropout, evaluate, grad_sum};
+use crate::step::{
+    Batch, Loss, StepDropout, evaluate, grad_sum, stateful_evaluate, stateful_grad_sum,
+};
 use crate::{Error, Result};
 
 /// Everything that defines a training run; with the same data and seed, the same run.
@@ -48,6 +58,11 @@ pub struct TrainConfig {
     /// Dropout after each hidden layer of the head, in training (0: none).
     #[serde(default)]
     pub dropout: f32,
+    /// Train with the state carried from chunk to chunk over this many spans of the series (0:
+    /// not stateful). The data must have a target at every step; a batch is one chunk of each
+    /// span, so `batch_size` only sizes evaluation batches.
+    #[serde(default)]
+    pub stateful: usize,
 }
 
 impl Default for TrainConfig {
@@ -69,6 +84,7 @@ impl Default for TrainConfig {
             split: SplitFractions::default(),
             loss: Loss::Mse,
             dropout: 0.0,
+            stateful: 0,
         }
     }
 }
@@ -100,6 +116,18 @@ impl TrainConfig {
             return Err(Error::setting(
                 "dropout",
                 "acts between the head's hidden layers; give the head at least one (`--head`)",
+            ));
+        }
+        if self.stateful > 0 && self.dropout > 0.0 {
+            return Err(Error::setting(
+                "dropout",
+                "a stateful run trains the per-step model, which has no dropout",
+            ));
+        }
+        if self.stateful > 0 && self.model.bidirectional {
+            return Err(Error::setting(
+                "stateful",
+                "a state carried from chunk to chunk needs a unidirectional model",
             ));
         }
         if let Some(t) = self.target_accuracy
@@ -161,6 +189,11 @@ pub struct Trainer {
     norm: Normalizer,
     split: Split,
     model: SeqModel,
+    /// The same parameters step by step, for a stateful run.
+    reference: ReferenceModel,
+    /// A stateful run's state of each span, [`ModelConfig::state_len`] values each, as its last
+    /// chunk ended (empty at an epoch's start: zeros).
+    states: Vec<f32>,
     flat: Vec<f32>,
     optimizer: Optimizer,
     scheduler: LrScheduler,
@@ -196,6 +229,12 @@ impl Trainer {
     ) -> Result<Self> {
         config.validate()?;
         check_shape(&config.model, data)?;
+        if config.stateful > 0 && !data.is_every_step() {
+            return Err(Error::setting(
+                "stateful",
+                "a stateful run needs a target at every step of each chunk",
+            ));
+        }
         norm.validate(data.features(), data.outputs())?;
         let params = Params::init(config.model, config.seed, device)?;
         let flat = params.to_flat()?;
@@ -205,7 +244,9 @@ impl Trainer {
             data: data.normalized(&norm),
             norm,
             split,
+            reference: ReferenceModel::new(params.clone()),
             model: SeqModel::new(params),
+            states: Vec::new(),
             flat,
             optimizer,
             scheduler,
@@ -235,6 +276,9 @@ impl Trainer {
 
     /// The global mini-batches of the coming epoch, as dataset row indices.
     pub fn next_epoch_batches(&self) -> Vec<Vec<usize>> {
+        if self.config.stateful > 0 {
+            return stream_batches(&self.split.train, self.config.stateful);
+        }
         epoch_batches(
             &self.split.train,
             self.config.batch_size,
@@ -246,6 +290,9 @@ impl Trainer {
     /// One optimizer step on the global batch `rows`; returns the batch's metric sums.
     pub fn train_step(&mut self, rows: &[usize]) -> Result<crate::metrics::BatchSums> {
         let batch = Batch::from_rows(&self.data, rows, &self.device)?;
+        if self.config.stateful > 0 {
+            return self.stateful_step(&batch);
+        }
         let keys: Vec<u64> = rows.iter().map(|&r| r as u64).collect();
         let dropout = StepDropout {
             dropout: Dropout {
@@ -270,9 +317,48 @@ impl Trainer {
         Ok(g.sums)
     }
 
-    /// Metrics of the current parameters on `rows`, in batches of the batch size.
+    /// A stateful step: row `i` of `batch` is span `i`'s next chunk ([`stream_batches`]); it
+    /// starts from the state span `i` ended its last chunk with and leaves its own.
+    fn stateful_step(&mut self, batch: &Batch) -> Result<crate::metrics::BatchSums> {
+        let per = self.config.model.state_len();
+        let n = batch.len();
+        let init = (self.states.len() >= n * per).then(|| &self.states[..n * per]);
+        let (mut g, state) = stateful_grad_sum(
+            &self.reference,
+            batch,
+            &self.norm.targets,
+            self.config.loss,
+            init,
+        )?;
+        self.states.resize(self.states.len().max(n * per), 0.0);
+        self.states[..n * per].copy_from_slice(&state);
+        g.grads.iter_mut().for_each(|v| *v /= n as f32);
+        self.optimizer.step(&mut self.flat, &g.grads)?;
+        self.model.params().set_flat(&self.flat)?;
+        self.step += 1;
+        Ok(g.sums)
+    }
+
+    /// Metrics of the current parameters on `rows`, in batches of the batch size (a stateful
+    /// run: chunk by chunk in order, one stream from zeros).
     pub fn evaluate(&self, rows: &[usize]) -> Result<Metrics> {
         let mut acc = MetricsAccumulator::default();
+        if self.config.stateful > 0 {
+            let mut state: Option<Vec<f32>> = None;
+            for &row in rows {
+                let batch = Batch::from_rows(&self.data, &[row], &self.device)?;
+                let (sums, end) = stateful_evaluate(
+                    &self.reference,
+                    &batch,
+                    &self.norm.targets,
+                    self.config.loss,
+                    state.as_deref(),
+                )?;
+                acc.add_batch(&sums);
+                state = Some(end);
+            }
+            return Ok(acc.finish());
+        }
         for chunk in rows.chunks(self.config.batch_size) {
             let batch = Batch::from_rows(&self.data, chunk, &self.device)?;
             acc.add_batch(&evaluate(
@@ -291,6 +377,7 @@ impl Trainer {
         let lr = self.optimizer.lr();
         let mut train = MetricsAccumulator::default();
         let mut rows_done = 0;
+        self.states.clear();
         for rows in self.next_epoch_batches() {
             train.add_batch(&self.train_step(&rows)?);
             rows_done += rows.len();

@@ -15,6 +15,7 @@ pub use series::{
 };
 pub use split::{
     Scale, Split, SplitFractions, epoch_batches, rows_digest, shard_by_steps, split_batch,
+    stream_batches,
 };
 
 use std::fmt::Write as _;

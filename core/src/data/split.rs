@@ -281,8 +281,49 @@ pub fn epoch_batches(rows: &[usize], batch_size: usize, seed: u64, epoch: u64) -
         .collect()
 }
 
+/// The batches of a stateful epoch: `rows` (consecutive chunks of one series, in time order)
+/// cut into `streams` contiguous spans, the first `len % streams` one chunk longer; batch `j`
+/// holds chunk `j` of every span that has one, span by span. So row `i` of every batch belongs
+/// to span `i`, and the state a span's chunk ends with starts its next chunk in the next batch.
+/// Never shuffled: the order is the state's path.
+pub fn stream_batches(rows: &[usize], streams: usize) -> Vec<Vec<usize>> {
+    let streams = streams.clamp(1, rows.len().max(1));
+    let (base, extra) = (rows.len() / streams, rows.len() % streams);
+    let mut spans = Vec::with_capacity(streams);
+    let mut start = 0;
+    for k in 0..streams {
+        let len = base + usize::from(k < extra);
+        spans.push(&rows[start..start + len]);
+        start += len;
+    }
+    (0..spans.first().map_or(0, |s| s.len()))
+        .map(|j| spans.iter().filter_map(|s| s.get(j).copied()).collect())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stream_batches_walk_each_span_in_order_with_its_row_index_fixed() {
+        let rows: Vec<usize> = (10..21).collect(); // 11 chunks, 3 spans of 4, 4, 3
+        let batches = stream_batches(&rows, 3);
+        assert_eq!(
+            batches,
+            vec![
+                vec![10, 14, 18],
+                vec![11, 15, 19],
+                vec![12, 16, 20],
+                vec![13, 17],
+            ]
+        );
+        // Every row once; one span is one batch of 1 at a time.
+        assert_eq!(stream_batches(&rows, 1).len(), 11);
+        assert!(stream_batches(&rows, 1).iter().all(|b| b.len() == 1));
+        // More spans than chunks: one chunk each.
+        assert_eq!(stream_batches(&rows[..2], 5), vec![vec![10, 11]]);
+        assert!(stream_batches(&[], 3).is_empty());
+    }
+
     #[test]
     fn rows_digest_adds_up_and_tells_multisets_apart() {
         let all: Vec<usize> = (0..500).collect();

@@ -190,6 +190,14 @@ impl fmt::Display for ModelConfig {
 }
 
 impl ModelConfig {
+    /// Values of one sequence's recurrent state, as a stateful run carries it from chunk to
+    /// chunk: every layer's `h`, then (LSTM) every layer's `c`, `hidden_size` each (one
+    /// direction).
+    pub fn state_len(&self) -> usize {
+        let per_layer = if self.kind == ModelKind::Lstm { 2 } else { 1 };
+        self.num_layers * self.hidden_size * per_layer
+    }
+
     /// The tutorial's model: one `rnn_tanh` layer of 8 units, one input and one output.
     pub fn tutorial() -> Self {
         Self {

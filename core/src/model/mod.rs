@@ -12,5 +12,5 @@ pub use dropout::Dropout;
 pub use packed::PackedBatch;
 pub use params::Params;
 pub(crate) use params::check_len;
-pub use reference::{ReferenceModel, StreamState, Streamer};
+pub use reference::{ReferenceModel, StatefulForward, StreamState, Streamer};
 pub use rnn::{Forward, SeqModel};

@@ -1,7 +1,10 @@
 //! The reference implementation: the recurrent network written step by step in plain candle
 //! ops, with candle's autograd doing the backward pass. It is the readable statement of the
-//! math and the oracle the fused layers ([`crate::fused`]) are tested against; nothing on a
-//! training or serving path calls it.
+//! math and the oracle the fused layers ([`crate::fused`]) are tested against.
+//!
+//! It also trains from a carried recurrent state ([`ReferenceModel::forward_from`]): truncated
+//! backpropagation through time over one long series, where each chunk starts from the state the
+//! previous chunk ended with, a constant for the gradient. The fused layers start from zeros.
 //!
 //! Each step of each direction is one matmul: the step input, a ones column and the previous
 //! hidden state are concatenated, and the cell's input weights, folded biases and hidden weights
@@ -58,23 +61,14 @@ impl ReferenceModel {
     /// layer's per-step output (`outputs[t]` is `(batch_sizes[t], directions * hidden)`).
     pub fn forward(&self, batch: &PackedBatch, keep_outputs: bool) -> Result<Forward> {
         let config = *self.config();
-        if batch.input_size() != config.input_size {
-            return Err(crate::Error::BadRow {
-                row: 0,
-                problem: format!(
-                    "steps have {} features, the model takes {}",
-                    batch.input_size(),
-                    config.input_size
-                ),
-            });
-        }
+        check_input(&config, batch)?;
         let mut h_n = Vec::new();
         let mut c_n = Vec::new();
         let mut below: Vec<Tensor> = Vec::new();
         let mut last = Vec::new();
         for layer in 0..config.num_layers {
             let fwd_w = self.cell_weights(layer, "")?;
-            let (fwd_out, fwd_state) = run_forward(&config, batch, &below, &fwd_w)?;
+            let (fwd_out, fwd_state) = run_forward(&config, batch, &below, &fwd_w, None)?;
             h_n.push(fwd_state.h.clone());
             c_n.extend(fwd_state.c.clone());
             last = vec![fwd_state.h];
@@ -106,6 +100,83 @@ impl ReferenceModel {
             c_n,
             outputs: if keep_outputs { below } else { Vec::new() },
         })
+    }
+
+    /// Runs a unidirectional model over `batch` from each sequence's recurrent state `init`
+    /// (input order, [`ModelConfig::state_len`] values each; zeros without), then the head at
+    /// every real step (`every_step`, sequence by sequence in sorted order, as
+    /// [`super::SeqModel::forward_train`]) or after the last. The initial state is a constant:
+    /// no gradient flows through it, which is PyTorch's `h = h.detach()` between chunks.
+    pub fn forward_from(
+        &self,
+        batch: &PackedBatch,
+        init: Option<&[f32]>,
+        every_step: bool,
+    ) -> Result<StatefulForward> {
+        let config = *self.config();
+        check_input(&config, batch)?;
+        if config.bidirectional {
+            return Err(crate::Error::setting(
+                "stateful",
+                "a bidirectional model reads each sequence from its end; a state carried from \
+                 one chunk to the next needs a unidirectional model",
+            ));
+        }
+        let (rows, hidden, per) = (batch.len(), config.hidden_size, config.state_len());
+        let weights = (0..config.num_layers)
+            .map(|l| self.cell_weights(l, ""))
+            .collect::<Result<Vec<_>>>()?;
+        let device = weights[0].w.device();
+        let mut starts: Vec<Option<State>> = vec![None; config.num_layers];
+        if let Some(init) = init {
+            if init.len() != rows * per {
+                return Err(crate::Error::setting(
+                    "state",
+                    format!(
+                        "{} state values for {rows} sequences of {per} ({} layers × hidden {hidden}{})",
+                        init.len(),
+                        config.num_layers,
+                        if config.kind == ModelKind::Lstm {
+                            " × h, c"
+                        } else {
+                            ""
+                        }
+                    ),
+                ));
+            }
+            let sorted = Tensor::from_vec(batch.sort_values(init, per), (rows, per), device)?;
+            let lstm = config.kind == ModelKind::Lstm;
+            for (l, start) in starts.iter_mut().enumerate() {
+                *start = Some(State {
+                    h: sorted.narrow(1, l * hidden, hidden)?.contiguous()?,
+                    c: lstm
+                        .then(|| sorted.narrow(1, (config.num_layers + l) * hidden, hidden))
+                        .transpose()?
+                        .map(|c| c.contiguous())
+                        .transpose()?,
+                });
+            }
+        }
+        let mut below: Vec<Tensor> = Vec::new();
+        let mut ends = Vec::with_capacity(config.num_layers);
+        for (w, start) in weights.iter().zip(starts) {
+            let (out, end) = run_forward(&config, batch, &below, w, start)?;
+            ends.push(end);
+            below = out;
+        }
+        let top = if every_step {
+            cat_rows(below)?.index_select(&batch.step_rows()?, 0)?
+        } else {
+            ends[config.num_layers - 1].h.clone()
+        };
+        let ys = apply_head(&top, &head_weights(&self.params)?)?;
+        let mut columns: Vec<Tensor> = ends.iter().map(|s| s.h.detach()).collect();
+        columns.extend(ends.iter().filter_map(|s| s.c.as_ref().map(Tensor::detach)));
+        let state = batch
+            .unsort(&Tensor::cat(&columns, 1)?)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(StatefulForward { ys, state })
     }
 
     /// Builds the fused weight of one layer and direction; see [`CellWeights::w`].
@@ -172,6 +243,31 @@ impl ReferenceModel {
     }
 }
 
+/// What [`ReferenceModel::forward_from`] returns.
+#[derive(Debug)]
+pub struct StatefulForward {
+    /// The head's output, sorted order: `(b_sz, output_size)`, or with targets at every step
+    /// each sequence's steps in turn, `(sum(lengths), output_size)`.
+    pub ys: Tensor,
+    /// Each sequence's state after its last step, input order, [`ModelConfig::state_len`]
+    /// values each (every layer's `h`, then every layer's `c`); outside candle's graph.
+    pub state: Vec<f32>,
+}
+
+fn check_input(config: &ModelConfig, batch: &PackedBatch) -> Result<()> {
+    if batch.input_size() != config.input_size {
+        return Err(crate::Error::BadRow {
+            row: 0,
+            problem: format!(
+                "steps have {} features, the model takes {}",
+                batch.input_size(),
+                config.input_size
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The input of step `t` with its ones column: the packed data for the first layer, the layer
 /// below's output otherwise.
 fn step_input(batch: &PackedBatch, below: &[Tensor], t: usize) -> Result<Vec<Tensor>> {
@@ -234,16 +330,20 @@ fn zero_state(config: &ModelConfig, rows: usize, like: &Tensor) -> Result<State>
     Ok(State { h, c })
 }
 
-/// Runs one layer forwards. Returns the per-step outputs and each sequence's state at its own
-/// last step (sorted order).
+/// Runs one layer forwards from `start` (sorted order; zeros without). Returns the per-step
+/// outputs and each sequence's state at its own last step (sorted order).
 fn run_forward(
     config: &ModelConfig,
     batch: &PackedBatch,
     below: &[Tensor],
     w: &CellWeights,
+    start: Option<State>,
 ) -> Result<(Vec<Tensor>, State)> {
     let sizes = batch.batch_sizes();
-    let mut state = zero_state(config, sizes[0], &w.w)?;
+    let mut state = match start {
+        Some(s) => s,
+        None => zero_state(config, sizes[0], &w.w)?,
+    };
     let mut outputs = Vec::with_capacity(sizes.len());
     // States of sequences that ended, shortest (bottom rows) first.
     let mut done_h = Vec::new();

@@ -20,7 +20,14 @@ It writes, next to this file:
 - every_step/<name>.safetensors: a two-layer model whose head runs on every real step's output,
   the targets of every step (padded), the padded outputs (zero past each length), the loss (MSE
   or BCE with logits, each sample's the mean over its real steps and outputs, summed) and every
-  parameter's gradient.
+  parameter's gradient;
+- stateful/<name>.safetensors: truncated backpropagation through time. Streams of one series
+  (a series cut into contiguous spans) run chunk by chunk, each chunk starting from the state
+  its stream ended the previous chunk with, detached (`h = h.detach()`), the head at every step
+  and an SGD step after each chunk: the state_dict before training (`init.<name>`), the whole
+  streams' inputs and targets, each chunk's loss (the mean over streams, steps and outputs),
+  gradients (`chunk<j>.grad.<name>`), outputs and final states (`chunk<j>.h`, `chunk<j>.c`:
+  `(layers, streams, hidden)`), and the parameters after the last step (`final.<name>`).
 """
 
 import json
@@ -259,6 +266,47 @@ def every_step():
         save_file({k: v.contiguous() for k, v in t.items()}, os.path.join(HERE, "every_step", name))
 
 
+def stateful():
+    """Truncated backpropagation through time over streams cut into chunks; see the docstring."""
+    os.makedirs(os.path.join(HERE, "stateful"), exist_ok=True)
+    input_size, hidden, out, streams, window, chunks, lr = 2, 3, 2, 3, 4, 3, 0.1
+    for kind, loss_kind in [("gru", "bce"), ("lstm", "mse"), ("rnn_tanh", "mse")]:
+        model = Model(kind, input_size, hidden, 2, False, out)
+        t = {"init." + k: v.detach().clone() for k, v in model.state_dict().items()}
+        x = torch.randn(streams, window * chunks, input_size)
+        if loss_kind == "bce":
+            target = (torch.rand(streams, window * chunks, out) > 0.5).float()
+        else:
+            target = torch.randn(streams, window * chunks, out)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        state = None
+        for j in range(chunks):
+            xs = x[:, j * window:(j + 1) * window]
+            ts = target[:, j * window:(j + 1) * window]
+            outputs, state = model.rnn(xs, state)
+            y = model.linear(outputs)
+            if loss_kind == "bce":
+                loss = nn.functional.binary_cross_entropy_with_logits(y, ts)
+            else:
+                loss = nn.functional.mse_loss(y, ts)
+            opt.zero_grad()
+            loss.backward()
+            t.update({f"chunk{j}.grad.{n}": p.grad.clone() for n, p in model.named_parameters()})
+            t[f"chunk{j}.loss"] = loss.detach().reshape(1)
+            t[f"chunk{j}.y"] = y.detach().clone()
+            if kind == "lstm":
+                state = (state[0].detach(), state[1].detach())
+                t[f"chunk{j}.h"], t[f"chunk{j}.c"] = state[0].clone(), state[1].clone()
+            else:
+                state = state.detach()
+                t[f"chunk{j}.h"] = state.clone()
+            opt.step()
+        t.update({"final." + k: v.detach().clone() for k, v in model.state_dict().items()})
+        t.update({"input": x, "target": target})
+        name = f"{kind}_l2_{loss_kind}.safetensors"
+        save_file({k: v.contiguous() for k, v in t.items()}, os.path.join(HERE, "stateful", name))
+
+
 if __name__ == "__main__":
     cells()
     optim()
@@ -266,3 +314,4 @@ if __name__ == "__main__":
     tutorial_state_dict()
     heads()
     every_step()
+    stateful()
