@@ -153,6 +153,7 @@ impl Trainee for Recur<ReferenceModel> {
     fn forward_backward(&mut self, batch: &Batch, t: &mut Timing) {
         let t0 = Instant::now();
         let out = self.model.forward(batch.packed(), false).unwrap();
+        self.dev.synchronize().unwrap();
         let t1 = Instant::now();
         let targets = Tensor::from_slice(
             &vec![0.5f32; out.ys.dim(0).unwrap()],
@@ -259,6 +260,8 @@ fn bench_candle_nn(w: &Workload, kind: ModelKind, batches: &[Vec<usize>], dev: &
     let mut start = Instant::now();
     for (i, (xs, ys)) in padded.iter().enumerate() {
         if i == w.warmup {
+            // The warm-up's queued work is not the measured steps'.
+            dev.synchronize().unwrap();
             start = Instant::now();
         }
         let last = match &cell {

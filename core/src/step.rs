@@ -558,6 +558,64 @@ mod tests {
         }
     }
 
+    /// Sequences of different lengths in one batch, each from its own state: the batch's final
+    /// states and last outputs equal each sequence's run alone (the sorted order is undone).
+    #[test]
+    fn carried_states_follow_their_sequences_through_the_sorted_order() {
+        for kind in [ModelKind::Lstm, ModelKind::Gru] {
+            let config = ModelConfig {
+                kind,
+                hidden_size: 3,
+                num_layers: 2,
+                ..ModelConfig::tutorial()
+            };
+            let model = ReferenceModel::new(Params::init(config, 7, &Device::Cpu).unwrap());
+            let per = config.state_len();
+            // Lengths 2, 5, 3: sorted order 1, 2, 0.
+            let seqs: [&[f32]; 3] = [&[0.1, -0.4], &[0.3, 0.2, -0.1, 0.5, 0.9], &[-0.7, 0.0, 0.6]];
+            let init: Vec<f32> = (0..3 * per)
+                .map(|k| (k * 13 % 17) as f32 / 8.0 - 1.0)
+                .collect();
+            let batch = Batch::from_inputs(&seqs, 1, &Device::Cpu).unwrap();
+            assert_ne!(batch.packed().order(), &[0, 1, 2]);
+            let together = model
+                .forward_from(batch.packed(), Some(&init), false)
+                .unwrap();
+            let ys = batch
+                .packed()
+                .unsort(&together.ys)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (i, seq) in seqs.iter().enumerate() {
+                let one = Batch::from_inputs(&[seq], 1, &Device::Cpu).unwrap();
+                let alone = model
+                    .forward_from(one.packed(), Some(&init[i * per..(i + 1) * per]), false)
+                    .unwrap();
+                let y = alone.ys.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert!(
+                    (y[0] - ys[i]).abs() < 1e-6,
+                    "{kind:?} sequence {i}: {} vs {}",
+                    y[0],
+                    ys[i]
+                );
+                for (k, (a, b)) in alone
+                    .state
+                    .iter()
+                    .zip(&together.state[i * per..(i + 1) * per])
+                    .enumerate()
+                {
+                    assert!(
+                        (a - b).abs() < 1e-6,
+                        "{kind:?} sequence {i} state {k}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
     /// A state of the wrong size and a bidirectional model are refused with the reason.
     #[test]
     fn carried_states_are_checked() {

@@ -59,8 +59,9 @@ pub struct TrainConfig {
     #[serde(default)]
     pub dropout: f32,
     /// Train with the state carried from chunk to chunk over this many spans of the series (0:
-    /// not stateful). The data must have a target at every step; a batch is one chunk of each
-    /// span, so `batch_size` only sizes evaluation batches.
+    /// not stateful). The data must be consecutive chunks of one series split by time (every-step
+    /// windows with stride = window, through [`Trainer::with_split`]); a batch is one chunk of
+    /// each span, and evaluation runs chunk by chunk, so `batch_size` is not used.
     #[serde(default)]
     pub stateful: usize,
 }
@@ -208,6 +209,13 @@ impl Trainer {
     /// Prepares a run over `data` (raw values, split at random by the config's seed; normalised
     /// here, fitted on the training rows).
     pub fn new(config: TrainConfig, data: &Dataset, device: &Device) -> Result<Self> {
+        if config.stateful > 0 {
+            return Err(Error::setting(
+                "stateful",
+                "a stateful run needs a series' chunks split by time; shuffled rows would carry \
+                 each chunk's state into an unrelated one (use `Trainer::with_split`)",
+            ));
+        }
         let prepared = crate::data::Prepared::rows(
             data,
             config.seed,
@@ -287,7 +295,15 @@ impl Trainer {
         )
     }
 
-    /// One optimizer step on the global batch `rows`; returns the batch's metric sums.
+    /// Forgets a stateful run's carried states: the next step starts every span from zeros, as
+    /// each epoch does ([`Trainer::run_epoch`] calls it; a caller driving
+    /// [`Trainer::train_step`] itself calls it at each epoch's start).
+    pub fn reset_states(&mut self) {
+        self.states.clear();
+    }
+
+    /// One optimizer step on the global batch `rows`; returns the batch's metric sums. In a
+    /// stateful run, `rows` is the next batch of [`Trainer::next_epoch_batches`].
     pub fn train_step(&mut self, rows: &[usize]) -> Result<crate::metrics::BatchSums> {
         let batch = Batch::from_rows(&self.data, rows, &self.device)?;
         if self.config.stateful > 0 {
@@ -377,7 +393,7 @@ impl Trainer {
         let lr = self.optimizer.lr();
         let mut train = MetricsAccumulator::default();
         let mut rows_done = 0;
-        self.states.clear();
+        self.reset_states();
         for rows in self.next_epoch_batches() {
             train.add_batch(&self.train_step(&rows)?);
             rows_done += rows.len();
