@@ -306,25 +306,26 @@ impl Trainer {
     /// stateful run, `rows` is the next batch of [`Trainer::next_epoch_batches`].
     pub fn train_step(&mut self, rows: &[usize]) -> Result<crate::metrics::BatchSums> {
         let batch = Batch::from_rows(&self.data, rows, &self.device)?;
-        if self.config.stateful > 0 {
-            return self.stateful_step(&batch);
-        }
-        let keys: Vec<u64> = rows.iter().map(|&r| r as u64).collect();
-        let dropout = StepDropout {
-            dropout: Dropout {
-                p: self.config.dropout,
-                seed: self.config.seed,
-            },
-            step: self.step + 1,
-            rows: &keys,
+        let mut g = if self.config.stateful > 0 {
+            self.stateful_grad(&batch)?
+        } else {
+            let keys: Vec<u64> = rows.iter().map(|&r| r as u64).collect();
+            let dropout = StepDropout {
+                dropout: Dropout {
+                    p: self.config.dropout,
+                    seed: self.config.seed,
+                },
+                step: self.step + 1,
+                rows: &keys,
+            };
+            grad_sum(
+                &self.model,
+                &batch,
+                &self.norm.targets,
+                self.config.loss,
+                Some(dropout),
+            )?
         };
-        let mut g = grad_sum(
-            &self.model,
-            &batch,
-            &self.norm.targets,
-            self.config.loss,
-            Some(dropout),
-        )?;
         let n = batch.len() as f32;
         g.grads.iter_mut().for_each(|v| *v /= n);
         self.optimizer.step(&mut self.flat, &g.grads)?;
@@ -333,13 +334,14 @@ impl Trainer {
         Ok(g.sums)
     }
 
-    /// A stateful step: row `i` of `batch` is span `i`'s next chunk ([`stream_batches`]); it
-    /// starts from the state span `i` ended its last chunk with and leaves its own.
-    fn stateful_step(&mut self, batch: &Batch) -> Result<crate::metrics::BatchSums> {
+    /// A stateful step's gradient: row `i` of `batch` is span `i`'s next chunk
+    /// ([`stream_batches`]); it starts from the state span `i` ended its last chunk with and
+    /// leaves its own.
+    fn stateful_grad(&mut self, batch: &Batch) -> Result<crate::step::GradSum> {
         let per = self.config.model.state_len();
         let n = batch.len();
         let init = (self.states.len() >= n * per).then(|| &self.states[..n * per]);
-        let (mut g, state) = stateful_grad_sum(
+        let (g, state) = stateful_grad_sum(
             &self.reference,
             batch,
             &self.norm.targets,
@@ -348,11 +350,7 @@ impl Trainer {
         )?;
         self.states.resize(self.states.len().max(n * per), 0.0);
         self.states[..n * per].copy_from_slice(&state);
-        g.grads.iter_mut().for_each(|v| *v /= n as f32);
-        self.optimizer.step(&mut self.flat, &g.grads)?;
-        self.model.params().set_flat(&self.flat)?;
-        self.step += 1;
-        Ok(g.sums)
+        Ok(g)
     }
 
     /// Metrics of the current parameters on `rows`, in batches of the batch size (a stateful

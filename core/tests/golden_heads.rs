@@ -8,6 +8,8 @@
 //! or misshapen tensor: a checkpoint of these models has PyTorch's names and shapes, so it loads
 //! into the same module with `load_state_dict` (strict).
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -156,18 +158,12 @@ fn fixture(dir: &str, name: &'static str, config: ModelConfig, loss: Loss) -> Ca
     }
 }
 
-fn assert_close(name: &str, what: &str, got: &[f32], expected: &[f32]) {
-    assert_eq!(got.len(), expected.len(), "{name}: {what} length");
-    for (k, (g, e)) in got.iter().zip(expected).enumerate() {
-        assert!(
-            (g - e).abs() <= 1e-5 * e.abs().max(1.0),
-            "{name}: {what}[{k}] = {g}, PyTorch says {e}"
-        );
-    }
-}
-
 fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+fn assert_close(case: &str, what: &str, got: &[f32], expected: &[f32]) {
+    common::assert_close(case, what, got, expected, 1e-5);
 }
 
 /// Training mode with the fixture's masks: outputs, loss and every gradient match PyTorch's.

@@ -6,6 +6,8 @@
 //! [`stateful_grad_sum`], carrying the states it returns, and must give PyTorch's losses,
 //! gradients, final states and parameters at every chunk.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -31,13 +33,7 @@ fn values(t: &HashMap<String, Tensor>, name: &str) -> Vec<f32> {
 }
 
 fn assert_close(case: &str, what: &str, got: &[f32], expected: &[f32]) {
-    assert_eq!(got.len(), expected.len(), "{case}: {what} length");
-    for (k, (g, e)) in got.iter().zip(expected).enumerate() {
-        assert!(
-            (g - e).abs() <= 2e-5 * e.abs().max(1.0),
-            "{case}: {what}[{k}] = {g}, PyTorch says {e}"
-        );
-    }
+    common::assert_close(case, what, got, expected, 2e-5);
 }
 
 #[test]
