@@ -43,6 +43,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Flat vectors decode as one slice of the received buffer, not float by float.
         .bytes(".recur.v1.FlatVector.values")
         .bytes(".recur.v1.StepResult.grad_sum")
+        .bytes(".recur.v1.StepResult.final_state")
+        .bytes(".recur.v1.Step.initial_state")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

@@ -856,6 +856,13 @@ async fn a_series_is_trained_from_flags_and_predicted_from_raw_steps() {
     let printed = json(&ok(run(recur(&url, &args)).await));
     assert_eq!(printed["series"]["every_step"], true, "{printed}");
     assert_eq!(printed["series"]["window"], 14, "{printed}");
+    // --stateful K: K streams of consecutive windows (stride = window), a target at every step.
+    let mut args = vec!["train", days_arg, "--print-spec", "--stateful", "3"];
+    args.extend(series);
+    let printed = json(&ok(run(recur(&url, &args)).await));
+    assert_eq!(printed["series"]["stateful"], 3, "{printed}");
+    assert_eq!(printed["series"]["stride"], 14, "{printed}");
+    assert_eq!(printed["series"]["every_step"], true, "{printed}");
 
     // Missing cells are refused unless dropped, naming the line and column.
     let mut args = vec!["train", days_arg];

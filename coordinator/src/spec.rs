@@ -72,7 +72,7 @@ fn series_from_proto(s: &pb::SeriesSpec) -> Result<SeriesSpec> {
     Ok(spec)
 }
 
-fn series_to_proto(s: &SeriesSpec) -> pb::SeriesSpec {
+fn series_to_proto(s: &SeriesSpec, stateful: usize) -> pb::SeriesSpec {
     pb::SeriesSpec {
         features: s.features.clone(),
         targets: s.targets.clone(),
@@ -91,7 +91,44 @@ fn series_to_proto(s: &SeriesSpec) -> pb::SeriesSpec {
             Some(Label::Rises) => pb::LabelRule::Rises,
         } as i32,
         every_step: s.every_step,
+        stateful: stateful as u32,
     }
+}
+
+/// A stateful job's streams, checked against its series: consecutive windows with a target at
+/// every step (0 when the job is not stateful).
+fn stateful_streams(
+    s: &pb::JobSpec,
+    series: Option<&SeriesSpec>,
+    max_batch: usize,
+) -> Result<usize> {
+    let streams = s.series.as_ref().map_or(0, |w| w.stateful as usize);
+    let Some(series) = series.filter(|_| streams > 0) else {
+        return Ok(0);
+    };
+    if !series.every_step {
+        return Err(invalid(
+            "series.stateful",
+            "needs every_step: a stateful run trains on a target at every step of each window",
+        ));
+    }
+    if series.stride != series.window {
+        return Err(invalid(
+            "series.stateful",
+            format!(
+                "needs stride equal to window (consecutive windows, each continuing the one \
+                 before); got window {} and stride {}",
+                series.window, series.stride
+            ),
+        ));
+    }
+    if streams > max_batch {
+        return Err(invalid(
+            "series.stateful",
+            format!("{streams} streams (rows per step) is above the batch limit of {max_batch}"),
+        ));
+    }
+    Ok(streams)
 }
 
 /// Bounds a job spec must respect.
@@ -417,8 +454,7 @@ impl JobSpec {
             scale,
             split,
             dropout: s.dropout,
-            // The cluster's stateful jobs are not built yet (the one-process trainer's are).
-            stateful: 0,
+            stateful: stateful_streams(s, series.as_ref(), limits.max_batch)?,
         };
         train
             .validate()
@@ -464,7 +500,7 @@ impl JobSpec {
                 Scale::Standard => pb::Normalization::Standard,
                 Scale::MinMax => pb::Normalization::Minmax,
             } as i32,
-            series: self.series.as_ref().map(series_to_proto),
+            series: self.series.as_ref().map(|s| series_to_proto(s, t.stateful)),
             loss: pb::Loss::from(t.loss) as i32,
             dropout: t.dropout,
             train_percent: t.split.train,

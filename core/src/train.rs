@@ -354,22 +354,27 @@ impl Trainer {
     }
 
     /// Metrics of the current parameters on `rows`, in batches of the batch size (a stateful
-    /// run: chunk by chunk in order, one stream from zeros).
+    /// run: chunk by chunk in order, one stream from zeros, the metrics still summed per batch
+    /// of the batch size).
     pub fn evaluate(&self, rows: &[usize]) -> Result<Metrics> {
         let mut acc = MetricsAccumulator::default();
         if self.config.stateful > 0 {
             let mut state: Option<Vec<f32>> = None;
-            for &row in rows {
-                let batch = Batch::from_rows(&self.data, &[row], &self.device)?;
-                let (sums, end) = stateful_evaluate(
-                    &self.reference,
-                    &batch,
-                    &self.norm.targets,
-                    self.config.loss,
-                    state.as_deref(),
-                )?;
+            for chunk in rows.chunks(self.config.batch_size) {
+                let mut sums = crate::metrics::BatchSums::default();
+                for &row in chunk {
+                    let batch = Batch::from_rows(&self.data, &[row], &self.device)?;
+                    let (row_sums, end) = stateful_evaluate(
+                        &self.reference,
+                        &batch,
+                        &self.norm.targets,
+                        self.config.loss,
+                        state.as_deref(),
+                    )?;
+                    sums.add(&row_sums);
+                    state = Some(end);
+                }
                 acc.add_batch(&sums);
-                state = Some(end);
             }
             return Ok(acc.finish());
         }

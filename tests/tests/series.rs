@@ -251,6 +251,101 @@ async fn two_workers_train_a_series_like_one_process_and_predict_from_raw_values
     tc.shutdown().await;
 }
 
+/// A stateful job through the wire: two workers over tonic train the series in two streams of
+/// consecutive 10-day windows, each carrying its state, and end where one process does: the same
+/// best parameters, validation history and test metrics (the test part run as one stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_train_a_series_statefully_like_one_process() {
+    let text = series_text();
+    let series = pb::SeriesSpec {
+        window: 10,
+        stride: 10,
+        every_step: true,
+        stateful: 2,
+        ..wire_series()
+    };
+    let spec = SeriesSpec {
+        window: 10,
+        stride: 10,
+        every_step: true,
+        ..core_series()
+    };
+    let windows = cut_windows(
+        text.as_bytes(),
+        "days.csv",
+        &spec,
+        SplitFractions::default(),
+        &CsvLimits::default(),
+    )
+    .unwrap();
+    let reference = Prepared::series(&windows, Scale::Standard, Loss::Mse).unwrap();
+    let report = Trainer::with_split(
+        TrainConfig {
+            model: model(),
+            batch_size: 32,
+            seed: 5,
+            scale: Scale::Standard,
+            max_epochs: 3,
+            stateful: 2,
+            ..TrainConfig::default()
+        },
+        &windows.data,
+        reference.split.clone(),
+        reference.norm.clone(),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .run(|_| std::ops::ControlFlow::Continue(()))
+    .unwrap();
+
+    let mut tc = TestCluster::start(2).await;
+    let dataset = upload_series(&mut tc, &text).await;
+    let id = tc
+        .submit(pb::JobSpec {
+            max_epochs: 3,
+            series: Some(series),
+            ..job(&dataset, 5)
+        })
+        .await;
+    let (epochs, info) = tc.follow(&id).await;
+    assert_eq!(state(&info), pb::JobState::Completed, "{}", info.message);
+    let stored = tc.client.job(&id).await.unwrap().spec.unwrap();
+    assert_eq!(
+        stored.series.map(|s| s.stateful),
+        Some(2),
+        "the spec keeps its streams"
+    );
+    assert_eq!(epochs.len(), 3);
+    let close = |a: f64, b: f64, what: &str| {
+        assert!(
+            (a - b).abs() <= 1e-4 * b.abs().max(1e-3),
+            "{what}: {a} vs {b}"
+        );
+    };
+    for (e, r) in epochs.iter().zip(&report.history) {
+        let v = e.validation.unwrap();
+        assert_eq!(v.samples, r.validation.samples as u64);
+        close(v.mae, r.validation.mae, "validation MAE");
+        close(e.train_loss, r.train_loss, "training loss");
+    }
+    assert_eq!(info.best_epoch, report.best_epoch);
+    let test = info.test.unwrap();
+    assert_eq!(test.samples, report.test.samples as u64);
+    close(test.mae, report.test.mae, "test MAE");
+    close(test.accuracy, report.test.accuracy, "test accuracy");
+    let (_, params) = checkpoint(&mut tc.client, &id, false).await;
+    // Over a hundred steps of two parts added in another order than one process's batch: a
+    // floor of 1e-6 rather than assert_params_close's 1e-7 for parameters near zero.
+    assert_eq!(params.len(), report.best.params.len());
+    for (k, (a, b)) in params.iter().zip(&report.best.params).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs().max(0.1),
+            "stateful, 2 workers vs one process: parameter {k}: {a} vs {b}"
+        );
+    }
+    tc.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn series_mistakes_are_refused_naming_file_line_and_column() {
     let mut tc = TestCluster::start(1).await;
@@ -269,6 +364,41 @@ async fn series_mistakes_are_refused_naming_file_line_and_column() {
         spec
     };
     use tonic::Code::{AlreadyExists, InvalidArgument};
+    // A stateful job needs consecutive windows with a target at every step, a unidirectional
+    // model and no dropout.
+    refused(
+        &mut tc,
+        with(|s| s.stateful = 2),
+        InvalidArgument,
+        "series.stateful needs every_step",
+    )
+    .await;
+    refused(
+        &mut tc,
+        with(|s| {
+            s.stateful = 2;
+            s.every_step = true;
+        }),
+        InvalidArgument,
+        "series.stateful needs stride equal to window (consecutive windows, each continuing the \
+         one before); got window 7 and stride 1",
+    )
+    .await;
+    let mut bidirectional = with(|s| {
+        s.stateful = 2;
+        s.every_step = true;
+        s.stride = 7;
+    });
+    if let Some(m) = bidirectional.model.as_mut() {
+        m.bidirectional = true;
+    }
+    refused(
+        &mut tc,
+        bidirectional,
+        InvalidArgument,
+        "a state carried from chunk to chunk needs a unidirectional model",
+    )
+    .await;
     refused(
         &mut tc,
         with(|s| {

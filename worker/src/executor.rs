@@ -8,8 +8,10 @@ use candle_core::Device;
 use recur_core::convert::{f32s_from_wire, f32s_to_wire};
 use recur_core::data::{Affine, Dataset, Normalizer};
 use recur_core::metrics::BatchSums;
-use recur_core::model::{Dropout, ModelConfig, Params, SeqModel};
-use recur_core::step::{Batch, Loss, StepDropout, grad_sum, predict_targets};
+use recur_core::model::{Dropout, ModelConfig, Params, ReferenceModel, SeqModel};
+use recur_core::step::{
+    Batch, Loss, StepDropout, grad_sum, predict_targets, stateful_evaluate, stateful_grad_sum,
+};
 use recur_proto::v1 as pb;
 
 use crate::{Error, Result};
@@ -100,6 +102,9 @@ struct Shard {
     loss: Loss,
     /// The job's head dropout.
     dropout: Dropout,
+    /// A stateful job: steps start from the states they are sent, evaluations carry the state
+    /// from row to row.
+    stateful: bool,
     train: Rows,
     validation: Rows,
     test: Rows,
@@ -281,6 +286,7 @@ impl Executor {
                         seed: part.dropout_seed,
                     }
                 },
+                stateful: part.stateful,
                 train,
                 validation: Rows::shaped(&model, steps),
                 test: Rows::shaped(&model, steps),
@@ -344,11 +350,33 @@ impl Executor {
         self.set_params(step.params, step.version)?;
         let (shard, model) = self.ready(&step.job_id)?;
         let rows = shard.train.local(&step.rows, "training")?;
+        let state_len = if shard.stateful {
+            rows.len() * shard.model.state_len() * 4
+        } else {
+            0
+        };
+        if step.initial_state.len() != state_len {
+            return Err(Error::Protocol(format!(
+                "a step of {} rows came with initial states of {} bytes, not {state_len}",
+                rows.len(),
+                step.initial_state.len()
+            )));
+        }
+        let mut final_state = Vec::new();
         let g = if rows.is_empty() {
             recur_core::step::GradSum {
                 grads: vec![0.0; model.config().layout().total()],
                 sums: BatchSums::default(),
             }
+        } else if shard.stateful {
+            // Each row continues its stream from the state it was sent.
+            let init = f32s_from_wire(&step.initial_state, "Step.initial_state")?;
+            let batch = Batch::from_rows(&shard.train.data, &rows, &self.device)?;
+            let reference = ReferenceModel::new(model.params().clone());
+            let (g, state) =
+                stateful_grad_sum(&reference, &batch, &shard.targets, shard.loss, Some(&init))?;
+            final_state = state;
+            g
         } else {
             let batch = Batch::from_rows(&shard.train.data, &rows, &self.device)?;
             let dropout = StepDropout {
@@ -370,6 +398,7 @@ impl Executor {
             grad_sum,
             sums: Some((&g.sums).into()),
             compute_ms: start.elapsed().as_secs_f64() * 1e3,
+            final_state: f32s_to_wire(&final_state),
         })
     }
 
@@ -384,7 +413,24 @@ impl Executor {
         };
         let local = rows.local(&e.rows, what)?;
         let mut by_batch: BTreeMap<u32, BatchSums> = BTreeMap::new();
-        for chunk in local.chunks(EVAL_CHUNK) {
+        if shard.stateful {
+            // One stream: each row starts from the state the one before it ended with.
+            let reference = ReferenceModel::new(model.params().clone());
+            let mut state: Option<Vec<f32>> = None;
+            for &r in &local {
+                let batch = Batch::from_rows(&rows.data, &[r], &self.device)?;
+                let (sums, end) = stateful_evaluate(
+                    &reference,
+                    &batch,
+                    &shard.targets,
+                    shard.loss,
+                    state.as_deref(),
+                )?;
+                by_batch.entry(rows.batch[r]).or_default().add(&sums);
+                state = Some(end);
+            }
+        }
+        for chunk in local.chunks(EVAL_CHUNK).filter(|_| !shard.stateful) {
             let batch = Batch::from_rows(&rows.data, chunk, &self.device)?;
             let preds = predict_targets(model, &batch)?;
             let outs = rows.data.targets_per_row();

@@ -20,7 +20,7 @@ pub use signal::shutdown_signal;
 pub use tls::client_tls;
 
 /// The worker protocol version this build speaks (the coordinator's must match).
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Everything that can go wrong in a worker.
 #[derive(Debug, thiserror::Error)]

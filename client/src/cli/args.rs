@@ -403,6 +403,12 @@ pub struct SeriesArgs {
     /// instead of one after the window's last step.
     #[arg(long)]
     pub every_step: bool,
+    /// Stateful training (truncated backpropagation through time) over the series in order, in
+    /// this many streams: the training part is cut into STREAMS contiguous spans, each step
+    /// trains the next window of every span from the state its previous window ended with.
+    /// Implies `--every-step` and a stride of one window (consecutive windows).
+    #[arg(long, value_name = "STREAMS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub stateful: Option<u32>,
 }
 
 /// Label rules.

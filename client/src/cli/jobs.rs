@@ -308,7 +308,8 @@ fn series_flags(args: &TrainArgs, spec: &mut pb::JobSpec) -> Result<()> {
         || s.order_by.is_some()
         || !s.column_scale.is_empty()
         || s.label.is_some()
-        || s.every_step;
+        || s.every_step
+        || s.stateful.is_some();
     if !any {
         return Ok(());
     }
@@ -344,6 +345,14 @@ fn series_flags(args: &TrainArgs, spec: &mut pb::JobSpec) -> Result<()> {
     }
     if s.every_step {
         series.every_step = true;
+    }
+    if let Some(streams) = s.stateful {
+        // Consecutive windows, each a chunk of the stream, with a target at every step.
+        series.stateful = streams;
+        series.every_step = true;
+        if s.stride.is_none() {
+            series.stride = series.window;
+        }
     }
     for pair in &s.column_scale {
         let parsed = pair

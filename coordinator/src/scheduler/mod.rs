@@ -25,7 +25,7 @@ use crate::spec::JobSpec;
 use job::RunningJob;
 
 /// The worker protocol version this coordinator speaks.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Tunables of the scheduler.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1042,3 +1042,193 @@ fn a_worker_whose_evaluation_hangs_misses_its_deadline_and_the_evaluation_comple
     assert_eq!(sim.epochs.len(), 1);
     assert_eq!(sim.epochs[0].1.workers, 1, "b evaluated a's rows too");
 }
+
+/// A stateful job (`SeriesSpec.stateful`, 3 streams) on a generated series of two features,
+/// with the one-process trainer that runs the same spec.
+fn stateful_job(max_epochs: u64) -> (NewJob, recur_core::train::Trainer) {
+    use recur_core::data::{CsvLimits, SeriesConfig, cut_windows};
+    let csv = SeriesConfig {
+        steps: 500,
+        seed: 6,
+        missing_per_mille: 10,
+    }
+    .to_csv();
+    let wire = pb::JobSpec {
+        dataset_id: "c".repeat(64),
+        batch_size: Some(4),
+        max_epochs,
+        seed: 3,
+        model: Some(pb::ModelConfig {
+            kind: pb::ModelKind::Lstm as i32,
+            hidden_size: 6,
+            num_layers: 2,
+            ..Default::default()
+        }),
+        series: Some(pb::SeriesSpec {
+            features: vec!["temp".into(), "demand".into()],
+            targets: vec!["demand".into()],
+            window: 8,
+            stride: 8,
+            horizon: 1,
+            drop_missing: true,
+            order_by: "date".into(),
+            every_step: true,
+            stateful: 3,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let spec = JobSpec::from_proto(
+        &wire,
+        &SpecLimits {
+            max_params: 1 << 20,
+            max_batch: 1 << 16,
+        },
+    )
+    .unwrap();
+    assert_eq!(spec.train.stateful, 3);
+    let series = spec.series.clone().unwrap();
+    let windows = cut_windows(
+        csv.as_bytes(),
+        "days.csv",
+        &series,
+        spec.train.split,
+        &CsvLimits::default(),
+    )
+    .unwrap();
+    let data = Prepared::series(&windows, spec.train.scale, spec.train.loss).unwrap();
+    let trainer = recur_core::train::Trainer::with_split(
+        spec.train.clone(),
+        &windows.data,
+        data.split.clone(),
+        data.norm.clone(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let job = NewJob {
+        id: JobId::nth(1),
+        spec,
+        data: Arc::new(data),
+        init: None,
+        resume: None,
+    };
+    (job, trainer)
+}
+
+#[test]
+fn a_stateful_job_carries_every_streams_state_like_one_process_through_lost_workers() {
+    // One process: two epochs, each from cold states, validated as one stream.
+    let (_, mut trainer) = stateful_job(2);
+    let records: Vec<_> = (0..2).map(|_| trainer.run_epoch().unwrap()).collect();
+    let expected = trainer.params().to_vec();
+    let close = |a: f64, b: f64, what: &str| {
+        assert!(
+            (a - b).abs() <= 1e-4 * b.abs().max(1e-3),
+            "{what}: {a} vs {b}"
+        );
+    };
+    for config in [SchedulerConfig::default(), sharded()] {
+        let mut sim = Sim::with(config);
+        for n in ["a", "b", "c"] {
+            sim.join(n);
+        }
+        let (job, _) = stateful_job(2);
+        let per_epoch = job.data.split.train.len().div_ceil(3) as u64;
+        let whole = [job.data.split.validation.len(), job.data.split.test.len()];
+        sim.s.submit(job, sim.now);
+        // Worker 2 dies when its first part from the third step on reaches it, and whoever
+        // holds the validation stream dies in the middle of the first evaluation.
+        let mut evaluations = 0;
+        sim.run(|_, w, cmd| match cmd {
+            Cmd::Step(s) if w == WorkerId(2) && s.step >= 3 => Fate::Kill,
+            Cmd::Evaluate(_) => {
+                evaluations += 1;
+                if evaluations == 1 {
+                    Fate::Kill
+                } else {
+                    Fate::Deliver
+                }
+            }
+            _ => Fate::Deliver,
+        });
+        let id = JobId::nth(1);
+        assert_eq!(
+            sim.final_state(&id).map(|s| s.0),
+            Some(JobState::Completed),
+            "{:?}",
+            sim.final_state(&id)
+        );
+        assert_eq!(
+            steps_of(&sim, &id),
+            2 * per_epoch,
+            "one step per window of a stream"
+        );
+        // Every step sent every row's state, and every stream's state left it.
+        for (_, cmd) in &sim.sent {
+            if let Cmd::Step(s) = cmd {
+                assert_eq!(s.initial_state.len(), s.rows.len() * 2 * 2 * 6 * 4);
+            }
+        }
+        // Validation and test ran as one stream on one worker each time.
+        for (_, cmd) in &sim.sent {
+            if let Cmd::Evaluate(e) = cmd {
+                assert_eq!(
+                    e.rows.len(),
+                    whole[e.split as usize],
+                    "a whole split in one part"
+                );
+            }
+        }
+        let params = sim.latest_params(&id);
+        assert_eq!(params.len(), expected.len());
+        for (k, (a, b)) in params.iter().zip(&expected).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1e-2),
+                "replicated {}: parameter {k}: {a} vs {b}",
+                config.replicate_values > 0
+            );
+        }
+        let epochs: Vec<&pb::EpochMetrics> = sim.epochs.iter().map(|(_, e)| e).collect();
+        assert_eq!(epochs.len(), 2);
+        for (e, r) in epochs.iter().zip(&records) {
+            let v = e.validation.unwrap();
+            assert_eq!(v.samples, r.validation.samples as u64);
+            close(v.mae, r.validation.mae, "validation MAE");
+            close(v.accuracy, r.validation.accuracy, "validation accuracy");
+            close(e.train_loss, r.train_loss, "training loss");
+        }
+        assert_eq!(epochs[1].workers, 1, "two of the three workers were lost");
+    }
+}
+
+#[test]
+fn a_stateful_result_with_states_of_the_wrong_length_drops_the_worker_and_changes_nothing() {
+    let (_, mut trainer) = stateful_job(1);
+    trainer.run_epoch().unwrap();
+    let expected = trainer.params().to_vec();
+    let mut sim = Sim::new();
+    let a = sim.join("a");
+    sim.join("b");
+    let (job, _) = stateful_job(1);
+    sim.s.submit(job, sim.now);
+    // Worker a loses one float of its second step's final states.
+    sim.tamper = Box::new(move |w, reply| match reply {
+        Reply::StepResult(mut r) if w == a && r.step == 2 => {
+            r.final_state = r.final_state.slice(..r.final_state.len() - 4);
+            Reply::StepResult(r)
+        }
+        other => other,
+    });
+    sim.deliver_all();
+    assert!(
+        sim.disconnects.iter().any(|(w, r)| *w == a
+            && r.contains("final states of 92 bytes for a part of 1 rows (96 bytes)")),
+        "{:?}",
+        sim.disconnects
+    );
+    let id = JobId::nth(1);
+    assert_eq!(sim.final_state(&id).map(|s| s.0), Some(JobState::Completed));
+    for (x, y) in sim.latest_params(&id).iter().zip(&expected) {
+        assert!((x - y).abs() <= 1e-5 * y.abs().max(1e-2), "{x} vs {y}");
+    }
+}

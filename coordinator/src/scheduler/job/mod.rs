@@ -11,7 +11,15 @@
 //! to any worker and every step is split exactly by speed. Above that, each worker holds a
 //! disjoint shard sized to its speed and a step's parts follow the rows' owners (proportional on
 //! average, not in every step); shards are recomputed at an epoch boundary when the speeds have
-//! drifted. Validation and test rows are always sharded by speed.
+//! drifted. Validation and test rows are sharded by speed too.
+//!
+//! A stateful job (`SeriesSpec.stateful`, K streams) keeps each stream's recurrent state here,
+//! not on the workers: batch `j` holds the `j`-th window of every stream
+//! (`recur_core::data::stream_batches`), every part is sent its rows' states and returns the
+//! states they end with, and those are stored when the step is applied. Workers stay stateless,
+//! so a lost worker's part is recomputed from the same states and N workers ≡ one process holds
+//! as for independent rows. Its validation and test splits are each one stream, held and
+//! evaluated by one member (the fastest), window after window from zeros.
 //!
 //! When a member leaves, the survivors are resharded at once and its unfinished parts are given
 //! to the others, so the step completes with the exact global batch. A worker that joins gets a
@@ -35,7 +43,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Device;
-use recur_core::data::{Prepared, epoch_batches};
+use recur_core::data::{Prepared, epoch_batches, stream_batches};
 use recur_core::metrics::{Metrics, MetricsAccumulator};
 use recur_core::model::Params;
 use recur_core::optim::{LrScheduler, Optimizer};
@@ -106,6 +114,9 @@ pub(crate) struct RunningJob {
     epoch: u64,
     batches: Vec<Vec<usize>>,
     cursor: usize,
+    /// A stateful job's recurrent state of each stream (`ModelConfig::state_len` values each),
+    /// as its last applied step left it; zeros at each epoch's start. Empty otherwise.
+    states: Vec<f32>,
     shard_version: u64,
     members: Vec<WorkerId>,
     /// Whether every member holds the whole training split.
@@ -227,6 +238,7 @@ impl RunningJob {
             epoch: 0,
             batches: Vec::new(),
             cursor: 0,
+            states: Vec::new(),
             shard_version: 0,
             members: Vec::new(),
             replicated: false,
@@ -296,7 +308,13 @@ impl RunningJob {
         self.phase = Phase::Waiting(Next::Step);
         self.refresh_members(cx);
         let t = &self.spec.train;
-        self.batches = epoch_batches(&self.data.split.train, t.batch_size, t.seed, self.epoch);
+        if t.stateful > 0 {
+            // Batch `j` holds the `j`-th window of every stream; each stream starts cold.
+            self.batches = stream_batches(&self.data.split.train, t.stateful);
+            self.states = vec![0.0; t.stateful * t.model.state_len()];
+        } else {
+            self.batches = epoch_batches(&self.data.split.train, t.batch_size, t.seed, self.epoch);
+        }
         self.cursor = 0;
         self.train_acc = MetricsAccumulator::default();
         self.timing = Timing::default();
@@ -565,7 +583,7 @@ impl RunningJob {
             Phase::Step(mut pending) => {
                 let rows = pending.round.take_unfinished(lost);
                 let new_parts = self.make_parts(TRAIN, &rows, cx);
-                self.send_step_parts(&new_parts, pending.step, cx);
+                self.send_step_parts(&new_parts, pending.step, &pending.streams, cx);
                 pending.round.parts.extend(new_parts);
                 self.phase = Phase::Step(pending);
             }

@@ -79,8 +79,33 @@ impl RunningJob {
         } else {
             by_speed(&self.data.split.train)
         };
-        let validation_shards = by_speed(&self.data.split.validation);
-        let test_shards = by_speed(&self.data.split.test);
+        let (validation_shards, test_shards) = if self.spec.train.stateful > 0 {
+            // A stateful job evaluates each split as one stream, window after window: the
+            // fastest member holds all of it.
+            let fastest = (0..n)
+                .max_by(|&a, &b| weights[a].total_cmp(&weights[b]).then(b.cmp(&a)))
+                .unwrap_or(0);
+            let whole = |rows: &[usize]| -> Vec<Vec<usize>> {
+                (0..n)
+                    .map(|k| {
+                        if k == fastest {
+                            rows.to_vec()
+                        } else {
+                            Vec::new()
+                        }
+                    })
+                    .collect()
+            };
+            (
+                whole(&self.data.split.validation),
+                whole(&self.data.split.test),
+            )
+        } else {
+            (
+                by_speed(&self.data.split.validation),
+                by_speed(&self.data.split.test),
+            )
+        };
         for (k, &w) in self.members.iter().enumerate() {
             let keep_train = replicated && self.holds_train.contains(&w);
             // A job that has finished training (resumed after its last epoch) only evaluates.
@@ -187,6 +212,7 @@ impl RunningJob {
                 0
             },
             eval_batch_size: self.spec.train.batch_size as u32,
+            stateful: self.spec.train.stateful > 0,
             ..Default::default()
         }
     }
@@ -211,12 +237,20 @@ impl RunningJob {
             }
             by_owner.into_iter().collect()
         };
+        // A stateful evaluation runs one window at a time, where a step's part runs a worker's
+        // share of the streams at once: its budget counts each window that many times.
+        let streams = self.spec.train.stateful;
+        let serial = if which != TRAIN && streams > 0 {
+            streams.div_ceil(self.members.len().max(1))
+        } else {
+            1
+        };
         by_worker
             .into_iter()
             .filter(|(_, rows)| !rows.is_empty())
             .map(|(worker, rows)| {
                 self.next_part += 1;
-                let steps = rows.iter().map(|&r| self.data.data.steps(r)).sum();
+                let steps = serial * rows.iter().map(|&r| self.data.data.steps(r)).sum::<usize>();
                 Part {
                     id: self.next_part,
                     worker,

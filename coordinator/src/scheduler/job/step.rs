@@ -2,6 +2,7 @@
 //! part order as they arrive, averaged over the rows the coordinator assigned, and applied by the
 //! optimizer.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use recur_core::convert::{add_wire_f32s, f32s_from_wire, f32s_to_wire};
@@ -24,6 +25,8 @@ use pb::coordinator_message::Kind as Cmd;
 pub(super) struct PartResult {
     /// The gradient sum as it travelled, until it is added to the step's total.
     grad: Option<Bytes>,
+    /// A stateful job's states after the part's rows, in the part's row order.
+    state: Bytes,
     sums: BatchSums,
     compute_ms: f64,
 }
@@ -38,6 +41,9 @@ pub(super) struct PendingStep {
     grad: Vec<f32>,
     reduced: usize,
     sent_at: Instant,
+    /// A stateful job's stream of each row of the step (empty otherwise): row `i` of a batch of
+    /// `stream_batches` is stream `i`'s next window.
+    pub(super) streams: HashMap<usize, usize>,
 }
 
 impl PendingStep {
@@ -94,10 +100,32 @@ impl RunningJob {
         }
     }
 
-    pub(super) fn send_step_parts(&mut self, parts: &[Part], step: u64, cx: &mut Ctx<'_>) {
+    /// The states a stateful job's part starts from: each row's stream's, in the part's order.
+    fn initial_state(&self, part: &Part, streams: &HashMap<usize, usize>) -> Bytes {
+        if streams.is_empty() {
+            return Bytes::new();
+        }
+        let per = self.spec.train.model.state_len();
+        let mut values = Vec::with_capacity(part.rows.len() * per);
+        for r in &part.rows {
+            // Every row of a step has a stream (the map is built from the step's batch).
+            let k = streams.get(r).copied().unwrap_or_default();
+            values.extend_from_slice(&self.states[k * per..(k + 1) * per]);
+        }
+        f32s_to_wire(&values)
+    }
+
+    pub(super) fn send_step_parts(
+        &mut self,
+        parts: &[Part],
+        step: u64,
+        streams: &HashMap<usize, usize>,
+        cx: &mut Ctx<'_>,
+    ) {
         let values = self.wire_params();
         for part in parts {
             let params = self.params_for(part.worker, self.version, &values);
+            let initial_state = self.initial_state(part, streams);
             cx.actions.push(Action::Send(
                 part.worker,
                 msg(Cmd::Step(pb::Step {
@@ -107,6 +135,7 @@ impl RunningJob {
                     params,
                     version: self.version,
                     rows: part.rows.iter().map(|&r| r as u64).collect(),
+                    initial_state,
                 })),
             ));
         }
@@ -124,19 +153,26 @@ impl RunningJob {
         let rows = self.batches[self.cursor].clone();
         let parts = self.make_parts(TRAIN, &rows, cx);
         let step = self.version + 1;
+        let streams: HashMap<usize, usize> = if self.states.is_empty() {
+            HashMap::new()
+        } else {
+            rows.iter().enumerate().map(|(k, &r)| (r, k)).collect()
+        };
         self.failures.start(self.members.len());
-        self.send_step_parts(&parts, step, cx);
+        self.send_step_parts(&parts, step, &streams, cx);
         self.phase = Phase::Step(PendingStep {
             step,
             round: Round::new(parts),
             grad: Vec::new(),
             reduced: 0,
             sent_at: cx.now,
+            streams,
         });
     }
 
     pub(crate) fn step_result(&mut self, worker: WorkerId, r: pb::StepResult, cx: &mut Ctx<'_>) {
         let expected_len = self.params.len();
+        let state_len = self.spec.train.model.state_len();
         let Phase::Step(pending) = &mut self.phase else {
             return;
         };
@@ -181,6 +217,23 @@ impl RunningJob {
         let Some(part) = pending.round.awaited(r.part, worker) else {
             return;
         };
+        // A stateful job's part returns every row's state; any other part none.
+        let state_bytes = if pending.streams.is_empty() {
+            0
+        } else {
+            part.rows.len() * state_len * 4
+        };
+        if r.final_state.len() != state_bytes {
+            cx.drops.push((
+                worker,
+                format!(
+                    "sent final states of {} bytes for a part of {} rows ({state_bytes} bytes)",
+                    r.final_state.len(),
+                    part.rows.len()
+                ),
+            ));
+            return;
+        }
         // The coordinator knows how many samples it asked for (each row's targets count, as the
         // metrics do); a worker must agree.
         let per_row = self.data.data.targets_per_row() as u64;
@@ -214,6 +267,7 @@ impl RunningJob {
             r.part,
             PartResult {
                 grad: Some(r.grad_sum),
+                state: r.final_state,
                 sums,
                 compute_ms: r.compute_ms,
             },
@@ -221,6 +275,28 @@ impl RunningJob {
         pending.reduce_ready();
         if pending.round.complete() {
             self.apply_step(cx);
+        }
+    }
+
+    /// A stateful job's streams continue from the states the step's parts ended with.
+    fn store_states(&mut self, pending: &PendingStep) {
+        if pending.streams.is_empty() {
+            return;
+        }
+        let per = self.spec.train.model.state_len();
+        for part in &pending.round.parts {
+            let Some(result) = pending.round.results.get(&part.id) else {
+                continue;
+            };
+            // Lengths were checked when the result arrived.
+            let Ok(values) = f32s_from_wire(&result.state, "StepResult.final_state") else {
+                continue;
+            };
+            for (r, state) in part.rows.iter().zip(values.chunks_exact(per)) {
+                if let Some(&k) = pending.streams.get(r) {
+                    self.states[k * per..(k + 1) * per].copy_from_slice(state);
+                }
+            }
         }
     }
 
@@ -256,6 +332,7 @@ impl RunningJob {
             return;
         }
         let t2 = Instant::now();
+        self.store_states(&pending);
         self.version += 1;
         self.cursor += 1;
 
