@@ -95,11 +95,16 @@ fn series_to_proto(s: &SeriesSpec, stateful: usize) -> pb::SeriesSpec {
     }
 }
 
-/// A stateful job's streams, checked against its series: consecutive windows with a target at
-/// every step (0 when the job is not stateful).
+/// Most bytes of recurrent state a stateful job's step carries (every stream's).
+const MAX_STATE_BYTES: usize = 16 << 20;
+
+/// A stateful job's streams, checked against its series and model: consecutive windows with a
+/// target at every step, a unidirectional model, the states of a step within bounds (0 when the
+/// job is not stateful).
 fn stateful_streams(
     s: &pb::JobSpec,
     series: Option<&SeriesSpec>,
+    model: &ModelConfig,
     max_batch: usize,
 ) -> Result<usize> {
     let streams = s.series.as_ref().map_or(0, |w| w.stateful as usize);
@@ -122,10 +127,28 @@ fn stateful_streams(
             ),
         ));
     }
+    if model.bidirectional {
+        return Err(invalid(
+            "series.stateful",
+            "needs a unidirectional model (a bidirectional one's backward direction starts at \
+             each window's end, so there is no state to carry)",
+        ));
+    }
     if streams > max_batch {
         return Err(invalid(
             "series.stateful",
             format!("{streams} streams (rows per step) is above the batch limit of {max_batch}"),
+        ));
+    }
+    let bytes = streams * model.state_len() * 4;
+    if bytes > MAX_STATE_BYTES {
+        return Err(invalid(
+            "series.stateful",
+            format!(
+                "{streams} streams of {} state values each make {bytes} bytes of state a step, \
+                 above the limit of {MAX_STATE_BYTES}; use fewer streams",
+                model.state_len()
+            ),
         ));
     }
     Ok(streams)
@@ -454,7 +477,7 @@ impl JobSpec {
             scale,
             split,
             dropout: s.dropout,
-            stateful: stateful_streams(s, series.as_ref(), limits.max_batch)?,
+            stateful: stateful_streams(s, series.as_ref(), &model, limits.max_batch)?,
         };
         train
             .validate()
@@ -528,6 +551,80 @@ mod tests {
         pb::JobSpec {
             dataset_id: "a".repeat(64),
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn stateful_jobs_need_consecutive_every_step_windows_and_bounded_states() {
+        let stateful = |change: fn(&mut pb::SeriesSpec), model: pb::ModelConfig| pb::JobSpec {
+            model: Some(model),
+            series: Some({
+                let mut series = pb::SeriesSpec {
+                    features: vec!["a".into()],
+                    targets: vec!["a".into()],
+                    window: 5,
+                    stride: 5,
+                    every_step: true,
+                    stateful: 3,
+                    ..Default::default()
+                };
+                change(&mut series);
+                series
+            }),
+            ..base()
+        };
+        let lstm = pb::ModelConfig {
+            kind: pb::ModelKind::Lstm as i32,
+            hidden_size: 8,
+            num_layers: 2,
+            ..Default::default()
+        };
+        let spec = JobSpec::from_proto(&stateful(|_| {}, lstm.clone()), &LIMITS).unwrap();
+        assert_eq!(spec.train.stateful, 3);
+        assert_eq!(spec.to_proto().series.map(|s| s.stateful), Some(3));
+        assert_eq!(
+            JobSpec::from_proto(&spec.to_proto(), &LIMITS).unwrap(),
+            spec
+        );
+        let big = pb::ModelConfig {
+            hidden_size: 256,
+            ..lstm.clone()
+        };
+        for (job, wanted) in [
+            (
+                stateful(|s| s.every_step = false, lstm.clone()),
+                "series.stateful needs every_step",
+            ),
+            (
+                stateful(|s| s.stride = 1, lstm.clone()),
+                "got window 5 and stride 1",
+            ),
+            (
+                stateful(
+                    |_| {},
+                    pb::ModelConfig {
+                        bidirectional: true,
+                        ..lstm.clone()
+                    },
+                ),
+                "series.stateful needs a unidirectional model",
+            ),
+            (
+                stateful(|s| s.stateful = 10_001, lstm.clone()),
+                "10001 streams (rows per step) is above the batch limit of 10000",
+            ),
+            (
+                stateful(|s| s.stateful = 5_000, big),
+                "5000 streams of 1024 state values each make 20480000 bytes of state a step",
+            ),
+        ] {
+            // Room for the large model, so that its states are what is refused.
+            let roomy = SpecLimits {
+                max_params: 1 << 24,
+                ..LIMITS
+            };
+            let err = JobSpec::from_proto(&job, &roomy).unwrap_err().to_string();
+            assert!(err.contains(wanted), "`{err}` lacks `{wanted}`");
         }
     }
 

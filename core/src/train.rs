@@ -61,7 +61,8 @@ pub struct TrainConfig {
     /// Train with the state carried from chunk to chunk over this many spans of the series (0:
     /// not stateful). The data must be consecutive chunks of one series split by time (every-step
     /// windows with stride = window, through [`Trainer::with_split`]); a batch is one chunk of
-    /// each span, and evaluation runs chunk by chunk, so `batch_size` is not used.
+    /// each span, and evaluation runs chunk by chunk in order, so `batch_size` only groups the
+    /// evaluation metrics.
     #[serde(default)]
     pub stateful: usize,
 }

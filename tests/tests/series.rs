@@ -396,7 +396,7 @@ async fn series_mistakes_are_refused_naming_file_line_and_column() {
         &mut tc,
         bidirectional,
         InvalidArgument,
-        "a state carried from chunk to chunk needs a unidirectional model",
+        "series.stateful needs a unidirectional model",
     )
     .await;
     refused(

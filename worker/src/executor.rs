@@ -471,3 +471,88 @@ impl Executor {
         Ok((shard, model))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::coordinator_message::Kind as C;
+    use pb::worker_message::Kind as W;
+
+    /// A worker holding one stateful training row of 3 steps (GRU, 4 units: 4 state values).
+    fn stateful_worker(stateful: bool) -> (Executor, pb::FlatVector) {
+        let model = ModelConfig {
+            kind: recur_core::model::ModelKind::Gru,
+            hidden_size: 4,
+            ..ModelConfig::tutorial()
+        };
+        let mut ex = Executor::new(Device::Cpu);
+        let load = C::LoadShard(pb::LoadShard {
+            job_id: "j".into(),
+            shard_version: 1,
+            model: Some((&model).into()),
+            scale: 1.0,
+            every_step_window: 3,
+            stateful,
+            train: Some(pb::RowBlock {
+                ids: vec![7],
+                lengths: vec![6],
+                values: vec![0.1, 0.2, 0.3, 0.2, 0.3, 0.4],
+            }),
+            last: true,
+            ..Default::default()
+        });
+        assert!(ex.handle(load).is_none(), "the shard loads");
+        let flat = Params::init(model, 1, &Device::Cpu)
+            .and_then(|p| p.to_flat())
+            .unwrap();
+        let params = pb::FlatVector {
+            version: 0,
+            values: f32s_to_wire(&flat),
+        };
+        (ex, params)
+    }
+
+    fn step(params: Option<pb::FlatVector>, state: &[f32]) -> C {
+        C::Step(pb::Step {
+            job_id: "j".into(),
+            step: 1,
+            part: 1,
+            params,
+            version: 0,
+            rows: vec![7],
+            initial_state: f32s_to_wire(state),
+        })
+    }
+
+    fn error(reply: Option<W>) -> String {
+        match reply {
+            Some(W::Error(e)) => e.message,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_stateful_step_takes_and_returns_each_rows_state_and_refuses_the_wrong_length() {
+        let (mut ex, params) = stateful_worker(true);
+        let err = error(ex.handle(step(Some(params.clone()), &[0.0; 3])));
+        assert!(
+            err.contains("a step of 1 rows came with initial states of 12 bytes, not 16"),
+            "{err}"
+        );
+        // The state a row starts from changes its gradient and is carried on.
+        let result = |ex: &mut Executor, state: &[f32]| match ex.handle(step(None, state)) {
+            Some(W::StepResult(r)) => r,
+            other => panic!("{other:?}"),
+        };
+        assert!(ex.handle(step(Some(params), &[0.0; 4])).is_some());
+        let cold = result(&mut ex, &[0.0; 4]);
+        let warm = result(&mut ex, &[0.5, -0.5, 0.25, 0.0]);
+        assert_eq!(cold.final_state.len(), 16);
+        assert_ne!(cold.grad_sum, warm.grad_sum);
+        assert_ne!(cold.final_state, warm.final_state);
+        // Without a state, a non-stateful shard's step; with one, it is refused.
+        let (mut ex, params) = stateful_worker(false);
+        let err = error(ex.handle(step(Some(params), &[0.0; 4])));
+        assert!(err.contains("initial states of 16 bytes, not 0"), "{err}");
+    }
+}

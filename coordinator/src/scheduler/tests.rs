@@ -1163,7 +1163,7 @@ fn a_stateful_job_carries_every_streams_state_like_one_process_through_lost_work
             2 * per_epoch,
             "one step per window of a stream"
         );
-        // Every step sent every row's state, and every stream's state left it.
+        // Every step part was sent each of its rows' states.
         for (_, cmd) in &sim.sent {
             if let Cmd::Step(s) = cmd {
                 assert_eq!(s.initial_state.len(), s.rows.len() * 2 * 2 * 6 * 4);
@@ -1202,30 +1202,47 @@ fn a_stateful_job_carries_every_streams_state_like_one_process_through_lost_work
 }
 
 #[test]
-fn a_stateful_result_with_states_of_the_wrong_length_drops_the_worker_and_changes_nothing() {
+fn stateful_results_with_bad_states_drop_their_workers_and_change_nothing() {
     let (_, mut trainer) = stateful_job(1);
     trainer.run_epoch().unwrap();
     let expected = trainer.params().to_vec();
     let mut sim = Sim::new();
     let a = sim.join("a");
-    sim.join("b");
+    let b = sim.join("b");
+    sim.join("c");
     let (job, _) = stateful_job(1);
     sim.s.submit(job, sim.now);
-    // Worker a loses one float of its second step's final states.
+    // Worker a loses one float of its second step's final states; worker b's fourth step ends
+    // with an infinite state (its gradient finite).
     sim.tamper = Box::new(move |w, reply| match reply {
         Reply::StepResult(mut r) if w == a && r.step == 2 => {
             r.final_state = r.final_state.slice(..r.final_state.len() - 4);
             Reply::StepResult(r)
         }
+        Reply::StepResult(mut r) if w == b && r.step == 4 => {
+            let mut state = recur_core::convert::f32s_from_wire(&r.final_state, "s").unwrap();
+            state[5] = f32::INFINITY;
+            r.final_state = recur_core::convert::f32s_to_wire(&state);
+            Reply::StepResult(r)
+        }
         other => other,
     });
     sim.deliver_all();
-    assert!(
-        sim.disconnects.iter().any(|(w, r)| *w == a
-            && r.contains("final states of 92 bytes for a part of 1 rows (96 bytes)")),
-        "{:?}",
-        sim.disconnects
+    let dropped = |worker: WorkerId, wanted: &str| {
+        assert!(
+            sim.disconnects
+                .iter()
+                .any(|(w, r)| *w == worker && r.contains(wanted)),
+            "{worker}: {:?}",
+            sim.disconnects
+        );
+    };
+    // Each worker had one of the three streams: 24 state values (2 layers of 6, h and c).
+    dropped(
+        a,
+        "sent final states of 92 bytes for a part of 1 rows (96 bytes)",
     );
+    dropped(b, "sent a non-finite final state (value 5)");
     let id = JobId::nth(1);
     assert_eq!(sim.final_state(&id).map(|s| s.0), Some(JobState::Completed));
     for (x, y) in sim.latest_params(&id).iter().zip(&expected) {

@@ -311,7 +311,9 @@ impl RunningJob {
         if t.stateful > 0 {
             // Batch `j` holds the `j`-th window of every stream; each stream starts cold.
             self.batches = stream_batches(&self.data.split.train, t.stateful);
-            self.states = vec![0.0; t.stateful * t.model.state_len()];
+            // As many streams as the windows allow (`stream_batches` clamps to them).
+            let streams = self.batches.first().map_or(0, Vec::len);
+            self.states = vec![0.0; streams * t.model.state_len()];
         } else {
             self.batches = epoch_batches(&self.data.split.train, t.batch_size, t.seed, self.epoch);
         }

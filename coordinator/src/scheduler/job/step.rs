@@ -234,6 +234,19 @@ impl RunningJob {
             ));
             return;
         }
+        // A state the worker's own gradient did not show as broken would poison its stream's
+        // next step, on whichever worker: the sender is dropped and the part recomputed.
+        if let Some(bad) = r
+            .final_state
+            .chunks_exact(4)
+            .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
+        {
+            cx.drops.push((
+                worker,
+                format!("sent a non-finite final state (value {bad}); its part is recomputed"),
+            ));
+            return;
+        }
         // The coordinator knows how many samples it asked for (each row's targets count, as the
         // metrics do); a worker must agree.
         let per_row = self.data.data.targets_per_row() as u64;
