@@ -327,14 +327,30 @@ impl Store {
     }
 
     /// Records a dataset.
-    pub fn put_dataset(&self, id: &DatasetId, meta: &DatasetMeta) -> Result<()> {
+    ///
+    /// Unless the same bytes are already recorded as another layout: then nothing is written
+    /// and that layout is returned. The check and the write are one transaction, so two uploads
+    /// of the same bytes as different layouts at once never both land.
+    pub fn put_dataset(&self, id: &DatasetId, meta: &DatasetMeta) -> Result<Option<Layout>> {
         let bytes = serde_json::to_vec(meta).map_err(bad_record)?;
         let tx = self.db.begin_write().map_err(err)?;
-        tx.open_table(DATASETS)
-            .map_err(err)?
-            .insert(id.0.as_str(), bytes.as_slice())
-            .map_err(err)?;
-        tx.commit().map_err(err)
+        {
+            let mut table = tx.open_table(DATASETS).map_err(err)?;
+            let old = match table.get(id.0.as_str()).map_err(err)? {
+                Some(v) => Some(
+                    serde_json::from_slice::<DatasetMeta>(v.value())
+                        .map_err(bad_record)?
+                        .layout,
+                ),
+                None => None,
+            };
+            if let Some(layout) = old.filter(|&l| l != meta.layout) {
+                return Ok(Some(layout));
+            }
+            table.insert(id.0.as_str(), bytes.as_slice()).map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        Ok(None)
     }
 
     /// Every dataset's metadata.
@@ -543,7 +559,16 @@ mod tests {
             columns: vec!["a".into(), "b".into()],
         };
         let id = DatasetId("d".repeat(64));
-        store.put_dataset(&id, &meta).unwrap();
+        assert_eq!(store.put_dataset(&id, &meta).unwrap(), None);
+        assert_eq!(store.datasets().unwrap(), [(id.clone(), meta.clone())]);
+        // The same bytes again as a series: recorded anew. As rows: refused, nothing changed.
+        assert_eq!(store.put_dataset(&id, &meta).unwrap(), None);
+        let rows = DatasetMeta {
+            layout: Layout::Rows,
+            columns: Vec::new(),
+            ..meta.clone()
+        };
+        assert_eq!(store.put_dataset(&id, &rows).unwrap(), Some(Layout::Series));
         assert_eq!(store.datasets().unwrap(), [(id.clone(), meta)]);
         assert!(store.delete_dataset(&id).unwrap());
         assert!(store.datasets().unwrap().is_empty());

@@ -138,11 +138,7 @@ impl ClientService {
         if let Some(old) = self.shared.store.dataset(&id)?
             && old.layout != layout
         {
-            return Err(Status::already_exists(format!(
-                "{name}: these bytes are dataset {id}, uploaded as {}; they cannot also be {}",
-                old.layout.as_str(),
-                layout.as_str()
-            )));
+            return Err(already_uploaded_as(&name, &id, old.layout, layout));
         }
         let shared = self.shared.clone();
         let stored_id = id.clone();
@@ -184,7 +180,11 @@ impl ClientService {
                 columns: info.columns,
             },
         };
-        self.shared.store.put_dataset(&id, &meta)?;
+        // Checked again where it is written: another upload of these bytes as the other layout
+        // may have landed since the check above.
+        if let Some(old) = self.shared.store.put_dataset(&id, &meta)? {
+            return Err(already_uploaded_as(&meta.name, &id, old, layout));
+        }
         tracing::info!(dataset = %id, rows = meta.rows, layout = layout.as_str(), "dataset uploaded");
         Ok(pb::UploadDatasetResponse {
             dataset_id: id.0,
@@ -870,3 +870,12 @@ impl Recur for ClientService {
 
 /// The most steps one `GetSteps` reply carries (about 1.5 MiB).
 const MAX_STEPS_PAGE: usize = 65_536;
+
+/// The refusal of bytes already uploaded as another layout.
+fn already_uploaded_as(name: &str, id: &DatasetId, old: Layout, new: Layout) -> Status {
+    Status::already_exists(format!(
+        "{name}: these bytes are dataset {id}, uploaded as {}; they cannot also be {}",
+        old.as_str(),
+        new.as_str()
+    ))
+}
