@@ -6,7 +6,7 @@
 //! state is taken out of the table, so the lock is never held across a model call and a second
 //! stream on the same session is refused rather than interleaved.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -74,6 +74,10 @@ pub struct Sessions {
     table: Mutex<HashMap<String, Session>>,
     /// Each job's loaded best checkpoint, shared by its sessions while any holds it.
     models: Mutex<HashMap<JobId, Weak<StreamModel>>>,
+    /// Jobs deleted since this coordinator started (ids are never reused): an open that was
+    /// under way when its job was deleted is refused rather than left holding a session of it.
+    /// Locked inside `table` only.
+    deleted: Mutex<HashSet<JobId>>,
 }
 
 impl Sessions {
@@ -86,6 +90,7 @@ impl Sessions {
             idle,
             table: Mutex::new(HashMap::new()),
             models: Mutex::new(HashMap::new()),
+            deleted: Mutex::new(HashSet::new()),
         }
     }
 
@@ -141,6 +146,7 @@ impl Sessions {
     pub fn open(&self, job: &JobId) -> Result<(Opened, StreamState)> {
         {
             let mut table = self.table()?;
+            self.refuse_deleted(job)?;
             self.sweep(&mut table, Instant::now());
             if table.len() >= self.max {
                 return Err(Error::ResourceExhausted(format!(
@@ -157,6 +163,8 @@ impl Sessions {
         rand::rng().fill_bytes(&mut bytes);
         let id = hex::encode(bytes);
         let mut table = self.table()?;
+        // The job may have been deleted while its checkpoint loaded.
+        self.refuse_deleted(job)?;
         // Counted again: others may have opened meanwhile.
         if table.len() >= self.max {
             return Err(Error::ResourceExhausted(format!(
@@ -233,12 +241,27 @@ impl Sessions {
         }
     }
 
-    /// Drops a job's sessions (the job was deleted).
+    /// Drops a job's sessions (the job was deleted) and refuses new ones, even those already
+    /// on their way.
     pub fn forget_job(&self, job: &JobId) {
         if let Ok(mut table) = self.table() {
+            if let Ok(mut deleted) = self.deleted.lock() {
+                deleted.insert(job.clone());
+            }
             table.retain(|_, s| &s.job != job);
         }
         self.invalidate(job);
+    }
+
+    fn refuse_deleted(&self, job: &JobId) -> Result<()> {
+        let deleted = self
+            .deleted
+            .lock()
+            .map_err(|_| Error::Poisoned("deleted jobs"))?;
+        if deleted.contains(job) {
+            return Err(Error::NotFound(format!("no job {job} (it was deleted)")));
+        }
+        Ok(())
     }
 
     /// Open sessions, held by a stream or idle.
@@ -251,5 +274,61 @@ impl Sessions {
         if let Ok(mut table) = self.table() {
             table.remove(id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use recur_core::checkpoint::{Checkpoint, FORMAT_VERSION, Manifest};
+    use recur_core::model::{ModelConfig, Params};
+
+    use super::*;
+
+    #[test]
+    fn a_deleted_jobs_sessions_go_and_no_new_one_opens_even_with_its_checkpoint_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = JobId::nth(1);
+        let model = ModelConfig::tutorial();
+        let params = Params::init(model, 1, &Device::Cpu)
+            .and_then(|p| p.to_flat())
+            .unwrap();
+        let checkpoint = Checkpoint {
+            manifest: Manifest {
+                format_version: FORMAT_VERSION,
+                model,
+                scale: 50.0,
+                epoch: 1,
+                step: 1,
+                validation: None,
+                test: None,
+                optimizer: None,
+                scheduler: None,
+                lr: None,
+                position: BTreeMap::new(),
+                normalizer: None,
+                loss: Loss::Mse,
+            },
+            params,
+            optimizer: None,
+        };
+        CheckpointSets::new(dir.path().join(&job.0))
+            .save(Role::Best, &checkpoint, 2)
+            .unwrap();
+        let sessions = Sessions::new(dir.path().to_path_buf(), 4, Duration::from_secs(60));
+        let (opened, state) = sessions.open(&job).unwrap();
+        sessions.release(&opened.id, state);
+        assert_eq!(sessions.len(), 1);
+        // Deleted (its files still there, as when the delete lands while an open is under way).
+        sessions.forget_job(&job);
+        assert_eq!(sessions.len(), 0);
+        let err = sessions.open(&job).unwrap_err().to_string();
+        assert!(err.contains("no job job-1 (it was deleted)"), "{err}");
+        // Other jobs are not affected.
+        CheckpointSets::new(dir.path().join("job-2"))
+            .save(Role::Best, &checkpoint, 2)
+            .unwrap();
+        assert!(sessions.open(&JobId::nth(2)).is_ok());
     }
 }
