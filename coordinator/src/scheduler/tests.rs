@@ -183,6 +183,12 @@ impl Sim {
     }
 }
 
+/// The spec limits of the tests' jobs.
+const LIMITS: SpecLimits = SpecLimits {
+    max_params: 1 << 20,
+    max_batch: 1 << 16,
+};
+
 fn job(n: u64, max_steps: u64, seed: u64) -> NewJob {
     let data = BallConfig {
         rows: 400,
@@ -197,14 +203,7 @@ fn job(n: u64, max_steps: u64, seed: u64) -> NewJob {
         seed,
         ..Default::default()
     };
-    let spec = JobSpec::from_proto(
-        &wire,
-        &SpecLimits {
-            max_params: 1 << 20,
-            max_batch: 1 << 16,
-        },
-    )
-    .unwrap();
+    let spec = JobSpec::from_proto(&wire, &LIMITS).unwrap();
     let t = &spec.train;
     let data = Prepared::rows(&data, t.seed, t.split, t.scale, t.loss).unwrap();
     NewJob {
@@ -1078,14 +1077,7 @@ fn stateful_job(max_epochs: u64) -> (NewJob, recur_core::train::Trainer) {
         }),
         ..Default::default()
     };
-    let spec = JobSpec::from_proto(
-        &wire,
-        &SpecLimits {
-            max_params: 1 << 20,
-            max_batch: 1 << 16,
-        },
-    )
-    .unwrap();
+    let spec = JobSpec::from_proto(&wire, &LIMITS).unwrap();
     assert_eq!(spec.train.stateful, 3);
     let series = spec.series.clone().unwrap();
     let windows = cut_windows(
