@@ -197,6 +197,14 @@ impl Datasets {
         }
     }
 
+    /// Drops the parsed copy of a row file whose upload was refused after parsing (its bytes
+    /// were recorded as a series meanwhile).
+    pub fn forget_parsed(&self, id: &DatasetId) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.remove(id);
+        }
+    }
+
     fn cache_insert(&self, id: &DatasetId, data: &Arc<Dataset>) {
         if let Ok(mut cache) = self.cache.lock() {
             cache.insert(id.clone(), data.clone());

@@ -157,7 +157,15 @@ impl Sessions {
                 )));
             }
         }
-        let model = self.model(job)?;
+        let model = match self.model(job) {
+            Ok(model) => model,
+            Err(e) => {
+                // A delete that moved the checkpoints away meanwhile says so, not "no checkpoint".
+                let _table = self.table()?;
+                self.refuse_deleted(job)?;
+                return Err(e);
+            }
+        };
         let state = model.streamer.start()?;
         let mut bytes = [0u8; 16];
         rand::rng().fill_bytes(&mut bytes);

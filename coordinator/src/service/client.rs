@@ -183,6 +183,9 @@ impl ClientService {
         // Checked again where it is written: another upload of these bytes as the other layout
         // may have landed since the check above.
         if let Some(old) = self.shared.store.put_dataset(&id, &meta)? {
+            if layout == Layout::Rows {
+                self.shared.datasets.forget_parsed(&id);
+            }
             return Err(already_uploaded_as(&meta.name, &id, old, layout));
         }
         tracing::info!(dataset = %id, rows = meta.rows, layout = layout.as_str(), "dataset uploaded");
