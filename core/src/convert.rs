@@ -211,6 +211,13 @@ pub fn f32s_from_wire(bytes: &[u8], field: &'static str) -> Result<Vec<f32>> {
         .collect())
 }
 
+/// The index of the first value of a flat vector as it travels that is NaN or infinite.
+pub fn first_non_finite_wire(bytes: &[u8]) -> Option<usize> {
+    bytes
+        .chunks_exact(4)
+        .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
+}
+
 /// Adds a flat vector as it travels to `sum`, element by element; false (and `sum` unchanged)
 /// when the lengths differ.
 pub fn add_wire_f32s(sum: &mut [f32], bytes: &[u8]) -> bool {

@@ -240,6 +240,27 @@ pub fn stateful_evaluate(
     Ok((loss.sums(&batch.targets, &preds, targets), out.state))
 }
 
+/// Forward only over `rows` of `data` as one stream: each row (a window) starts from the state
+/// the row before it ended with, the first from zeros. Each row's metric sums, in `rows` order.
+pub fn stream_sums(
+    model: &ReferenceModel,
+    data: &Dataset,
+    rows: &[usize],
+    targets: &[Affine],
+    loss: Loss,
+    device: &Device,
+) -> Result<Vec<BatchSums>> {
+    let mut state: Option<Vec<f32>> = None;
+    let mut out = Vec::with_capacity(rows.len());
+    for &row in rows {
+        let batch = Batch::from_rows(data, &[row], device)?;
+        let (sums, end) = stateful_evaluate(model, &batch, targets, loss, state.as_deref())?;
+        out.push(sums);
+        state = Some(end);
+    }
+    Ok(out)
+}
+
 /// The keys of the head's rows, in the order the head runs them: each sequence's dataset row
 /// (sorted order), or with targets at every step, `row << 24 | step` for each of its steps.
 fn mask_keys(batch: &Batch, rows: &[u64]) -> Result<Vec<u64>> {

@@ -24,9 +24,7 @@ use crate::data::{
 use crate::metrics::{Metrics, MetricsAccumulator};
 use crate::model::{Dropout, ModelConfig, Params, ReferenceModel, SeqModel};
 use crate::optim::{LrSchedule, LrScheduler, Optimizer, OptimizerConfig};
-use crate::step::{
-    Batch, Loss, StepDropout, evaluate, grad_sum, stateful_evaluate, stateful_grad_sum,
-};
+use crate::step::{Batch, Loss, StepDropout, evaluate, grad_sum, stateful_grad_sum, stream_sums};
 use crate::{Error, Result};
 
 /// Everything that defines a training run; with the same data and seed, the same run.
@@ -360,21 +358,17 @@ impl Trainer {
     pub fn evaluate(&self, rows: &[usize]) -> Result<Metrics> {
         let mut acc = MetricsAccumulator::default();
         if self.config.stateful > 0 {
-            let mut state: Option<Vec<f32>> = None;
-            for chunk in rows.chunks(self.config.batch_size) {
+            let per_row = stream_sums(
+                &self.reference,
+                &self.data,
+                rows,
+                &self.norm.targets,
+                self.config.loss,
+                &self.device,
+            )?;
+            for chunk in per_row.chunks(self.config.batch_size) {
                 let mut sums = crate::metrics::BatchSums::default();
-                for &row in chunk {
-                    let batch = Batch::from_rows(&self.data, &[row], &self.device)?;
-                    let (row_sums, end) = stateful_evaluate(
-                        &self.reference,
-                        &batch,
-                        &self.norm.targets,
-                        self.config.loss,
-                        state.as_deref(),
-                    )?;
-                    sums.add(&row_sums);
-                    state = Some(end);
-                }
+                chunk.iter().for_each(|s| sums.add(s));
                 acc.add_batch(&sums);
             }
             return Ok(acc.finish());

@@ -10,7 +10,7 @@ use recur_core::data::{Affine, Dataset, Normalizer};
 use recur_core::metrics::BatchSums;
 use recur_core::model::{Dropout, ModelConfig, Params, ReferenceModel, SeqModel};
 use recur_core::step::{
-    Batch, Loss, StepDropout, grad_sum, predict_targets, stateful_evaluate, stateful_grad_sum,
+    Batch, Loss, StepDropout, grad_sum, predict_targets, stateful_grad_sum, stream_sums,
 };
 use recur_proto::v1 as pb;
 
@@ -416,18 +416,16 @@ impl Executor {
         if shard.stateful {
             // One stream: each row starts from the state the one before it ended with.
             let reference = ReferenceModel::new(model.params().clone());
-            let mut state: Option<Vec<f32>> = None;
-            for &r in &local {
-                let batch = Batch::from_rows(&rows.data, &[r], &self.device)?;
-                let (sums, end) = stateful_evaluate(
-                    &reference,
-                    &batch,
-                    &shard.targets,
-                    shard.loss,
-                    state.as_deref(),
-                )?;
-                by_batch.entry(rows.batch[r]).or_default().add(&sums);
-                state = Some(end);
+            let per_row = stream_sums(
+                &reference,
+                &rows.data,
+                &local,
+                &shard.targets,
+                shard.loss,
+                &self.device,
+            )?;
+            for (&r, sums) in local.iter().zip(&per_row) {
+                by_batch.entry(rows.batch[r]).or_default().add(sums);
             }
         }
         for chunk in local.chunks(EVAL_CHUNK).filter(|_| !shard.stateful) {

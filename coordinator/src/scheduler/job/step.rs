@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use recur_core::convert::{add_wire_f32s, f32s_from_wire, f32s_to_wire};
+use recur_core::convert::{add_wire_f32s, f32s_from_wire, f32s_to_wire, first_non_finite_wire};
 use recur_core::data::rows_digest;
 use recur_core::metrics::BatchSums;
 use recur_core::stop::StopReason;
@@ -195,11 +195,7 @@ impl RunningJob {
             ));
             return;
         }
-        if let Some(bad) = r
-            .grad_sum
-            .chunks_exact(4)
-            .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
-        {
+        if let Some(bad) = first_non_finite_wire(&r.grad_sum) {
             let step = pending.step;
             let reason = format!(
                 "worker {worker} returned a non-finite gradient (value {bad}) at step {step}"
@@ -236,11 +232,7 @@ impl RunningJob {
         }
         // A state the worker's own gradient did not show as broken would poison its stream's
         // next step, on whichever worker: the sender is dropped and the part recomputed.
-        if let Some(bad) = r
-            .final_state
-            .chunks_exact(4)
-            .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
-        {
+        if let Some(bad) = first_non_finite_wire(&r.final_state) {
             cx.drops.push((
                 worker,
                 format!("sent a non-finite final state (value {bad}); its part is recomputed"),
